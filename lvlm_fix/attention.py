@@ -1,0 +1,84 @@
+"""The attention function registered with transformers for the language model.
+
+It has transformers' attention signature. With no plan, or a plan whose hooks edit nothing in
+this layer, it calls `sdpa_attention_forward` untouched (bit-identical to stock SDPA). Otherwise
+it merges the hooks' edits into one `AttentionEdits` and runs the fused kernel once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from lvlm_fix.hooks import AttentionCall, current
+
+NAME = "lvlm_fix"
+
+# Fields that several hooks may request at once, and how their values merge.
+_FLAGS = ("want_group_mass", "want_last_row")
+
+
+def register() -> None:
+    """Make `attn_implementation="lvlm_fix"` available (idempotent; call before loading)."""
+    AttentionInterface.register(NAME, lvlm_attention)
+    # Without a mask factory under the same name, transformers would pass mask=None (no padding).
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def merge_edits(call: AttentionCall, requests: list[dict[str, Any]]) -> dict[str, Any]:
+    """Merge per-hook edit requests; head scales multiply, flags OR, anything else must agree."""
+    merged: dict[str, Any] = {}
+    for request in requests:
+        for key, value in request.items():
+            if key not in merged:
+                merged[key] = value
+            elif key == "head_scale":
+                merged[key] = merged[key] * value
+            elif key in _FLAGS:
+                merged[key] = merged[key] or value
+            else:
+                raise ValueError(f"two interventions both set attention field {key!r}")
+    needs_image_columns = "image_gain" in merged or "var_rows" in merged
+    if needs_image_columns and "col_group" not in merged:
+        merged["col_group"] = (call.image_columns() * 3).to(torch.int8)  # 3 = image, no sinks
+    return merged
+
+
+def lvlm_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    ctx = current()
+    if ctx is None or not ctx.plan.attention_hooks:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
+        )
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    call = AttentionCall(module.layer_idx, query, key, value, scale, ctx)
+    requests = [r for hook in ctx.plan.attention_hooks if (r := hook.edits(call))]
+    if requests:
+        from lvlm_fix.kernels import AttentionEdits, edited_attention
+
+        edits = AttentionEdits(**merge_edits(call, requests))
+        out, stats = edited_attention(
+            query, key, value, scale=scale, key_start=ctx.layout.key_start, edits=edits
+        )
+    else:
+        out, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
+        )
+        stats = {}
+    for hook in ctx.plan.attention_hooks:
+        hook.after(call, out, stats)
+    return out, None

@@ -1,0 +1,221 @@
+"""The decode loop: build rows, prefill, then step until the search is done.
+
+Rows of the batch are laid out sample-major, then beam, then view: row = (b * G + g) * V + v.
+Views (RITUAL's transformed image, VCD's noised image, the text-only row of PAI-CFG) are extra rows
+with their own KV cache rows; their logits are combined per step with the plan's weights. A
+Runner owns the model forward, the cache and the per-row state; it is the handle a search gets
+when it must run forwards itself (OPERA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import torch
+from PIL import Image
+from transformers import DynamicCache
+
+from lvlm_fix.hooks import ForwardContext, Phase, forward_context
+from lvlm_fix.methods.base import RowState
+from lvlm_fix.model import PromptBatch, encode_rows, render_prompt
+from lvlm_fix.plan import Plan
+from lvlm_fix.search import Limits, SearchResult
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One prompt: the user's text and its images (zero or more)."""
+
+    text: str
+    images: tuple[Image.Image, ...] = ()
+    seed: int | None = None
+
+
+class Runner:
+    """Model forward + KV cache + per-row state for one request (rows as described above)."""
+
+    def __init__(self, model, batch: PromptBatch, plan: Plan, state: RowState, num_layers: int):
+        self.model, self.plan, self.state = model, plan, state
+        self.batch = batch
+        self.layout = batch.layout
+        self.num_layers = num_layers
+        self.cache = DynamicCache(config=model.config.get_text_config())
+        self.attention_mask = batch.attention_mask
+        self.positions = batch.position_ids[:, -1]  # long [R]: position of the last column
+
+    def _context(self, phase: Phase) -> ForwardContext:
+        return ForwardContext(self.plan, self.state, self.layout, phase, self.num_layers)
+
+    def prefill(self) -> torch.Tensor:
+        """Run the prompt rows; returns next-token logits [R, V] in fp32."""
+        b = self.batch
+        extra = {"image_sizes": b.image_sizes} if b.image_sizes is not None else {}
+        if b.pixel_values is not None and self.model.config.model_type == "llava_onevision":
+            counts = torch.bincount(b.image_rows, minlength=b.input_ids.shape[0])
+            extra["batch_num_images"] = counts[counts > 0]
+        with forward_context(self._context("prefill")), torch.inference_mode():
+            out = self.model(
+                input_ids=b.input_ids,
+                attention_mask=b.attention_mask,
+                position_ids=b.position_ids,
+                pixel_values=b.pixel_values,
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+                **extra,
+            )
+        return out.logits[:, -1].float()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append tokens [R, n] to every row's cache; returns logits [R, n, V] (fp32)."""
+        n = tokens.shape[1]
+        ones = self.attention_mask.new_ones(tokens.shape)
+        self.attention_mask = torch.cat([self.attention_mask, ones], 1)
+        steps = torch.arange(1, n + 1, device=tokens.device)
+        positions = self.positions[:, None] + steps
+        self.positions = positions[:, -1]
+        with forward_context(self._context("decode")), torch.inference_mode():
+            out = self.model(
+                input_ids=tokens,
+                attention_mask=self.attention_mask,
+                position_ids=positions,
+                past_key_values=self.cache,
+                use_cache=True,
+            )
+        return out.logits.float()
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep/duplicate/reorder rows (long [R']): cache, mask, positions, layout and state."""
+        self.cache.reorder_cache(rows)
+        self.attention_mask = self.attention_mask[rows]
+        self.positions = self.positions[rows]
+        self.layout = self.layout.index_rows(rows)
+        self.state.index_rows(rows)
+
+    def crop(self, length: int) -> None:
+        """Forget every cache column from `length` on (OPERA's rollback)."""
+        removed = self.attention_mask.shape[1] - length
+        self.cache.crop(length)
+        self.attention_mask = self.attention_mask[:, :length]
+        self.positions = self.positions - removed
+
+
+def build_rows(processor, image_token_id: int, plan: Plan, samples: list[Sample], device):
+    """All prefill rows: each sample's original view, then its extra views (prefill-only too)."""
+    prompts: list[str] = []
+    images: list[list[Image.Image]] = []
+    pixel_fns: list[tuple[int, object, torch.Generator]] = []
+    for sample in samples:
+        generator = torch.Generator().manual_seed(view_seed(sample.seed))
+        prompts.append(render_prompt(processor, sample.text, len(sample.images)))
+        images.append(list(sample.images))
+        for view in plan.views:
+            kept = [] if view.drop_image else list(sample.images)
+            if view.image_fn is not None:
+                kept = [view.image_fn(image, generator) for image in kept]
+            if view.pixel_fn is not None and kept:
+                pixel_fns.append((len(prompts), view.pixel_fn, generator))
+            prompts.append(render_prompt(processor, sample.text, len(kept)))
+            images.append(kept)
+    batch = encode_rows(processor, image_token_id, prompts, images, device)
+    if pixel_fns:
+        pixels = batch.pixel_values.clone()
+        for row, fn, generator in pixel_fns:
+            where = (batch.image_rows == row).nonzero().flatten()
+            pixels[where] = fn(pixels[where], generator).to(pixels.dtype)
+        batch = replace(batch, pixel_values=pixels)
+    return batch
+
+
+def view_seed(seed: int | None) -> int:
+    """Views draw their randomness from the sample's seed, apart from token sampling."""
+    return 0 if seed is None else (seed * 1_000_003 + 17) % (2**63)
+
+
+def combine_views(logits: torch.Tensor, plan: Plan, step: int, groups: int) -> torch.Tensor:
+    """Per-view logits [R, V] -> combined scores [B, G, V] (the plausibility cut on view 0)."""
+    n_views = plan.n_views
+    per_view = logits.view(-1, groups, n_views, logits.shape[-1])  # [B, G, views, V]
+    original = per_view[:, :, 0]
+    if not plan.combines_views:
+        return original
+    weights = torch.tensor(plan.view_weights(step), device=logits.device)
+    scores = torch.einsum("v,bgvk->bgk", weights, per_view)
+    if plan.plausibility_beta is not None:
+        cutoff = original.max(-1, keepdim=True).values + torch.log(
+            torch.tensor(plan.plausibility_beta)
+        )
+        scores = scores.masked_fill(original < cutoff, float("-inf"))
+    return scores
+
+
+def _row_state(plan: Plan, n_samples: int, device) -> RowState:
+    views = len(plan.views) + 1
+    view_of_row = torch.arange(views, device=device).repeat(n_samples)
+    edited = torch.tensor([True] + [v.edited for v in plan.views], device=device)
+    return RowState(
+        {
+            "row.view": view_of_row,
+            "row.edited": edited[view_of_row],
+            "row.sample": torch.arange(n_samples, device=device).repeat_interleave(views),
+        }
+    )
+
+
+def _after_prefill_rows(plan: Plan, n_samples: int, width: int, device) -> torch.Tensor:
+    """Drop prefill-only views, then repeat each sample's kept rows once per beam."""
+    views = len(plan.views) + 1
+    kept = [0] + [i + 1 for i, v in enumerate(plan.views) if not v.prefill_only]
+    rows = [b * views + v for b in range(n_samples) for _ in range(width) for v in kept]
+    return torch.tensor(rows, device=device)
+
+
+@dataclass(frozen=True)
+class DecodeEvent:
+    """After each step: the fed tokens [B, G]. Once at the end: the search's result."""
+
+    tokens: torch.Tensor | None
+    result: SearchResult | None = None
+    prompt_tokens: tuple[int, ...] = ()  # per sample, original view, padding excluded
+
+
+def decode(
+    model, processor, info, plan: Plan, samples: list[Sample], limits: Limits
+) -> Iterator[DecodeEvent]:
+    """Run one request: prefill, then one event per step, then the final result."""
+    device = model.device
+    batch = build_rows(processor, info.image_token_id, plan, samples, device)
+    rows_per_sample = len(plan.views) + 1
+    prompt_tokens = tuple(batch.attention_mask[::rows_per_sample].sum(-1).tolist())
+    runner = Runner(model, batch, plan, _row_state(plan, len(samples), device), info.num_layers)
+    search = plan.search
+    logits = runner.prefill()
+    rows = _after_prefill_rows(plan, len(samples), search.width, device)
+    runner.select_rows(rows)
+    logits = logits[rows]
+    state = search.start(len(samples), limits, device)
+    step_index = 0
+    while True:
+        scores = combine_views(logits, plan, step_index, search.width)
+        step = search.step(scores, state, runner)
+        step_index += 1
+        if step.parents is not None:
+            runner.select_rows(_beam_rows(step.parents, plan.n_views))
+        yield DecodeEvent(step.tokens)
+        if step.done:
+            break
+        if step.next_logits is not None:
+            logits = step.next_logits
+        else:
+            tokens = step.tokens.repeat_interleave(plan.n_views, dim=1).reshape(-1, 1)
+            logits = runner.forward(tokens)[:, -1]
+    yield DecodeEvent(None, search.result(state), prompt_tokens)
+
+
+def _beam_rows(parents: torch.Tensor, n_views: int) -> torch.Tensor:
+    """parents [B, G] (beam index within its sample) -> cache rows to gather [B*G*V]."""
+    B, G = parents.shape
+    base = torch.arange(B, device=parents.device)[:, None] * G + parents  # [B, G] old beam row
+    views = torch.arange(n_views, device=parents.device)
+    return (base[:, :, None] * n_views + views).reshape(-1)

@@ -1,0 +1,187 @@
+"""`LVLM`: the in-process API. Load once, then generate with any set of interventions.
+
+lvlm = LVLM.from_pretrained()                      # the bundled gym model
+[out] = lvlm.generate([Sample("Describe the image.", (image,))],
+                      interventions=[{"name": "vhr"}])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from pydantic import BaseModel
+
+from lvlm_fix import attention
+from lvlm_fix.decoding import DecodeEvent, Sample, decode
+from lvlm_fix.hooks import install_hook_points
+from lvlm_fix.methods import Intervention
+from lvlm_fix.model import FAMILIES, ModelInfo, default_model_path, load_model, model_info
+from lvlm_fix.params import GenerationParams
+from lvlm_fix.plan import Plan, compile_plan
+from lvlm_fix.search import Limits
+
+InterventionSpec = Intervention | dict[str, Any]
+
+
+class Generation(BaseModel):
+    """One sample's output. The HTTP client returns the same objects."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" or "length"
+    prompt_tokens: int
+    config_id: str  # stable hash of the interventions used
+
+
+class LVLM:
+    """A loaded LLaVA-family model with the hook points our interventions use."""
+
+    def __init__(self, model, processor, family: str, name: str):
+        self.model = model
+        self.processor = processor
+        self.family = family
+        self.info: ModelInfo = model_info(model, family, name)
+        install_hook_points(model, FAMILIES[family].decoder_layers)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> LVLM:
+        """Load a llava-hf style checkpoint (a local path; the hub only if online)."""
+        path = name_or_path or default_model_path()
+        attention.register()
+        model, processor, family = load_model(path, device, dtype)
+        model.set_attn_implementation({"text_config": attention.NAME, "vision_config": "sdpa"})
+        return cls(model, processor, family, str(name_or_path or "gym"))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def plan(
+        self, interventions: Sequence[InterventionSpec] = (), params: GenerationParams | None = None
+    ) -> Plan:
+        """Compile interventions for this model (raises ValueError naming any problem)."""
+        return compile_plan(list(interventions), self.info, params or GenerationParams())
+
+    def _run(self, samples, interventions, params) -> Iterator[tuple[DecodeEvent, Plan]]:
+        params = params or GenerationParams()
+        plan = self.plan(interventions, params)
+        samples = [_as_sample(s, params.seed) for s in samples]
+        if not samples:
+            raise ValueError("no samples to generate for")
+        tokenizer = self.processor.tokenizer
+        limits = Limits(
+            eos_id=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+            max_new_tokens=params.max_new_tokens,
+            generators=[_generator(s.seed, self.device) for s in samples],
+            stop_hit=_stop_checker(tokenizer, params.stop) if params.stop else None,
+        )
+        for event in decode(self.model, self.processor, self.info, plan, samples, limits):
+            yield event, plan
+
+    def generate(
+        self,
+        samples: Sequence[Sample | tuple[str, Image.Image | None]],
+        interventions: Sequence[InterventionSpec] = (),
+        params: GenerationParams | None = None,
+    ) -> list[Generation]:
+        """Generate for a batch of samples; rows never influence each other."""
+        event, plan = None, None
+        for event, plan in self._run(samples, interventions, params):
+            pass
+        return self._finish(event, plan, params)
+
+    def stream(
+        self,
+        sample: Sample | tuple[str, Image.Image | None],
+        interventions: Sequence[InterventionSpec] = (),
+        params: GenerationParams | None = None,
+    ) -> Iterator[str]:
+        """Yield text pieces of one sample as they are generated (greedy or sampling only)."""
+        if params is not None and params.num_beams > 1:
+            raise ValueError("streaming needs num_beams=1: beams are only decided at the end")
+        decoded, ids = "", []
+        eos = self.processor.tokenizer.eos_token_id
+        for event, plan in self._run([sample], interventions, params):
+            if event.result is not None:
+                final = self._finish(event, plan, params)[0].text
+                if len(final) > len(decoded):
+                    yield final[len(decoded) :]
+                return
+            if plan.search.width > 1:
+                raise ValueError("streaming is not available with a beam search strategy")
+            token = int(event.tokens[0, 0])
+            if token == eos or token == self.processor.tokenizer.pad_token_id:
+                continue
+            ids.append(token)
+            text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+            if not text.endswith("\ufffd") and len(text) > len(decoded):
+                piece, decoded = text[len(decoded) :], text
+                if not _has_stop(decoded, params):
+                    yield piece
+
+    def _finish(
+        self, event: DecodeEvent, plan: Plan, params: GenerationParams | None
+    ) -> list[Generation]:
+        params = params or GenerationParams()
+        tokenizer = self.processor.tokenizer
+        outputs = []
+        result = event.result
+        rows = zip(result.tokens, result.finish_reasons, event.prompt_tokens, strict=True)
+        for ids, reason, prompt_tokens in rows:
+            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            for stop in params.stop:
+                if stop in text:
+                    text, reason = text[: text.index(stop)], "stop"
+            outputs.append(
+                Generation(
+                    text=text,
+                    token_ids=ids,
+                    finish_reason=reason,
+                    prompt_tokens=prompt_tokens,
+                    config_id=plan.config_id,
+                )
+            )
+        return outputs
+
+
+def _as_sample(sample: Sample | tuple, seed: int | None) -> Sample:
+    if isinstance(sample, Sample):
+        return sample if sample.seed is not None or seed is None else replace(sample, seed=seed)
+    if not isinstance(sample, tuple) or len(sample) != 2 or not isinstance(sample[0], str):
+        raise TypeError("a sample is Sample(text, images) or a (text, image-or-None) tuple")
+    text, image = sample
+    images = () if image is None else tuple(image) if isinstance(image, list) else (image,)
+    return Sample(text, images, seed)
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def _has_stop(text: str, params: GenerationParams | None) -> bool:
+    return params is not None and any(stop in text for stop in params.stop)
+
+
+def _stop_checker(tokenizer, stops: tuple[str, ...]):
+    def hit(_: int, ids: list[int]) -> bool:
+        text = tokenizer.decode(ids[-32:], skip_special_tokens=True)
+        return any(stop in text for stop in stops)
+
+    return hit

@@ -1,0 +1,21 @@
+"""Intervention methods: one small file each. Importing this package registers them all."""
+
+from lvlm_fix.methods.base import (
+    REGISTRY,
+    Contribution,
+    Intervention,
+    RowState,
+    View,
+    parse_intervention,
+    register,
+)
+
+__all__ = [
+    "REGISTRY",
+    "Contribution",
+    "Intervention",
+    "RowState",
+    "View",
+    "parse_intervention",
+    "register",
+]

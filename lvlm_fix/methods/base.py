@@ -1,0 +1,148 @@
+"""The intervention contract: a pydantic config that contributes hooks to a request's Plan.
+
+A method file declares a config class (frozen, extra="forbid", every field documented with its
+neutral value), registers it under a short name, and implements `contribute(model)`. It returns a
+`Contribution`: the hook points it uses, as plain data and pure functions. A method never drives
+the decode loop, never keeps state on modules, and never registers torch hooks itself.
+
+Hook points (see ARCHITECTURE.md):
+- views:      extra batch rows (another image, or none) and their logit weights per step
+- attention:  per-layer edits inside attention, and a look at its output (`AttentionHook`)
+- layer_input: the residual stream entering a decoder layer (`LayerInputHook`)
+- search:     the token-selection strategy (`Search`, e.g. OPERA)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+if TYPE_CHECKING:
+    from lvlm_fix.hooks import AttentionHook, LayerInputHook
+    from lvlm_fix.model import ModelInfo
+    from lvlm_fix.search import Search
+
+HookPoint = Literal["views", "attention", "layer_input", "search", "vision"]
+
+
+@dataclass(frozen=True)
+class View:
+    """An extra batch row per sample, with its own KV cache rows.
+
+    weight(t) is this view's logit weight at generated step t. The original view (index 0) is
+    implicit and weighs 1 + the sum of every contribution's `base_weight(t)`.
+    """
+
+    name: str
+    weight: Callable[[int], float]
+    drop_image: bool = False  # text-only row (PAI-CFG, M3ID, VHR's counterfactual)
+    image_fn: Callable[[Image.Image, torch.Generator], Image.Image] | None = None
+    pixel_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+    prefill_only: bool = False  # dropped after prefill (VHR's counterfactual pass)
+    edited: bool = True  # attention edits apply to this view's rows (PAI-CFG's uncond: False)
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """What one intervention adds to a Plan. Empty fields mean "does not use that hook"."""
+
+    views: tuple[View, ...] = ()
+    base_weight: Callable[[int], float] | None = None
+    plausibility_beta: float | None = None  # adaptive plausibility cut on the original view
+    attention: AttentionHook | None = None
+    layer_input: LayerInputHook | None = None
+    search: Search | None = None
+    vision: Any = None  # vision-tower stage (token pruning), see methods that use it
+
+
+class Intervention(BaseModel):
+    """Base class of every method config. Subclasses set `name`, `hooks` and `contribute`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: ClassVar[str]
+    hooks: ClassVar[frozenset[HookPoint]]
+    conflicts: ClassVar[frozenset[str]] = frozenset()  # names this method cannot run with
+
+    def is_neutral(self) -> bool:
+        """True when this config provably changes nothing (then it contributes nothing)."""
+        return False
+
+    def contribute(self, model: ModelInfo) -> Contribution:
+        raise NotImplementedError
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-ready `{"name": ..., **params}`, the form the CLI, API and evals use."""
+        return {"name": self.name, **self.model_dump(mode="json")}
+
+
+REGISTRY: dict[str, type[Intervention]] = {}
+
+
+def register(cls: type[Intervention]) -> type[Intervention]:
+    """Class decorator: make a method available by its `name`."""
+    if cls.name in REGISTRY:
+        raise ValueError(f"intervention name {cls.name!r} registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def parse_intervention(spec: Intervention | dict[str, Any]) -> Intervention:
+    """`{"name": "vhr", "alpha": 2}` -> VHR(alpha=2), with errors that name the problem."""
+    if isinstance(spec, Intervention):
+        return spec
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise ValueError(f"an intervention must be an object with a 'name' field, got {spec!r}")
+    params = {k: v for k, v in spec.items() if k != "name"}
+    cls = REGISTRY.get(spec["name"])
+    if cls is None:
+        raise ValueError(f"unknown intervention {spec['name']!r}; available: {sorted(REGISTRY)}")
+    try:
+        return cls(**params)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors()
+        )
+        raise ValueError(f"bad parameters for intervention {cls.name!r}: {problems}") from None
+
+
+def config_hash(interventions: list[Intervention] | tuple[Intervention, ...]) -> str:
+    """A stable short id of a set of interventions (order-independent)."""
+    canonical = json.dumps(
+        sorted((i.spec() for i in interventions), key=json.dumps), sort_keys=True
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+@dataclass
+class RowState:
+    """Per-request tensors with a leading row dimension, kept aligned through beams and views.
+
+    Methods store what they learn at prefill here (sink masks, head scales, ...). The decode
+    loop re-indexes every entry whenever rows are dropped, expanded or reordered.
+    """
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        self.tensors[key] = value
+
+    def get(self, key: str) -> torch.Tensor | None:
+        return self.tensors.get(key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def index_rows(self, rows: torch.Tensor) -> None:
+        for key, value in self.tensors.items():
+            self.tensors[key] = value.index_select(0, rows.to(value.device))

@@ -1,0 +1,194 @@
+"""Load a LLaVA-family checkpoint and turn (prompt, images) samples into padded model inputs.
+
+One name table (`FAMILIES`) maps our component names to each family's classes and module paths,
+so nothing else in the library needs to know how LLaVA, LLaVA-NeXT or LLaVA-OneVision nest their
+modules. `ImageLayout` records, per batch row, which prompt columns hold image tokens.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import (
+    AutoConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedModel,
+    ProcessorMixin,
+)
+
+from lvlm_fix.tiny import OnevisionImageProcessor
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one LLaVA family is built: its classes and where its parts live (dotted paths)."""
+
+    model_class: type[PreTrainedModel]
+    processor_class: type[ProcessorMixin]
+    language_model: str = "model.language_model"
+    decoder_layers: str = "model.language_model.layers"
+    vision_tower: str = "model.vision_tower"
+    vision_layers: str = "model.vision_tower.vision_model.encoder.layers"
+
+
+FAMILIES: dict[str, Family] = {
+    "llava": Family(LlavaForConditionalGeneration, LlavaProcessor),
+    "llava_next": Family(LlavaNextForConditionalGeneration, LlavaNextProcessor),
+    "llava_onevision": Family(LlavaOnevisionForConditionalGeneration, OnevisionImageProcessor),
+}
+
+DEFAULT_PROMPT = "USER: {images}{text} ASSISTANT:"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The facts about a loaded model that interventions need to build their hooks."""
+
+    family: str
+    text_model_type: str  # "llama", "qwen2", ... (VAR's sink dimensions depend on it)
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    image_token_id: int
+    name: str
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """Which prompt columns of each batch row are image tokens (after left padding).
+
+    image_mask: bool [R, S] over the S prompt columns; key_start: long [R], the first
+    non-padding column. Columns past S (generated tokens) are never image tokens.
+    """
+
+    image_mask: torch.Tensor
+    key_start: torch.Tensor
+
+    @property
+    def n_image(self) -> torch.Tensor:
+        """Image tokens per row: long [R]."""
+        return self.image_mask.sum(-1)
+
+    def index_rows(self, rows: torch.Tensor) -> ImageLayout:
+        return replace(self, image_mask=self.image_mask[rows], key_start=self.key_start[rows])
+
+
+@dataclass(frozen=True)
+class PromptBatch:
+    """Model inputs for R rows, left padded: everything a prefill forward needs."""
+
+    input_ids: torch.Tensor  # long [R, S]
+    attention_mask: torch.Tensor  # long [R, S]
+    pixel_values: torch.Tensor | None  # images of all rows, in row order
+    image_sizes: torch.Tensor | None  # NeXT / OneVision only
+    image_rows: torch.Tensor  # long [n_images]: the row each image belongs to
+    layout: ImageLayout
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        """transformers' convention for left padding: cumsum of the mask, 0 on padding."""
+        positions = self.attention_mask.long().cumsum(-1) - 1
+        return positions.masked_fill(self.attention_mask == 0, 0)
+
+
+def resolve(module: torch.nn.Module, path: str) -> torch.nn.Module:
+    """`resolve(model, "model.language_model.layers")` -> that submodule."""
+    return operator.attrgetter(path)(module)
+
+
+def default_model_path() -> Path:
+    """The bundled model: the trained gym LLaVA when shipped, else the tiny random fallback."""
+    package = Path(__file__).parent
+    for candidate in (package / "gym" / "checkpoint", package / "checkpoints" / "tiny-llava"):
+        if (candidate / "config.json").exists():
+            return candidate
+    raise FileNotFoundError("no bundled checkpoint found inside the lvlm_fix package")
+
+
+def load_model(
+    name_or_path: str | Path, device: str | torch.device, dtype: torch.dtype | None
+) -> tuple[PreTrainedModel, ProcessorMixin, str]:
+    """Load model + processor of any supported family, detected from the config."""
+    config = AutoConfig.from_pretrained(name_or_path)
+    family = config.model_type
+    if family not in FAMILIES:
+        raise ValueError(
+            f"unsupported model type {family!r} in {name_or_path}; "
+            f"lvlm_fix supports {sorted(FAMILIES)}"
+        )
+    spec = FAMILIES[family]
+    processor = spec.processor_class.from_pretrained(name_or_path)
+    processor.tokenizer.padding_side = "left"  # decoding appends on the right
+    model = spec.model_class.from_pretrained(name_or_path, dtype=dtype or "auto")
+    model.to(device).eval()
+    return model, processor, family
+
+
+def model_info(model: PreTrainedModel, family: str, name: str) -> ModelInfo:
+    text = model.config.text_config
+    heads = text.num_attention_heads
+    return ModelInfo(
+        family=family,
+        text_model_type=text.model_type,
+        num_layers=text.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        hidden_size=text.hidden_size,
+        vocab_size=text.vocab_size,
+        image_token_id=model.config.image_token_id,
+        name=name,
+    )
+
+
+def render_prompt(processor: ProcessorMixin, text: str, n_images: int) -> str:
+    """The model's chat template around one user turn: n_images image slots, then `text`."""
+    if getattr(processor, "chat_template", None):
+        content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
+        messages = [{"role": "user", "content": content}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    return DEFAULT_PROMPT.format(images="<image>\n" * n_images, text=text)
+
+
+def check_image(image: object) -> Image.Image:
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a PIL.Image.Image, got {type(image).__name__}")
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def encode_rows(
+    processor: ProcessorMixin,
+    image_token_id: int,
+    prompts: list[str],
+    images: list[list[Image.Image]],
+    device: torch.device,
+) -> PromptBatch:
+    """Tokenize R fully rendered prompts with their images into one left-padded batch."""
+    flat = [check_image(image) for row in images for image in row]
+    encoded = processor(text=prompts, images=flat or None, padding=True, return_tensors="pt")
+    input_ids = encoded["input_ids"].to(device)
+    attention_mask = encoded["attention_mask"].to(device)
+    image_mask = input_ids == image_token_id
+    key_start = (attention_mask == 0).sum(-1)  # left padding: the first real column
+    image_rows = torch.tensor([r for r, row in enumerate(images) for _ in row], dtype=torch.long)
+    pixel_values = encoded.get("pixel_values")
+    image_sizes = encoded.get("image_sizes")
+    return PromptBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        pixel_values=None if pixel_values is None else pixel_values.to(device),
+        image_sizes=None if image_sizes is None else image_sizes.to(device),
+        image_rows=image_rows.to(device),
+        layout=ImageLayout(image_mask=image_mask, key_start=key_start),
+    )

@@ -1,0 +1,213 @@
+"""Token selection strategies: greedy, sampling and beam search (OPERA plugs in the same way).
+
+A search sees the combined next-token scores of every sample and beam, `[B, G, V]`, and returns
+the tokens to feed next and, for beams, which running beam each new beam continues. It owns the
+sequences; the decode loop only feeds tokens and keeps the KV cache rows aligned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from lvlm_fix.params import GenerationParams
+
+
+@dataclass
+class Step:
+    tokens: torch.Tensor  # long [B, G]: the token each beam feeds next
+    parents: torch.Tensor | None  # long [B, G]: the beam each new beam continues (None: same)
+    done: bool
+    next_logits: torch.Tensor | None = None  # [R, V] if the search already ran the forward
+
+
+@dataclass
+class SearchResult:
+    tokens: list[list[int]]  # generated ids per sample, without the final EOS / padding
+    finish_reasons: list[str]  # "stop" (EOS or stop string) or "length"
+
+
+@dataclass
+class Limits:
+    """Per-request stopping facts every search shares."""
+
+    eos_id: int
+    pad_id: int
+    max_new_tokens: int
+    generators: list[torch.Generator | None]  # per sample, for sampling
+    stop_hit: Any = None  # callable(sample, token ids) -> bool, or None when no stop strings
+
+
+class Search(Protocol):
+    width: int  # beams per sample (rows per sample, before views)
+
+    def start(self, batch_size: int, limits: Limits, device: torch.device) -> Any: ...
+
+    def step(self, scores: torch.Tensor, state: Any, runner: Any) -> Step: ...
+
+    def result(self, state: Any) -> SearchResult: ...
+
+
+def warp(scores: torch.Tensor, params: GenerationParams) -> torch.Tensor:
+    """Temperature, top-k, top-p on scores [B, V] (fp32), in transformers' order."""
+    if params.temperature != 1.0:
+        scores = scores / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(scores, min(params.top_k, scores.shape[-1])).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative <= (1 - params.top_p)
+        drop_sorted[..., -1:] = False  # always keep the most likely token
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return scores
+
+
+def sample_rows(scores: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row from softmax(scores) [B, V], each row from its own generator.
+
+    Per-row generators make a sample's tokens independent of its batch-mates.
+    """
+    probs = scores.softmax(-1)
+    picks = [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators, strict=True)]
+    return torch.cat(picks)
+
+
+@dataclass
+class _SingleState:
+    finished: torch.Tensor  # bool [B]
+    tokens: list[torch.Tensor] = field(default_factory=list)  # each long [B]
+    stopped: list[bool] = field(default_factory=list)  # stop string seen, per sample
+    limits: Limits | None = None
+
+
+class SingleSearch:
+    """Greedy (argmax) or sampling: one beam per sample."""
+
+    width = 1
+
+    def __init__(self, params: GenerationParams):
+        self.params = params
+
+    def start(self, batch_size: int, limits: Limits, device: torch.device) -> _SingleState:
+        finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        return _SingleState(finished=finished, stopped=[False] * batch_size, limits=limits)
+
+    def step(self, scores: torch.Tensor, state: _SingleState, runner: Any) -> Step:
+        limits = state.limits
+        scores = scores[:, 0]  # [B, V]
+        if self.params.do_sample:
+            tokens = sample_rows(warp(scores, self.params), limits.generators)
+        else:
+            tokens = scores.argmax(-1)
+        tokens = tokens.masked_fill(state.finished, limits.pad_id)
+        state.tokens.append(tokens)
+        state.finished |= tokens == limits.eos_id
+        if limits.stop_hit is not None:
+            ids = torch.stack(state.tokens, 1).tolist()
+            for b, row in enumerate(ids):
+                if not state.finished[b] and limits.stop_hit(b, row):
+                    state.stopped[b] = True
+                    state.finished[b] = True
+        done = len(state.tokens) >= limits.max_new_tokens or bool(state.finished.all())
+        return Step(tokens=tokens[:, None], parents=None, done=done)
+
+    def result(self, state: _SingleState) -> SearchResult:
+        ids = torch.stack(state.tokens, 1).tolist() if state.tokens else []
+        tokens, reasons = [], []
+        for b, row in enumerate(ids):
+            eos = state.limits.eos_id
+            ended = eos in row or state.stopped[b]
+            tokens.append(row[: row.index(eos)] if eos in row else row)
+            reasons.append("stop" if ended else "length")
+        return SearchResult(tokens, reasons)
+
+
+@dataclass
+class _BeamState:
+    limits: Limits
+    running: torch.Tensor  # long [B, K, T] running beams' tokens
+    running_scores: torch.Tensor  # [B, K] sum of log-probs
+    best: torch.Tensor  # long [B, K, T] finished hypotheses (length-normalised scores)
+    best_scores: torch.Tensor  # [B, K]
+    best_done: torch.Tensor  # bool [B, K]
+    improvable: torch.Tensor  # bool [B, 1] (transformers' early-stop heuristic)
+    length: int = 0
+
+
+class BeamSearch:
+    """Beam search with transformers' exact selection rules (so outputs match `generate`)."""
+
+    def __init__(self, params: GenerationParams):
+        self.width = params.num_beams
+        self.params = params
+
+    def start(self, batch_size: int, limits: Limits, device: torch.device) -> _BeamState:
+        shape = (batch_size, self.width, limits.max_new_tokens)
+        running = torch.full(shape, limits.pad_id, dtype=torch.long, device=device)
+        scores = torch.zeros(batch_size, self.width, device=device)
+        scores[:, 1:] = -1e9  # all beams start identical: only the first one may expand
+        return _BeamState(
+            limits=limits,
+            running=running,
+            running_scores=scores,
+            best=running.clone(),
+            best_scores=torch.full_like(scores, -1e9),
+            best_done=torch.zeros_like(scores, dtype=torch.bool),
+            improvable=torch.ones(batch_size, 1, dtype=torch.bool, device=device),
+        )
+
+    def step(self, scores: torch.Tensor, st: _BeamState, runner: Any) -> Step:
+        B, K, V = scores.shape
+        t, limits, params = st.length, st.limits, self.params
+        log_probs = scores.float().log_softmax(-1) + st.running_scores[:, :, None]
+        top_scores, top_index = torch.topk(log_probs.view(B, K * V), 2 * K)  # [B, 2K]
+        source, token = top_index // V, top_index % V
+        candidates = torch.take_along_dim(st.running, source[:, :, None], 1)
+        candidates[:, :, t] = token
+        ends = (token == limits.eos_id) | (t + 1 >= limits.max_new_tokens)  # [B, 2K]
+
+        # Running beams: the best K candidates that did not end.
+        alive_scores = top_scores + ends.float() * -1e9
+        keep = torch.topk(alive_scores, K).indices
+        st.running = torch.take_along_dim(candidates, keep[:, :, None], 1)
+        st.running_scores = torch.take_along_dim(alive_scores, keep, 1)
+        parents = torch.take_along_dim(source, keep, 1)
+
+        # Finished hypotheses: candidates among the top K that ended, length-normalised.
+        just_done = ends.clone()
+        just_done[:, K:] = False
+        normed = top_scores / ((t + 1) ** params.length_penalty)
+        full = st.best_done.all(-1, keepdim=True) & params.early_stopping
+        normed = normed + full.float() * -1e9 + (~st.improvable).float() * -1e9
+        normed = normed + (~just_done).float() * -1e9
+        merged_scores = torch.cat([st.best_scores, normed], 1)
+        pick = torch.topk(merged_scores, K).indices
+        st.best = torch.take_along_dim(torch.cat([st.best, candidates], 1), pick[:, :, None], 1)
+        st.best_scores = torch.take_along_dim(merged_scores, pick, 1)
+        st.best_done = torch.take_along_dim(torch.cat([st.best_done, just_done], 1), pick, 1)
+        st.length = t + 1
+
+        best_possible = st.running_scores[:, :1] / (st.length**params.length_penalty)
+        worst_done = torch.where(st.best_done, st.best_scores.min(1, keepdim=True).values, -1e9)
+        st.improvable &= (best_possible > worst_done).any(-1, keepdim=True)
+        open_beams = not (bool(st.best_done.all()) and params.early_stopping)
+        done = not (bool(st.improvable.any()) and open_beams and not bool(ends.all()))
+        tokens = st.running[:, :, t]
+        return Step(tokens=tokens, parents=parents, done=done)
+
+    def result(self, st: _BeamState) -> SearchResult:
+        tokens, reasons = [], []
+        eos = st.limits.eos_id
+        for row in st.best[:, 0, : st.length].tolist():
+            tokens.append(row[: row.index(eos)] if eos in row else row)
+            reasons.append("stop" if eos in row else "length")
+        return SearchResult(tokens, reasons)
+
+
+def default_search(params: GenerationParams) -> Search:
+    return BeamSearch(params) if params.num_beams > 1 else SingleSearch(params)

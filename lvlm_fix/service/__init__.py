@@ -1,0 +1,1 @@
+"""lvlm_fix.service"""
