@@ -97,10 +97,10 @@ class LVLM:
         params: GenerationParams | None = None,
     ) -> list[Generation]:
         """Generate for a batch of samples; rows never influence each other."""
-        event, plan = None, None
         for event, plan in self._run(samples, interventions, params):
-            pass
-        return self._finish(event, plan, params)
+            if event.result is not None:
+                return self._finish(event, plan, params)
+        raise RuntimeError("decoding ended without a result")
 
     def stream(
         self,
