@@ -1,0 +1,150 @@
+"""The core engine against transformers itself: same tokens, independent rows, clear errors."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from lvlm_fix import LVLM, GenerationParams, Sample
+from lvlm_fix.methods import Contribution, Intervention
+from lvlm_fix.model import render_prompt
+from lvlm_fix.plan import PlanConflict, compile_plan
+
+QUESTIONS = ["describe this", "what color is the star in the picture on the left"]
+
+
+@pytest.fixture(scope="module", params=["llava", "llava_next", "llava_onevision"])
+def engines(request, tiny_paths):
+    path = tiny_paths[request.param]
+    reference = AutoModelForImageTextToText.from_pretrained(path, attn_implementation="sdpa")
+    return LVLM.from_pretrained(path), reference
+
+
+def transformers_generate(lvlm: LVLM, reference, images, **kwargs) -> list[list[int]]:
+    prompts = [render_prompt(lvlm.processor, q, 1) for q in QUESTIONS]
+    inputs = lvlm.processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    out = reference.generate(**inputs, do_sample=False, **kwargs)
+    eos, pad = lvlm.processor.tokenizer.eos_token_id, lvlm.processor.tokenizer.pad_token_id
+    rows = out[:, inputs["input_ids"].shape[1] :].tolist()
+    return [[t for t in row[: row.index(eos)] if t != pad] if eos in row else row for row in rows]
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_same_tokens_as_transformers(engines, images, num_beams):
+    lvlm, reference = engines
+    samples = [Sample(q, (im,)) for q, im in zip(QUESTIONS, images, strict=True)]
+    params = GenerationParams(max_new_tokens=10, num_beams=num_beams)
+    ours = [g.token_ids for g in lvlm.generate(samples, params=params)]
+    theirs = transformers_generate(lvlm, reference, images, max_new_tokens=10, num_beams=num_beams)
+    assert ours == theirs
+
+
+def test_rows_independent_of_batch_mates(engines, images):
+    lvlm, _ = engines
+    params = GenerationParams(max_new_tokens=8)
+    together = lvlm.generate([(QUESTIONS[0], images[0]), (QUESTIONS[1], images[1])], params=params)
+    alone = [lvlm.generate([(q, im)], params=params)[0] for q, im in zip(QUESTIONS, images)]
+    assert [g.token_ids for g in together] == [g.token_ids for g in alone]
+    # left padding really happened: the prompts differ in length
+    assert together[0].prompt_tokens != together[1].prompt_tokens
+
+
+def test_sampling_is_seeded_per_sample(tiny_llava_path, images):
+    lvlm = LVLM.from_pretrained(tiny_llava_path)
+    params = GenerationParams(max_new_tokens=12, do_sample=True, temperature=1.5, seed=7)
+    first = lvlm.generate([Sample(QUESTIONS[0], (images[0],), seed=7)], params=params)
+    batch = lvlm.generate(
+        [Sample(QUESTIONS[1], (images[1],), seed=3), Sample(QUESTIONS[0], (images[0],), seed=7)],
+        params=params,
+    )
+    assert batch[1].token_ids == first[0].token_ids
+    other = lvlm.generate([Sample(QUESTIONS[0], (images[0],), seed=8)], params=params)
+    assert other[0].token_ids != first[0].token_ids
+
+
+def test_text_only_and_stream_match_generate(tiny_llava_path, images):
+    lvlm = LVLM.from_pretrained(tiny_llava_path)
+    params = GenerationParams(max_new_tokens=12)
+    [text_only] = lvlm.generate([("hello there", None)], params=params)
+    assert len(text_only.token_ids) > 0 and text_only.prompt_tokens > 0
+    [full] = lvlm.generate([(QUESTIONS[0], images[0])], params=params)
+    assert "".join(lvlm.stream((QUESTIONS[0], images[0]), params=params)) == full.text
+
+
+def test_stop_strings_and_lengths(tiny_llava_path, images):
+    lvlm = LVLM.from_pretrained(tiny_llava_path)
+    [full] = lvlm.generate([(QUESTIONS[0], images[0])], params=GenerationParams(max_new_tokens=12))
+    assert full.finish_reason == "length" and len(full.token_ids) == 12
+    stop = full.text[len(full.text) // 2 :][:3]
+    if stop.strip():
+        params = GenerationParams(max_new_tokens=12, stop=(stop,))
+        [cut] = lvlm.generate([(QUESTIONS[0], images[0])], params=params)
+        assert stop not in cut.text and cut.finish_reason == "stop"
+
+
+class _Views(Intervention):
+    """A real intervention defined here: one identity view with weight `w` (0 = neutral)."""
+
+    name: ClassVar[str] = "test_views"
+    hooks: ClassVar[frozenset] = frozenset({"views"})
+    conflicts: ClassVar[frozenset[str]] = frozenset({"test_other"})
+    w: float = 0.0
+
+    def is_neutral(self) -> bool:
+        return self.w == 0
+
+    def contribute(self, model) -> Contribution:
+        from lvlm_fix.methods import View
+
+        return Contribution(views=(View("same", weight=lambda t: self.w),), plausibility_beta=0.1)
+
+
+class _Other(_Views):
+    name: ClassVar[str] = "test_other"
+    conflicts: ClassVar[frozenset[str]] = frozenset()
+
+
+def test_views_identity_and_neutral(tiny_llava_path, images):
+    lvlm = LVLM.from_pretrained(tiny_llava_path)
+    params = GenerationParams(max_new_tokens=8)
+    samples = [(QUESTIONS[0], images[0]), (QUESTIONS[1], images[1])]
+    base = [g.token_ids for g in lvlm.generate(samples, params=params)]
+    neutral = lvlm.generate(samples, [_Views(w=0.0)], params=params)
+    assert [g.token_ids for g in neutral] == base
+    # an identical view scales the logits by (1 + w): greedy is unchanged
+    doubled = lvlm.generate(samples, [_Views(w=1.0)], params=params)
+    assert [g.token_ids for g in doubled] == base
+    assert doubled[0].config_id != neutral[0].config_id
+
+
+def test_bad_inputs_give_clear_errors(tiny_llava_path, images):
+    lvlm = LVLM.from_pretrained(tiny_llava_path)
+    with pytest.raises(TypeError, match="PIL"):
+        lvlm.generate([("q", "not an image")])
+    with pytest.raises(ValueError, match="unknown intervention 'nope'"):
+        lvlm.generate([("q", images[0])], [{"name": "nope"}])
+    with pytest.raises(ValueError, match="no samples"):
+        lvlm.generate([])
+    with pytest.raises(ValueError, match="beam sampling"):
+        GenerationParams(do_sample=True, num_beams=2)
+    with pytest.raises(ValueError):
+        GenerationParams(max_new_tokens=0)
+    with pytest.raises(PlanConflict, match="'test_views' and 'test_other'"):
+        compile_plan([_Views(w=1), _Other(w=1)], lvlm.info, GenerationParams())
+    with pytest.raises(PlanConflict, match="listed twice"):
+        compile_plan([_Views(w=1), _Views(w=2)], lvlm.info, GenerationParams())
+
+
+def test_unsupported_checkpoint(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ValueError, match="unsupported model type 'gpt2'"):
+        LVLM.from_pretrained(tmp_path)
+
+
+def test_bundled_model_loads_offline():
+    lvlm = LVLM.from_pretrained()
+    assert lvlm.info.num_layers >= 1
+    assert torch.is_tensor(next(lvlm.model.parameters()))
