@@ -1,0 +1,1 @@
+"""POPE and CHAIR metrics, and the method comparison report."""
