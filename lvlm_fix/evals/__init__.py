@@ -1,1 +1,1 @@
-"""lvlm_fix.evals"""
+"""POPE and CHAIR metrics, and the method comparison report."""

@@ -1,0 +1,173 @@
+"""Method comparison report: `report.md` (one row per method, like the papers' tables) and a PNG.
+
+A method row carries a flat metrics dict so that it reads and writes as plain JSON:
+    "pope/<split>/<name>"  name in acc, precision, recall, f1, yes_ratio (fractions in [0, 1])
+    "chair/<name>"         name in chair_s, chair_i, recall (already x100), length (units)
+`method_metrics` builds that dict from PopeMetrics / ChairSummary objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lvlm_fix.evals.chair import ChairSummary
+from lvlm_fix.evals.pope import PopeMetrics
+
+POPE_COLUMNS = (("acc", "Acc"), ("precision", "Prec"), ("recall", "Rec"), ("f1", "F1"),
+                ("yes_ratio", "Yes"))  # fmt: skip
+CHAIR_COLUMNS = (("chair_s", "C_S ↓"), ("chair_i", "C_I ↓"), ("recall", "Recall ↑"),
+                 ("length", "Len"))  # fmt: skip
+_SPLIT_ORDER = ("random", "popular", "adversarial")
+
+
+class MethodRow(BaseModel):
+    """One method's results."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1, description='Shown in the tables, e.g. "greedy", "vcd".')
+    config_hash: str = Field(description="Hash of the plan/config that produced the numbers.")
+    metrics: dict[str, float] = Field(description="Flat keys, see the module docstring.")
+
+
+def method_metrics(
+    pope: Mapping[str, PopeMetrics] | None = None, chair: ChairSummary | None = None
+) -> dict[str, float]:
+    """Flatten per-split POPE metrics and a CHAIR summary into MethodRow.metrics."""
+    out: dict[str, float] = {}
+    for split, m in (pope or {}).items():
+        for key, _ in POPE_COLUMNS:
+            out[f"pope/{split}/{key}"] = float(getattr(m, key))
+    if chair is not None:
+        for key, _ in CHAIR_COLUMNS:
+            out[f"chair/{key}"] = float(getattr(chair, key))
+    return out
+
+
+def _check(rows: Sequence[MethodRow]) -> None:
+    if not rows:
+        raise ValueError("no method rows to report")
+    names = [r.name for r in rows]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate method names in {names}")
+    pope_keys = {k for k, _ in POPE_COLUMNS}
+    chair_keys = {k for k, _ in CHAIR_COLUMNS}
+    for row in rows:
+        for key in row.metrics:
+            parts = key.split("/")
+            ok = (len(parts) == 3 and parts[0] == "pope" and parts[2] in pope_keys) or (
+                len(parts) == 2 and parts[0] == "chair" and parts[1] in chair_keys
+            )
+            if not ok:
+                raise ValueError(f"method {row.name!r}: unknown metric key {key!r}")
+
+
+def pope_splits(rows: Sequence[MethodRow]) -> list[str]:
+    """Splits present in any row, ordered dataset first, then random/popular/adversarial."""
+    splits = {k.split("/")[1] for r in rows for k in r.metrics if k.startswith("pope/")}
+
+    def order(split: str) -> tuple[str, int, str]:
+        dataset, _, kind = split.rpartition("_")
+        rank = _SPLIT_ORDER.index(kind) if kind in _SPLIT_ORDER else len(_SPLIT_ORDER)
+        return (dataset, rank, split)
+
+    return sorted(splits, key=order)
+
+
+def _has_chair(rows: Sequence[MethodRow]) -> bool:
+    return any(k.startswith("chair/") for r in rows for k in r.metrics)
+
+
+def _table(header: list[str], body: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |"]
+    lines.append("|" + "|".join(["---", "---"] + ["---:"] * (len(header) - 2)) + "|")
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return lines
+
+
+def markdown_report(rows: Sequence[MethodRow], title: str = "Evaluation") -> str:
+    """POPE: one table per split (values in %, 2 decimals). CHAIR: one table (1 decimal)."""
+    _check(rows)
+    lines = [f"# {title}", ""]
+    for split in pope_splits(rows):
+        lines += [f"## POPE: {split}", ""]
+        header = ["Method", "Config"] + [label for _, label in POPE_COLUMNS]
+        body = []
+        for r in rows:
+            vals = [r.metrics.get(f"pope/{split}/{k}") for k, _ in POPE_COLUMNS]
+            cells = ["–" if v is None else f"{100 * v:.2f}" for v in vals]
+            body.append([r.name, f"`{r.config_hash}`", *cells])
+        lines += _table(header, body) + [""]
+    if _has_chair(rows):
+        lines += ["## CHAIR", ""]
+        header = ["Method", "Config"] + [label for _, label in CHAIR_COLUMNS]
+        body = []
+        for r in rows:
+            vals = [r.metrics.get(f"chair/{k}") for k, _ in CHAIR_COLUMNS]
+            cells = ["–" if v is None else f"{v:.1f}" for v in vals]
+            body.append([r.name, f"`{r.config_hash}`", *cells])
+        lines += _table(header, body) + [""]
+    return "\n".join(lines)
+
+
+def _panels(rows: Sequence[MethodRow]) -> list[tuple[str, list[str], list[list[float]]]]:
+    """(title, metric labels, values[method][metric]) per plot panel, all on a 0-100 scale."""
+    panels = []
+    for split in pope_splits(rows):
+        labels = [label for _, label in POPE_COLUMNS]
+        values = [
+            [100 * r.metrics.get(f"pope/{split}/{k}", float("nan")) for k, _ in POPE_COLUMNS]
+            for r in rows
+        ]
+        panels.append((f"POPE {split}", labels, values))
+    if _has_chair(rows):
+        keys = CHAIR_COLUMNS[:3]  # Len is a count, not a percentage: table only
+        values = [[r.metrics.get(f"chair/{k}", float("nan")) for k, _ in keys] for r in rows]
+        panels.append(("CHAIR", [label for _, label in keys], values))
+    return panels
+
+
+def plot_methods(rows: Sequence[MethodRow], path: str | Path) -> Path:
+    """Grouped bar chart, one panel per POPE split plus one for CHAIR, bars per method."""
+    _check(rows)
+    # Object-oriented matplotlib with an explicit Agg canvas: no pyplot, no global backend.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = _panels(rows)
+    if not panels:
+        raise ValueError("no POPE or CHAIR metrics to plot")
+    fig = Figure(figsize=(4.5 * len(panels), 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    width = 0.8 / len(rows)
+    for ax, (title, labels, values) in zip(axes, panels, strict=True):
+        for i, (row, vals) in enumerate(zip(rows, values, strict=True)):
+            xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(labels))]
+            ax.bar(xs, vals, width=width, label=row.name)
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_title(title)
+        ax.set_ylim(0, 100)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("%")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside upper center", ncols=min(len(rows), 6))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def write_report(
+    rows: Sequence[MethodRow], out_dir: str | Path, title: str = "Evaluation"
+) -> tuple[Path, Path]:
+    """Write `report.md` and `report.png` into out_dir; return both paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = plot_methods(rows, out_dir / "report.png")
+    md = out_dir / "report.md"
+    md.write_text(markdown_report(rows, title) + f"\n![methods]({png.name})\n", encoding="utf-8")
+    return md, png
