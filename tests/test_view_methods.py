@@ -385,3 +385,16 @@ def test_noise_schedule_constants():
 def test_bad_transform_input():
     with pytest.raises(TypeError, match="PIL"):
         random_transform(torch.zeros(3, 4, 4), torch.Generator())
+
+
+def test_views_on_llava_next(tmp_path):
+    # anyres: the transform keeps the image size, so every view gets the same image tokens.
+    lvlm = LVLM.from_pretrained(build_tiny("llava_next", tmp_path / "next"))
+    specs = [{"name": "ritual"}, {"name": "vcd"}, {"name": "m3id"}]
+    samples = [Sample("what?", (noise_image(4, (48, 30)),), seed=1), sample(5)]
+    plan = lvlm.plan(specs, GREEDY)
+    batch = build_rows(lvlm.processor, lvlm.info.image_token_id, plan, samples, lvlm.device)
+    n_image = batch.layout.n_image.view(2, 4)  # [B, views]: original, transformed, noised, text
+    assert (n_image[:, :3] == n_image[:, :1]).all() and (n_image[:, 3] == 0).all()
+    out = tokens(lvlm, specs, samples, GenerationParams(max_new_tokens=4, do_sample=True, seed=2))
+    assert all(len(ids) > 0 for ids in out)
