@@ -1,5 +1,12 @@
 """Intervention methods: one small file each. Importing this package registers them all."""
 
+# Importing a method module registers it (one line each).
+from lvlm_fix.methods import (
+    m3id,  # noqa: F401
+    pai_cfg,  # noqa: F401
+    ritual,  # noqa: F401
+    vcd,  # noqa: F401
+)
 from lvlm_fix.methods.base import (
     REGISTRY,
     Contribution,
