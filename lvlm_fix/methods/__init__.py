@@ -1,5 +1,6 @@
 """Intervention methods: one small file each. Importing this package registers them all."""
 
+from lvlm_fix.methods import opera  # noqa: F401  (registers "opera")
 from lvlm_fix.methods.base import (
     REGISTRY,
     Contribution,
