@@ -67,13 +67,15 @@ class Runner:
             )
         return out.logits[:, -1].float()
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append tokens [R, n] to every row's cache; returns logits [R, n, V] (fp32)."""
-        n = tokens.shape[1]
-        ones = self.attention_mask.new_ones(tokens.shape)
-        self.attention_mask = torch.cat([self.attention_mask, ones], 1)
-        steps = torch.arange(1, n + 1, device=tokens.device)
-        positions = self.positions[:, None] + steps
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Append tokens [R, n] to every row's cache; returns logits [R, n, V] (fp32).
+
+        mask [R, n] (default all ones) marks columns that are real; 0 columns are holes that no
+        query ever sees and that take no position (OPERA replays rows of unequal length).
+        """
+        mask = self.attention_mask.new_ones(tokens.shape) if mask is None else mask
+        self.attention_mask = torch.cat([self.attention_mask, mask.to(self.attention_mask)], 1)
+        positions = self.positions[:, None] + mask.long().cumsum(1)
         self.positions = positions[:, -1]
         with forward_context(self._context("decode")), torch.inference_mode():
             out = self.model(
@@ -95,8 +97,8 @@ class Runner:
 
     def crop(self, length: int) -> None:
         """Forget every cache column from `length` on (OPERA's rollback)."""
-        removed = self.attention_mask.shape[1] - length
-        self.cache.crop(length)
+        removed = self.attention_mask[:, length:].sum(-1)  # real columns only: holes take none
+        self.cache.crop(length - self.attention_mask.shape[1])  # transformers 5: negative = remove
         self.attention_mask = self.attention_mask[:, :length]
         self.positions = self.positions - removed
 

@@ -3,6 +3,7 @@
 # Importing a method module registers it (one line each).
 from lvlm_fix.methods import (
     m3id,  # noqa: F401
+    opera,  # noqa: F401
     pai_cfg,  # noqa: F401
     ritual,  # noqa: F401
     vcd,  # noqa: F401
