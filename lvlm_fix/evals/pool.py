@@ -108,7 +108,10 @@ class RayPool:
         if self.started and address:
             ray.init(address=address, include_dashboard=False)
         elif self.started:
-            ray.init(num_cpus=max(workers, 1), include_dashboard=False)
+            # A private local cluster: bound to loopback, nothing reachable from outside.
+            ray.init(
+                num_cpus=max(workers, 1), include_dashboard=False, _node_ip_address="127.0.0.1"
+            )
         resources = ray.cluster_resources()
         if spec.device.startswith("cuda"):
             gpus = int(resources.get("GPU", 0))

@@ -42,6 +42,11 @@ class MethodSet:
         """The plan's config_id (same hash as Plan.config_id), without loading a model."""
         return config_hash([parse_intervention(dict(spec)) for spec in self.interventions])
 
+    @property
+    def specs(self) -> list[dict[str, Any]]:
+        """Full specs, defaults filled in: what the predictions and metrics record."""
+        return [parse_intervention(dict(spec)).spec() for spec in self.interventions]
+
 
 @dataclass(frozen=True)
 class EvalItem:
@@ -142,7 +147,7 @@ def _line(task: Task, item: EvalItem, method: MethodSet, gen, seed: int, model: 
         **task.record(item, gen.text),
         "method": method.name,
         "config_id": gen.config_id,
-        "interventions": [dict(spec) for spec in method.interventions],
+        "interventions": method.specs,
         "seed": seed,
         "model": model,
         "n_tokens": len(gen.token_ids),
@@ -154,7 +159,7 @@ def _run_method(task, method, pool, store, config, params) -> MethodRun:
     """Generate every sample of `task` that `store` lacks for `method`."""
     from tqdm import tqdm
 
-    pool.check(list(method.interventions), params)  # fail before any work on a bad plan
+    pool.check(method.specs, params)  # fail before any work on a bad plan
     todo = [item for item in task.items if not store.has(method.name, item.key)]
     seeds = {item.key: sample_seed(config.seed, item.key) for item in todo}
     batches = [todo[i : i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
@@ -169,7 +174,7 @@ def _run_method(task, method, pool, store, config, params) -> MethodRun:
         disable=not config.progress,
     )
     with bar:
-        for index, gens in pool.run(units, list(method.interventions), params):
+        for index, gens in pool.run(units, method.specs, params):
             batch = batches[index]
             lines = [
                 _line(task, it, method, g, seeds[it.key], model)
@@ -236,23 +241,25 @@ def run_eval(task: Task, methods: Sequence[MethodSet], config: RunConfig) -> dic
     _check_resumable(store, methods)
     params = GenerationParams(max_new_tokens=config.max_new_tokens)
     runs: dict[str, MethodRun] = {}
+    start = time.perf_counter()
     pool = make_pool(config.model, config.use_ray, config.workers, config.address)
     try:
         for method in methods:
             runs[method.name] = _run_method(task, method, pool, store, config, params)
     finally:
         pool.close()
-    return _write_outputs(task, methods, config, store, runs)
+    wall_s = time.perf_counter() - start
+    return _write_outputs(task, methods, config, store, runs, wall_s)
 
 
-def _write_outputs(task, methods, config, store, runs) -> dict[str, Any]:
+def _write_outputs(task, methods, config, store, runs, wall_s: float) -> dict[str, Any]:
     rows, per_method = [], {}
     for method in methods:
         details, flat = _score_method(task, method, store)
         run = runs[method.name]
         per_method[method.name] = {
             "config_id": method.config_id,
-            "interventions": [dict(spec) for spec in method.interventions],
+            "interventions": method.specs,
             "metrics": details,
             "generated_this_run": run.generated,
             "wall_s": round(run.wall_s, 3),
@@ -275,6 +282,7 @@ def _write_outputs(task, methods, config, store, runs) -> dict[str, Any]:
             "workers": config.workers,
         },
         "n_samples": len(task.items),
+        "wall_s": round(wall_s, 3),  # this invocation, model loading included
         "methods": per_method,
     }
     path = config.out_dir / "metrics.json"
