@@ -230,3 +230,16 @@ def test_lvlm_fix_main_eval(model_path, data, tmp_path):
     argv = ["eval", *pope_argv(model_path, data, tmp_path, "--limit", "2", "--max-new-tokens", "4")]
     assert main(argv) == 0
     assert len(read_lines(tmp_path / "predictions.jsonl")) == 4
+
+
+def test_subset_file_selects_the_same_samples(pope_run, model_path, data, tmp_path, capsys):
+    argv = pope_argv(model_path, data, tmp_path / "same", "--subset", str(pope_run / "subset.json"),
+                     "--max-new-tokens", "2")  # fmt: skip
+    assert run_cli(argv) == 0
+    mine = json.loads((tmp_path / "same" / "subset.json").read_text())["keys"]
+    assert mine == json.loads((pope_run / "subset.json").read_text())["keys"]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"keys": ["tiny_pope_random/999"]}))
+    argv = pope_argv(model_path, data, tmp_path / "bad", "--subset", str(other))
+    assert run_cli(argv) == 2
+    assert "not in the data" in capsys.readouterr().err

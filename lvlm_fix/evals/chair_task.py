@@ -21,7 +21,7 @@ from lvlm_fix.evals.chair import (
 )
 from lvlm_fix.evals.chair_words import WordExtractor, drop_incomplete_sentence
 from lvlm_fix.evals.report import method_metrics
-from lvlm_fix.evals.runner import EvalItem, subset_order
+from lvlm_fix.evals.runner import EvalItem, check_keys, subset_order
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,12 @@ def build_chair_task(
     config: ChairConfig,
     captions: Sequence[str | Path] = (),
     limit: int | None = None,
+    keys: frozenset[str] | None = None,
 ) -> ChairTask:
-    """Load annotations and pick the images; ValueError on missing files or images."""
+    """Load annotations and pick the images; ValueError on missing files or images.
+
+    `keys` (image ids as strings, from another run's subset.json) keeps exactly those images.
+    """
     if not instances:
         raise ValueError("CHAIR needs at least one --instances file")
     if not prompt.strip():
@@ -94,7 +98,7 @@ def build_chair_task(
     if not image_root.is_dir():
         raise ValueError(f"image folder {str(image_root)!r} does not exist")
     files = _coco_images(instance_files)
-    ids = sorted(files)
+    ids = sorted(i for i in files if keys is None or str(i) in keys)
     if limit is not None:
         ids = sorted(sorted(ids, key=lambda i: subset_order(f"chair/{i}"))[:limit])
     extractor = make_extractor(config)
@@ -106,6 +110,7 @@ def build_chair_task(
             raise ValueError(f"image {files[image_id]!r} not found in {str(image_root)!r}")
         fields = {"image_id": image_id, "image": files[image_id]}
         items.append(EvalItem(key=str(image_id), prompt=prompt, image=str(path), fields=fields))
+    check_keys(keys, items)
     sources = {
         "instances": [p.name for p in instance_files],
         "captions": [p.name for p in caption_files],

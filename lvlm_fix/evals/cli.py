@@ -59,6 +59,9 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--limit", type=int, default=None, help="N per POPE split / N images")
+    parser.add_argument(
+        "--subset", type=Path, default=None, help="reuse the samples of a subset.json"
+    )
     parser.add_argument("--seed", type=int, default=0, help="global seed (per-sample seeds)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="POPE 16, CHAIR 64")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -97,12 +100,15 @@ def _chair_prompt(args: argparse.Namespace) -> str:
 
 def build_task(args: argparse.Namespace, max_new_tokens: int):
     """The PopeTask or ChairTask the arguments describe (ValueError on bad input)."""
+    from lvlm_fix.evals.runner import load_subset_keys
+
+    keys = None if args.subset is None else load_subset_keys(args.subset)
     if args.benchmark == "pope":
         from lvlm_fix.evals.pope import PopeSettings
         from lvlm_fix.evals.pope_task import build_pope_task
 
         settings = PopeSettings(prompt_suffix=args.prompt_suffix, parser=args.parser)
-        return build_pope_task(args.data, args.images, settings, args.limit)
+        return build_pope_task(args.data, args.images, settings, args.limit, keys)
     from lvlm_fix.evals.chair import ChairConfig
     from lvlm_fix.evals.chair_task import build_chair_task
 
@@ -111,7 +117,9 @@ def build_task(args: argparse.Namespace, max_new_tokens: int):
         compat=args.compat, drop_incomplete_sentence=drop, synonyms_path=args.synonyms
     )
     prompt = _chair_prompt(args)
-    return build_chair_task(args.instances, args.images, prompt, config, args.captions, args.limit)
+    return build_chair_task(
+        args.instances, args.images, prompt, config, args.captions, args.limit, keys
+    )
 
 
 def eval_main(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ from typing import Any
 
 from lvlm_fix.evals.pope import PopeQuestion, PopeSettings, load_questions, parse_answer, summarize
 from lvlm_fix.evals.report import method_metrics
-from lvlm_fix.evals.runner import EvalItem, subset_order
+from lvlm_fix.evals.runner import EvalItem, check_keys, subset_order
 
 
 def split_name(path: str | Path) -> str:
@@ -55,7 +55,11 @@ class PopeTask:
         return details, method_metrics(pope=metrics)
 
 
-def _subset(split: str, questions: list[PopeQuestion], limit: int | None) -> list[PopeQuestion]:
+def _subset(
+    split: str, questions: list[PopeQuestion], limit: int | None, keys: frozenset[str] | None
+) -> list[PopeQuestion]:
+    if keys is not None:
+        questions = [q for q in questions if f"{split}/{q.question_id}" in keys]
     if limit is None or limit >= len(questions):
         return questions
     chosen = sorted(questions, key=lambda q: subset_order(f"{split}/{q.question_id}"))[:limit]
@@ -68,8 +72,12 @@ def build_pope_task(
     images: str | Path,
     settings: PopeSettings,
     limit: int | None = None,
+    keys: frozenset[str] | None = None,
 ) -> PopeTask:
-    """Load the question files; ValueError on missing files/images or repeated split names."""
+    """Load the question files; ValueError on missing files/images or repeated split names.
+
+    `keys` (from another run's subset.json) keeps exactly those questions, `limit` N per split.
+    """
     image_root = Path(images)
     if not image_root.is_dir():
         raise ValueError(f"image folder {str(image_root)!r} does not exist")
@@ -82,10 +90,10 @@ def build_pope_task(
         name = split_name(path)
         if name in splits:
             raise ValueError(f"two question files give the same split name {name!r}")
-        splits[name] = _subset(name, load_questions(path), limit)
+        splits[name] = _subset(name, load_questions(path), limit, keys)
     if not splits:
         raise ValueError("POPE needs at least one --data question file")
-    items = []
+    items: list[EvalItem] = []
     for split, questions in splits.items():
         for q in questions:
             image = image_root / q.image
@@ -99,4 +107,5 @@ def build_pope_task(
                     fields={"split": split, **q.model_dump()},
                 )
             )
+    check_keys(keys, items)
     return PopeTask(splits, image_root, settings, items)

@@ -95,6 +95,26 @@ def subset_order(key: str) -> str:
     return hashlib.sha256(f"lvlm_fix.subset/{key}".encode()).hexdigest()
 
 
+def load_subset_keys(path: str | Path) -> frozenset[str]:
+    """The sample keys of a subset.json written by an earlier run (to evaluate the same set)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"subset file {str(path)!r} does not exist")
+    keys = json.loads(path.read_text(encoding="utf-8")).get("keys")
+    if not isinstance(keys, list) or not keys:
+        raise ValueError(f"{path}: no 'keys' list (is it a subset.json from lvlm-fix eval?)")
+    return frozenset(map(str, keys))
+
+
+def check_keys(keys: frozenset[str] | None, items: Sequence[EvalItem]) -> None:
+    """Every key of a requested subset must be in the data."""
+    if keys is None:
+        return
+    missing = sorted(keys - {item.key for item in items})
+    if missing:
+        raise ValueError(f"{len(missing)} subset keys are not in the data (first {missing[:3]})")
+
+
 def check_methods(methods: Sequence[MethodSet]) -> None:
     """Unique names and known interventions (ValueError names the problem)."""
     names = [m.name for m in methods]
@@ -279,7 +299,7 @@ def _write_outputs(task, methods, config, store, runs, wall_s: float) -> dict[st
             "device": config.model.device,
             "dtype": config.model.dtype,
             "ray": config.use_ray,
-            "workers": config.workers,
+            "workers": config.workers if config.use_ray else 1,
         },
         "n_samples": len(task.items),
         "wall_s": round(wall_s, 3),  # this invocation, model loading included
