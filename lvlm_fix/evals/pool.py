@@ -108,24 +108,34 @@ class RayPool:
         if self.started and address:
             ray.init(address=address, include_dashboard=False)
         elif self.started:
-            # A private local cluster: bound to loopback, nothing reachable from outside.
-            ray.init(
-                num_cpus=max(workers, 1), include_dashboard=False, _node_ip_address="127.0.0.1"
-            )
-        resources = ray.cluster_resources()
+            # A private local cluster bound to loopback. CPU actors: `workers` CPUs in all;
+            # GPU actors: let Ray count this machine's CPUs and GPUs.
+            cpus = None if spec.device.startswith("cuda") else workers
+            ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+        try:
+            self.actors = self._spawn(spec, workers)
+        except BaseException:
+            if self.started:
+                ray.shutdown()
+            raise
+        self.size = len(self.actors)
+
+    def _spawn(self, spec: ModelSpec, workers: int) -> list:
+        """Start the actors: one per GPU with CUDA, else `workers` CPU actors."""
+        resources = self.ray.cluster_resources()
         if spec.device.startswith("cuda"):
             gpus = int(resources.get("GPU", 0))
             if gpus < 1:
                 raise ValueError("--device cuda with --ray needs GPUs in the Ray cluster")
-            count, options, threads = gpus, {"num_gpus": 1, "num_cpus": 1}, None
+            cpus = min(1.0, float(resources.get("CPU", 1)) / gpus)
+            count, options, threads = gpus, {"num_gpus": 1, "num_cpus": cpus}, None
             spec = ModelSpec(spec.path, "cuda", spec.dtype)  # each actor sees its own GPU as 0
         else:
             count = workers
             cpus = min(1.0, float(resources.get("CPU", 1)) / workers)
             options, threads = {"num_cpus": cpus}, 1
-        actor_class = ray.remote(EvalWorker).options(**options)
-        self.actors = [actor_class.remote(spec, threads) for _ in range(count)]
-        self.size = count
+        actor_class = self.ray.remote(EvalWorker).options(**options)
+        return [actor_class.remote(spec, threads) for _ in range(count)]
 
     def check(self, interventions: list[dict[str, Any]], params: GenerationParams) -> str:
         return self.ray.get(self.actors[0].check.remote(interventions, params))
