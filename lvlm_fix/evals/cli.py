@@ -154,3 +154,14 @@ def eval_main(args: argparse.Namespace) -> int:
               f"{row['tokens_per_s']} tok/s")  # fmt: skip
     print(f"wrote {args.out / 'metrics.json'} and {args.out / 'report.md'}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lvlm_fix.evals.cli pope ...`: the same as `lvlm-fix eval pope ...`."""
+    parser = argparse.ArgumentParser(prog="lvlm-fix eval", description=__doc__.splitlines()[0])
+    add_eval_args(parser)
+    return eval_main(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
