@@ -1,5 +1,10 @@
 """Intervention methods: one small file each. Importing this package registers them all."""
 
+from lvlm_fix.methods import (
+    pai,  # noqa: F401
+    var,  # noqa: F401
+    vhr,  # noqa: F401
+)
 from lvlm_fix.methods.base import (
     REGISTRY,
     Contribution,
