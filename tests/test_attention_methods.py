@@ -14,6 +14,7 @@ import torch
 
 from lvlm_fix import LVLM, GenerationParams, Sample
 from lvlm_fix.decoding import Runner, _row_state, build_rows
+from lvlm_fix.hooks import AttentionCall
 from lvlm_fix.methods import Contribution, Intervention
 from lvlm_fix.methods.var import VAR, discover_sink_dims, resolve_sink_dims
 from lvlm_fix.methods.vhr import reinforced_layers, select_heads
@@ -38,14 +39,14 @@ def samples(images) -> list[Sample]:
 
 @dataclass
 class ProbeHook:
-    """Asks the kernel for the last row's probabilities and group masses at one layer."""
+    """Asks the kernel for the last row's probabilities at one layer."""
 
     layer: int
     records: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
     def edits(self, call):
         if call.layer == self.layer and call.ctx.phase == "prefill":
-            return {"want_last_row": True, "want_group_mass": True}
+            return {"want_last_row": True}
         return None
 
     def after(self, call, out, stats):
@@ -213,8 +214,6 @@ def test_var_thresholds_and_eligible_rows(lvlms, samples):
     # prefill rows up to the last image column are never eligible
     runner, _ = prefill(lvlm, samples, [VAR_OPEN])
     hook = runner.plan.attention_hooks[0]
-    from lvlm_fix.hooks import AttentionCall
-
     ctx = runner._context("prefill")
     S, H, D = runner.layout.image_mask.shape[1], lvlm.info.num_heads, lvlm.info.head_dim
     q = torch.zeros(2, H, S, D)
@@ -239,12 +238,13 @@ def test_var_sink_dims_table_and_discovery(lvlms, samples):
         VAR(sink_dims=[-1])
     lvlm = lvlms["llava"]
     pairs = [(s.text, s.images) for s in samples] + [("hello there", ())]
-    tau = 2.5
+    tau = 2.0
     dims = discover_sink_dims(lvlm, pairs, tau=tau, min_share=1.0)
     assert dims  # random weights still have a few large channels on the first token
     runner, _ = prefill(lvlm, samples, [{"name": "var", "tau": tau}])
     found = runner.state["var.auto_dims"]  # [R, D]: found per request, union over layers
     assert found[:, dims].all()
+    assert runner.state["var.sink_count"][:, 2, 0].gt(0).all()  # the first token is a text sink
 
 
 # ---------------------------------------------------------------- PAI
@@ -254,12 +254,15 @@ def test_pai_raises_image_mass_on_last_row(lvlms, samples):
     lvlm = lvlms["llava"]
     base, _ = prefill(lvlm, samples, [Probe()])
     pai, _ = prefill(lvlm, samples, [Probe(), {"name": "pai", "alpha": 0.5}])
-    m0, m1 = probe_records(base)["group_mass"], probe_records(pai)["group_mass"]  # [R, H, Q, 4]
-    image0, image1 = m0[..., 2:].sum(-1), m1[..., 2:].sum(-1)
-    assert (image1[:, :, -1] > image0[:, :, -1]).all()
-    torch.testing.assert_close(m1[:, :, :-1], m0[:, :, :-1], rtol=0, atol=0)  # other rows
+    p0, p1 = probe_records(base)["last_row"], probe_records(pai)["last_row"]  # [R, H, K]
+    image = base.layout.image_mask[:, None, :]
+    assert ((p1 * image).sum(-1) > (p0 * image).sum(-1)).all()  # every head of every row
+    ratio = p1 / p0.clamp_min(1e-30)  # non-image columns share one factor (renormalisation)
+    text = ~image & (p0 > 1e-3)  # tiny probabilities carry no precision for a ratio
+    spread = torch.where(text, ratio, -1e9).amax(-1) - torch.where(text, ratio, 1e9).amin(-1)
+    assert spread.abs().max() < 1e-4
     early, _ = prefill(lvlm, samples, [Probe(), {"name": "pai", "alpha": 0.5, "start_layer": 3}])
-    assert torch.equal(probe_records(early)["group_mass"], m0)
+    assert torch.equal(probe_records(early)["last_row"], p0)
     with pytest.raises(ValueError, match="empty"):
         lvlm.plan([{"name": "pai", "start_layer": 3, "end_layer": 2}])
 
