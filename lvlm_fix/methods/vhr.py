@@ -137,7 +137,9 @@ class Reinforce:
         R, _, H, _ = out.shape
         state = ctx.state
         if "vhr.head_scale" not in state:
-            state["vhr.head_scale"] = torch.ones(R, ctx.num_layers, H, device=out.device)
+            state["vhr.head_scale"] = torch.ones(
+                R, ctx.num_layers, H, dtype=torch.float32, device=out.device
+            )
         view = 1 + next(i for i, v in enumerate(ctx.plan.views) if v is self.view)
         sample, views = state["row.sample"], state["row.view"]
         original = (views == 0).nonzero().flatten()  # one row per sample, sample order
