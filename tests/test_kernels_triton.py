@@ -71,7 +71,7 @@ def edits_for(kind, col_group, B, H, Q, g):
     stats = dict(want_group_mass=True, want_last_row=True)
     fields = {
         "none": {},
-        "all": {**pai, **var, **scale, **stats},
+        "all": {**pai, **var, **scale, **stats, "n_image": (col_group >= 2).sum(-1).float()},
         "pai": pai,
         "var": var,
         "head_scale": scale,

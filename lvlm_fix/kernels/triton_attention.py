@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .edits import AttentionEdits, check_edits, check_inputs, resolved_n_image
-from .triton_common import NEG_BIG, _attend_tile, _finish_rows, _last_row_kernel
+from .edits import AttentionEdits, check_edits, check_inputs
+from .triton_common import NEG_BIG, _attend_tile, _finish_rows, _last_row_kernel, _n_image
 
 MAX_SPLITS = 32  # decode splits over the keys; a constexpr so the combine never recompiles
 
@@ -31,10 +31,11 @@ def _prefill_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PAI: tl.constexpr, NEED_GROUPS: tl.constexpr, HAS_VAR: tl.constexpr,
     HAS_HEAD_SCALE: tl.constexpr, WANT_MASS: tl.constexpr, WANT_LAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_N_IMAGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Grid (cdiv(Q, BLOCK_M), B*H): BLOCK_M query rows of head h of batch row b."""
-    pid_m = tl.program_id(0)
+    # Last row blocks see the most keys: start them first so the tail of the grid is short.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -93,7 +94,7 @@ def _prefill_kernel(
     n_img = 0.0
     if HAS_VAR:
         var_row = tl.load(VarRows + b * NQ + rows, mask=row_ok, other=0) != 0
-        n_img = tl.load(NImage + b)
+        n_img = _n_image(NImage, group_ptrs, b, NK, HAS_N_IMAGE, 1024)
     head_scale = tl.zeros([BLOCK_M], tl.float32)
     if HAS_HEAD_SCALE:
         head_scale += tl.load(HeadScale + b * H + h)
@@ -185,12 +186,12 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_combine_kernel(
-    PartM, PartL, PartAcc, Out, VarRows, NImage, HeadScale, GroupMass, LastStats,
+    PartM, PartL, PartAcc, Out, ColGroup, VarRows, NImage, HeadScale, GroupMass, LastStats,
     stride_ob, stride_om, stride_oh,
-    H, NQ, num_splits, keep, rho, summ,
+    H, NQ, NK, num_splits, keep, rho, summ,
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, NEED_GROUPS: tl.constexpr,
     HAS_VAR: tl.constexpr, HAS_HEAD_SCALE: tl.constexpr, WANT_MASS: tl.constexpr,
-    WANT_LAST: tl.constexpr,
+    WANT_LAST: tl.constexpr, HAS_N_IMAGE: tl.constexpr,
 ):  # fmt: skip
     """Grid (B*H*Q,): merge one row's split partials per group, then the shared epilogue.
     Rows are kept as [1]-vectors so the epilogue is the prefill one."""
@@ -227,7 +228,7 @@ def _decode_combine_kernel(
         part_u = tl.load(acc_ptrs + 2 * HEAD_DIM, mask=s_ok[:, None], other=0.0)
         acc_u = tl.sum(w[:, None] * part_u, 0, keep_dims=True)
         var_row = tl.load(VarRows + b * NQ + qi + one) != 0
-        n_img = tl.load(NImage + b)
+        n_img = _n_image(NImage, ColGroup + b.to(tl.int64) * NK, b, NK, HAS_N_IMAGE, 1024)
     head_scale = tl.zeros([1], tl.float32)
     if HAS_HEAD_SCALE:
         head_scale += tl.load(HeadScale + b * H + h)
@@ -249,6 +250,7 @@ class KernelConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    programs_per_sm: int = 2  # decode only: how finely the keys are split
 
 
 DECODE_MAX_ROWS = 16  # GQA*Q packed rows up to which the decode kernel is used
@@ -260,8 +262,8 @@ def prefill_config(head_dim: int, dtype: torch.dtype, var_on: bool, device: torc
         return KernelConfig(16, 16, 1, 1)
     if dtype == torch.float32:  # twice the shared memory per tile
         return KernelConfig(64, 32, 4, 2)
-    if var_on:  # three [BLOCK_M, D] accumulators
-        return KernelConfig(64, 64, 4, 2) if head_dim <= 128 else KernelConfig(32, 32, 4, 2)
+    if var_on:  # three [BLOCK_M, D] accumulators: 8 warps share them without spilling
+        return KernelConfig(64, 32, 8, 3) if head_dim <= 128 else KernelConfig(32, 32, 4, 2)
     if head_dim <= 64:
         return KernelConfig(128, 64, 4, 3)
     if head_dim <= 128:
@@ -304,7 +306,7 @@ def _edit_tensors(edits: AttentionEdits, dummy: Tensor) -> dict[str, Tensor]:
         "ImageGain": plain(edits.image_gain),
         "GainRows": flags(edits.gain_rows),
         "VarRows": flags(edits.var_rows if edits.var_on else None),
-        "NImage": resolved_n_image(edits).contiguous() if edits.var_on else dummy,
+        "NImage": plain(edits.n_image),  # None: the kernels count image columns themselves
         "HeadScale": plain(edits.head_scale),
     }
 
@@ -376,20 +378,20 @@ def prefill_attention(
         keep=float(edits.var_keep), rho=float(edits.var_rho), summ=float(edits.var_summ),
         HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_HEAD_SCALE=edits.head_scale is not None, WANT_MASS=edits.want_group_mass,
-        WANT_LAST=edits.want_last_row, **_flags(q, edits),
+        WANT_LAST=edits.want_last_row, HAS_N_IMAGE=edits.n_image is not None,
+        **_flags(q, edits),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out, _stats(q, k, key_start, qk_scale, edits, res, dummy)
 
 
-def _num_splits(B: int, n_kv: int, K: int, block_n: int, device: torch.device) -> tuple[int, int]:
-    """(splits, split_len): about two programs per SM, each split a whole number of tiles."""
-    n_sm = (
-        torch.cuda.get_device_properties(device).multi_processor_count
-        if device.type == "cuda"
-        else 4
-    )
-    splits = min(MAX_SPLITS, triton.cdiv(2 * n_sm, B * n_kv), triton.cdiv(K, block_n))
+def _num_splits(B: int, n_kv: int, K: int, cfg: KernelConfig, device: torch.device):
+    """(splits, split_len): about cfg.programs_per_sm programs per SM, whole tiles per split."""
+    on_gpu = device.type == "cuda"
+    n_sm = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 4
+    block_n = cfg.block_n
+    wanted = triton.cdiv(cfg.programs_per_sm * n_sm, B * n_kv)
+    splits = min(MAX_SPLITS, wanted, triton.cdiv(K, block_n))
     split_len = triton.cdiv(triton.cdiv(K, max(splits, 1)), block_n) * block_n
     return triton.cdiv(K, split_len), split_len
 
@@ -407,7 +409,7 @@ def decode_attention(
         raise ValueError(f"decode kernel packs GQA*Q <= 64 rows, got {(H // n_kv) * Q}")
     cfg = config or decode_config(D, q.dtype, q.device)
     block_m = max(16, triton.next_power_of_2((H // n_kv) * Q))
-    splits, split_len = _num_splits(B, n_kv, K, cfg.block_n, q.device)
+    splits, split_len = _num_splits(B, n_kv, K, cfg, q.device)
     n_acc = 3 if edits.var_on else 1
     f32 = {"dtype": torch.float32, "device": q.device}
     part_m = torch.empty(B * H * Q * splits, **f32)
@@ -427,13 +429,14 @@ def decode_attention(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     _decode_combine_kernel[(B * H * Q,)](
-        part_m, part_l, part_acc, out, t["VarRows"], t["NImage"], t["HeadScale"],
+        part_m, part_l, part_acc, out, t["ColGroup"], t["VarRows"], t["NImage"], t["HeadScale"],
         res.get("group_mass", dummy), res.get("last_stats", dummy),
         out.stride(0), out.stride(1), out.stride(2),
-        H, Q, splits, float(edits.var_keep), float(edits.var_rho), float(edits.var_summ),
+        H, Q, K, splits, float(edits.var_keep), float(edits.var_rho), float(edits.var_summ),
         HEAD_DIM=D, BLOCK_S=MAX_SPLITS, NEED_GROUPS=flags["NEED_GROUPS"], HAS_VAR=edits.var_on,
         HAS_HEAD_SCALE=edits.head_scale is not None, WANT_MASS=edits.want_group_mass,
-        WANT_LAST=edits.want_last_row, num_warps=4 if q.is_cuda else 1,
+        WANT_LAST=edits.want_last_row, HAS_N_IMAGE=edits.n_image is not None,
+        num_warps=4 if q.is_cuda else 1,
     )  # fmt: skip
     return out, _stats(q, k, key_start, qk_scale, edits, res, dummy)
 

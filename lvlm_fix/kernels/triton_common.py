@@ -11,7 +11,7 @@ import triton.language as tl
 
 # Finite start for the running max: a row that sees no key keeps m = -1e30, p = exp2(-inf) = 0,
 # l = 0 and writes zeros instead of NaN.
-NEG_BIG = -1.0e30
+NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -64,6 +64,21 @@ def _attend_tile(
         p_u = tl.where(group[None, :] == 3, p, 0.0).to(v.dtype)
         acc_u = tl.dot(p_u, v, acc_u * corr[:, None], input_precision=DOT_PRECISION)
     return m_new, l_i, acc, l_t, l_sv, l_u, acc_s, acc_u
+
+
+@triton.jit
+def _n_image(NImage, group_ptrs, b, NK, HAS_N_IMAGE: tl.constexpr, BLOCK: tl.constexpr):
+    """VAR's epsilon count: n_image[b] if given, else the row's columns of groups 2 and 3."""
+    if HAS_N_IMAGE:
+        n = tl.load(NImage + b)
+    else:
+        count = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, NK, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            group = tl.load(group_ptrs + cols, mask=cols < NK, other=0)
+            count += (group >= 2).to(tl.float32)
+        n = tl.sum(count, 0)
+    return n
 
 
 @triton.jit
