@@ -7,7 +7,9 @@ The model has LLaVA-1.5-7B's configuration (Vicuna-7B + CLIP ViT-L/336, 576 imag
 random weights in bf16: speed does not depend on the weights. Two parts, one run:
 
 1. Kernel: `edited_attention` (Triton on CUDA) against PyTorch SDPA on one layer's shapes, at
-   prefill (the whole prompt) and decode (one query row), with no edit, PAI, VAR, VHR and all three.
+   prefill (the whole prompt) and decode (one query row), with no edit, PAI, VAR, VHR and all three
+   (do_bench, launch overhead included). On CUDA it also runs the kernels' own benchmark table
+   (benchmarks/attention_kernels.py: CUDA-graph timings, ragged batches) into "kernel_graph".
 2. End to end: `LVLM.generate` tokens/s with no intervention, VAR, VHR, PAI and VAR+VHR+PAI, on our
    engine and on the eager path the reference repositories use: transformers' eager attention,
    and for the methods our plain-torch oracle (materialised fp32 probabilities) on every layer.
@@ -265,6 +267,11 @@ def main() -> None:
         "kernel": bench_kernels(lvlm, prompt_len, n_image, args.batch, device, dtype),
         "e2e": bench_e2e(lvlm, samples, method_settings(tau, dims), args.new_tokens, device),
     }  # fmt: skip
+    if device == "cuda":
+        from attention_kernels import print_table, run_table  # the kernels' own benchmark
+
+        result["kernel_graph"] = run_table(dtype)
+        print_table(result["kernel_graph"])
     print_tables(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
