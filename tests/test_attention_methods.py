@@ -163,6 +163,27 @@ def test_vhr_selection_rules():
         reinforced_layers([1, 7], 4)
 
 
+def test_vhr_switches(lvlms, samples):
+    lvlm = lvlms["llava"]
+    H, D = lvlm.info.num_heads, lvlm.info.head_dim
+    plain, last_only = [], []
+    handle = capture_o_proj_input(lvlm, 1, plain)
+    prefill(lvlm, samples, [])
+    handle.remove()
+    handle = capture_o_proj_input(lvlm, 1, last_only)
+    vhr = {"name": "vhr", "prefill_scope": "last", "vhd_reinforce_counterfactual": False}
+    runner, _ = prefill(lvlm, samples, [vhr])
+    handle.remove()
+    scale = runner.state["vhr.head_scale"][:, 1]  # [R, H]
+    assert scale[1::2].eq(1).all() and scale[0::2].eq(2).any()  # text-only rows not scaled
+    got = last_only[0][0::2].view(2, -1, H, D)
+    want = plain[0].view(2, -1, H, D)
+    torch.testing.assert_close(got[:, :-1], want[:, :-1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[:, -1], want[:, -1] * scale[0::2, :, None], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="vhd_counterfactual"):
+        lvlm.plan([{"name": "vhr", "vhd_counterfactual": "mask"}])
+
+
 def test_vhr_without_image_is_a_no_op(lvlms):
     lvlm = lvlms["llava"]
     params = GenerationParams(max_new_tokens=6)
