@@ -87,24 +87,48 @@ BAD_REQUESTS = [
     ),
     (
         "/v1/chat/completions",
-        {"messages": [{"role": "user", "content": [{"type": "image_url",
-                                                     "image_url": {"url": "http://x.invalid/a.png"}}]}]},
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "http://x.invalid/a.png"}}
+                    ],
+                }
+            ]
+        },
         400,
         "disabled",
-    ),  # fmt: skip
+    ),
     (
         "/v1/chat/completions",
-        {"messages": [{"role": "user", "content": [{"type": "image_url",
-                                                     "image_url": {"url": "data:image/png;base64,@@"}}]}]},
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}
+                    ],
+                }
+            ]
+        },
         400,
         "base64",
-    ),  # fmt: skip
-    ("/v1/chat/completions", {**chat_body(), "interventions": [{"name": "no_such"}]}, 400,
-     "unknown intervention 'no_such'"),  # fmt: skip
+    ),
+    (
+        "/v1/chat/completions",
+        {**chat_body(), "interventions": [{"name": "no_such"}]},
+        400,
+        "unknown intervention 'no_such'",
+    ),
     ("/v1/chat/completions", {**chat_body(), "interventions": [{"alpha": 1}]}, 422, "name"),
     ("/v1/caption", {"max_tokens": 4}, 400, "exactly one image"),
     ("/v1/caption", {"image": "%%%"}, 400, "base64"),
     ("/v1/vqa", {"image": base64.b64encode(png()).decode()}, 422, "question"),
-    ("/v1/vqa", {"image": base64.b64encode(png()).decode(), "question": "q", "top_p": 3}, 422,
-     "top_p"),  # fmt: skip
+    (
+        "/v1/vqa",
+        {"image": base64.b64encode(png()).decode(), "question": "q", "top_p": 3},
+        422,
+        "top_p",
+    ),
 ]

@@ -29,8 +29,14 @@ from tests.service_helpers import (
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-CONFIG = ServeConfig(api_key=KEY, max_image_bytes=50_000, max_image_pixels=256 * 256,
-                     max_prompt_chars=2000, max_tokens_limit=64, max_n=4)  # fmt: skip
+CONFIG = ServeConfig(
+    api_key=KEY,
+    max_image_bytes=50_000,
+    max_image_pixels=256 * 256,
+    max_prompt_chars=2000,
+    max_tokens_limit=64,
+    max_n=4,
+)
 
 
 class TextContrast(Intervention):
@@ -86,8 +92,9 @@ def http(url):
 
 
 def _solo(lvlm: LVLM, text: str, image: bytes | None, max_tokens: int = 6, interventions=()):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     images = (Image.open(io.BytesIO(image)).convert("RGB"),) if image else ()
     params = GenerationParams(max_new_tokens=max_tokens)
@@ -111,8 +118,9 @@ def test_catalogue_routes(http, url):
 
 def test_chat_matches_in_process(http, lvlm):
     image = png()
-    reply = http.post("/v1/chat/completions", json=chat_body(image=image),
-                      headers={"X-Request-Id": "abc123"})  # fmt: skip
+    reply = http.post(
+        "/v1/chat/completions", json=chat_body(image=image), headers={"X-Request-Id": "abc123"}
+    )
     assert reply.status_code == 200
     assert reply.headers["x-request-id"] == "abc123"
     body = reply.json()
@@ -137,11 +145,19 @@ def test_n_choices_get_different_seeds(http):
 def test_caption_and_vqa_json_multipart_and_client(http, url, lvlm):
     image = png(color="red")
     expected = _solo(lvlm, "Is there a cat?", image)
-    as_json = http.post("/v1/vqa", json={"image": base64.b64encode(image).decode(),
-                                         "question": "Is there a cat?", "max_tokens": 6}).json()  # fmt: skip
-    as_form = http.post("/v1/vqa", files={"image": ("a.png", image, "image/png")},
-                        data={"question": "Is there a cat?", "max_tokens": "6",
-                              "interventions": "[]"}).json()  # fmt: skip
+    as_json = http.post(
+        "/v1/vqa",
+        json={
+            "image": base64.b64encode(image).decode(),
+            "question": "Is there a cat?",
+            "max_tokens": 6,
+        },
+    ).json()
+    as_form = http.post(
+        "/v1/vqa",
+        files={"image": ("a.png", image, "image/png")},
+        data={"question": "Is there a cat?", "max_tokens": "6", "interventions": "[]"},
+    ).json()
     assert as_json["text"] == as_form["text"] == expected.text
     assert as_json["object"] == "vqa" and as_json["token_ids"] == expected.token_ids
     with Client(url, api_key=KEY) as client:
@@ -189,8 +205,10 @@ def test_interventions_per_request(http, lvlm):
         expected = _solo(lvlm, "What is in the image?", image, interventions=[spec])
         assert body.json()["choices"][0]["token_ids"] == expected.token_ids, name
         assert body.json()["system_fingerprint"] == lvlm.plan([spec]).config_id
-    bad_param = http.post("/v1/chat/completions", json=chat_body(
-        interventions=[{"name": "test_text_contrast", "alpha": -1}])).json()  # fmt: skip
+    bad_param = http.post(
+        "/v1/chat/completions",
+        json=chat_body(interventions=[{"name": "test_text_contrast", "alpha": -1}]),
+    ).json()
     assert "test_text_contrast" in bad_param["error"]["message"]
     assert "alpha" in bad_param["error"]["message"]
     both = [{"name": "test_text_contrast"}, {"name": "test_exclusive", "strength": 1}]
@@ -213,8 +231,9 @@ def test_bad_input_gets_4xx(http, route, body, status, words):
 def test_bad_json_auth_and_upload(url, http):
     assert httpx.post(f"{url}/v1/chat/completions", json=chat_body()).status_code == 401
     assert httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer no"}).status_code == 401
-    broken = http.post("/v1/chat/completions", content=b"{not json",
-                       headers={"content-type": "application/json"})  # fmt: skip
+    broken = http.post(
+        "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert broken.status_code == 400 and "JSON" in broken.json()["error"]["message"]
     upload = http.post("/v1/caption", files={"image": ("x.png", b"garbage", "image/png")})
     assert upload.status_code == 400
@@ -228,18 +247,23 @@ def test_openai_sdk(url, lvlm):
     image = png(color="purple")
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY)
     body = chat_body(image=image)
-    reply = client.chat.completions.create(model="lvlm-fix", messages=body["messages"],
-                                           max_tokens=6, extra_body={"interventions": []})  # fmt: skip
+    reply = client.chat.completions.create(
+        model="lvlm-fix", messages=body["messages"], max_tokens=6, extra_body={"interventions": []}
+    )
     expected = _solo(lvlm, "What is in the image?", image)
     assert reply.choices[0].message.content == expected.text
     assert reply.usage.completion_tokens == len(expected.token_ids)
-    stream = client.chat.completions.create(model="lvlm-fix", messages=body["messages"],
-                                            max_tokens=6, stream=True)  # fmt: skip
+    stream = client.chat.completions.create(
+        model="lvlm-fix", messages=body["messages"], max_tokens=6, stream=True
+    )
     pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
     assert "".join(pieces) == expected.text
     with pytest.raises(openai.BadRequestError, match="unknown intervention"):
-        client.chat.completions.create(model="lvlm-fix", messages=body["messages"],
-                                       extra_body={"interventions": [{"name": "no_such"}]})  # fmt: skip
+        client.chat.completions.create(
+            model="lvlm-fix",
+            messages=body["messages"],
+            extra_body={"interventions": [{"name": "no_such"}]},
+        )
 
 
 def test_health_responsive_while_generating(url, http):

@@ -21,22 +21,34 @@ from lvlm_fix.lvlm import LVLM
 from lvlm_fix.service import schemas as s
 from lvlm_fix.service.config import ServeConfig
 from lvlm_fix.service.engine import Engine, LocalEngine
-from lvlm_fix.service.serving import Serving, ServiceError, new_request_id
+from lvlm_fix.service.serving import ServiceError, Serving, new_request_id
 
 Authorization = Annotated[str | None, Header()]
 
 
-def build_app(engine: LVLM | Engine | Serving, config: ServeConfig | None = None) -> FastAPI:
-    """An app over an in-process LVLM, any Engine (e.g. Ray's) or a ready Serving."""
+def build_app(
+    engine: LVLM | Engine | Serving,
+    config: ServeConfig | None = None,
+    *,
+    proxy_echoes_request_id: bool = False,
+) -> FastAPI:
+    """An app over an in-process LVLM, any Engine (e.g. Ray's) or a ready Serving.
+
+    `proxy_echoes_request_id`: behind a proxy that sets `X-Request-Id` on responses itself
+    (Ray Serve's), the app leaves that header alone instead of adding a second value.
+    """
     config = config or ServeConfig()
     if isinstance(engine, LVLM):
         engine = LocalEngine(engine)
     serving = engine if isinstance(engine, Serving) else Serving(engine, config)
-    app = FastAPI(title="lvlm-fix", version="0.1.0",
-                  description="OpenAI-compatible LVLM serving with hallucination interventions.")  # fmt: skip
+    app = FastAPI(
+        title="lvlm-fix",
+        version="0.1.0",
+        description="OpenAI-compatible LVLM serving with hallucination interventions.",
+    )
     app.state.serving = serving
     _add_error_handlers(app, serving)
-    _add_request_middleware(app, serving)
+    _add_request_middleware(app, serving, proxy_echoes_request_id)
     _add_routes(app, serving)
     return app
 
@@ -67,17 +79,19 @@ def _add_error_handlers(app: FastAPI, serving: Serving) -> None:
 
     @app.exception_handler(Exception)
     async def crashed(_: Request, error: Exception) -> JSONResponse:
-        return _error(serving, ServiceError(500, f"internal error: {type(error).__name__}: {error}"))
+        return _error(
+            serving, ServiceError(500, f"internal error: {type(error).__name__}: {error}")
+        )
 
 
-def _add_request_middleware(app: FastAPI, serving: Serving) -> None:
+def _add_request_middleware(app: FastAPI, serving: Serving, proxy_echoes: bool) -> None:
     @app.middleware("http")
     async def request_id_and_latency(request: Request, call_next):
-        request_id = request.headers.get("x-request-id") or new_request_id()
-        request.state.request_id = request_id
+        request.state.request_id = request.headers.get("x-request-id") or new_request_id()
         start = time.perf_counter()
         response = await call_next(request)
-        response.headers["X-Request-Id"] = request_id
+        if not proxy_echoes:
+            response.headers["X-Request-Id"] = request.state.request_id
         route = request.scope.get("route")
         if route is not None and request.url.path.startswith("/v1/"):
             serving.metrics.latency.labels(route.path).observe(time.perf_counter() - start)
@@ -103,10 +117,14 @@ def _add_routes(app: FastAPI, serving: Serving) -> None:
         serving.check_auth(authorization)
         return serving.interventions()
 
-    @app.post("/v1/chat/completions", response_model=s.ChatCompletionResponse,
-              responses={400: {"model": s.ErrorResponse}, 422: {"model": s.ErrorResponse}})  # fmt: skip
-    async def chat(body: s.ChatCompletionRequest, request: Request,
-                   authorization: Authorization = None):  # fmt: skip
+    @app.post(
+        "/v1/chat/completions",
+        response_model=s.ChatCompletionResponse,
+        responses={400: {"model": s.ErrorResponse}, 422: {"model": s.ErrorResponse}},
+    )
+    async def chat(
+        body: s.ChatCompletionRequest, request: Request, authorization: Authorization = None
+    ):
         serving.check_auth(authorization)
         job = serving.chat_job(body)
         request_id = request.state.request_id
@@ -126,8 +144,9 @@ def _add_routes(app: FastAPI, serving: Serving) -> None:
         job = serving.task_job(parsed, upload)
         return await serving.task(kind, job, request.state.request_id)
 
-    @app.post("/v1/caption", response_model=s.TaskResponse,
-              openapi_extra=_task_openapi(s.CaptionRequest))  # fmt: skip
+    @app.post(
+        "/v1/caption", response_model=s.TaskResponse, openapi_extra=_task_openapi(s.CaptionRequest)
+    )
     async def caption(request: Request, authorization: Authorization = None) -> s.TaskResponse:
         return await task("caption", request, s.CaptionRequest, authorization)
 
@@ -145,7 +164,9 @@ async def _read_task_body(request: Request) -> tuple[dict, bytes | None]:
         for key, value in form.multi_items():
             if isinstance(value, UploadFile):
                 if key != "image":
-                    raise ServiceError(400, f"unexpected file part {key!r}; send it as 'image'", key)
+                    raise ServiceError(
+                        400, f"unexpected file part {key!r}; send it as 'image'", key
+                    )
                 upload = await value.read()
             elif key in ("interventions", "stop") and value.lstrip().startswith(("[", "{")):
                 body[key] = _json_field(key, value)
@@ -155,7 +176,9 @@ async def _read_task_body(request: Request) -> tuple[dict, bytes | None]:
     try:
         body = await request.json()
     except ValueError:
-        raise ServiceError(400, "request body is not valid JSON (or use multipart/form-data)") from None
+        raise ServiceError(
+            400, "request body is not valid JSON (or use multipart/form-data)"
+        ) from None
     if not isinstance(body, dict):
         raise ServiceError(400, "request body must be a JSON object")
     return body, None
@@ -172,8 +195,16 @@ def _json_field(key: str, value: str):
 
 def _task_openapi(schema: type) -> dict:
     """Document both request forms of a task route in /docs."""
-    return {"requestBody": {"content": {
-        "application/json": {"schema": schema.model_json_schema()},
-        "multipart/form-data": {"schema": {"type": "object", "properties": {
-            "image": {"type": "string", "format": "binary"}}}},
-    }}}  # fmt: skip
+    return {
+        "requestBody": {
+            "content": {
+                "application/json": {"schema": schema.model_json_schema()},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"image": {"type": "string", "format": "binary"}},
+                    }
+                },
+            }
+        }
+    }

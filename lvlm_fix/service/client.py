@@ -1,8 +1,8 @@
 """HTTP clients that return the same `Generation` objects as the in-process `LVLM`.
 
-    client = Client("http://127.0.0.1:8000")
-    out = client.caption(Image.open("cat.jpg"), interventions=[{"name": "vhr"}], max_tokens=32)
-    for piece in client.stream("What is on the table?", image): print(piece, end="")
+client = Client("http://127.0.0.1:8000")
+out = client.caption(Image.open("cat.jpg"), interventions=[{"name": "vhr"}], max_tokens=32)
+for piece in client.stream("What is on the table?", image): print(piece, end="")
 """
 
 from __future__ import annotations
@@ -43,8 +43,13 @@ def data_url(image: ImageInput) -> str:
 
 
 def _sampling(max_tokens, temperature, top_p, seed, stop, interventions) -> dict[str, Any]:
-    body = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
-            "seed": seed, "stop": stop}  # fmt: skip
+    body = {
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "seed": seed,
+        "stop": stop,
+    }
     body = {k: v for k, v in body.items() if v is not None}
     if interventions is not None:
         body["interventions"] = [dict(spec) for spec in interventions]
@@ -79,17 +84,25 @@ def _checked(response: httpx.Response) -> dict:
 def _from_chat(body: dict) -> list[Generation]:
     prompt_tokens = body["usage"]["prompt_tokens"]
     return [
-        Generation(text=c["message"]["content"], token_ids=c.get("token_ids") or [],
-                   finish_reason=c["finish_reason"], prompt_tokens=prompt_tokens,
-                   config_id=body["system_fingerprint"])  # fmt: skip
+        Generation(
+            text=c["message"]["content"],
+            token_ids=c.get("token_ids") or [],
+            finish_reason=c["finish_reason"],
+            prompt_tokens=prompt_tokens,
+            config_id=body["system_fingerprint"],
+        )
         for c in body["choices"]
     ]
 
 
 def _from_task(body: dict) -> Generation:
-    return Generation(text=body["text"], token_ids=body["token_ids"],
-                      finish_reason=body["finish_reason"],
-                      prompt_tokens=body["usage"]["prompt_tokens"], config_id=body["config_id"])  # fmt: skip
+    return Generation(
+        text=body["text"],
+        token_ids=body["token_ids"],
+        finish_reason=body["finish_reason"],
+        prompt_tokens=body["usage"]["prompt_tokens"],
+        config_id=body["config_id"],
+    )
 
 
 def _sse_piece(line: str) -> str | None:
@@ -128,27 +141,70 @@ class Client(_Base):
     def _task(self, route: str, body: dict) -> Generation:
         return _from_task(_checked(self._http.post(route, json=body)))
 
-    def caption(self, image: ImageInput, interventions=None, *, prompt: str | None = None,
-                max_tokens=None, temperature=None, top_p=None, seed=None, stop=None) -> Generation:  # fmt: skip
-        body = {"image": data_url(image), **_sampling(max_tokens, temperature, top_p, seed, stop,
-                                                       interventions)}  # fmt: skip
+    def caption(
+        self,
+        image: ImageInput,
+        interventions=None,
+        *,
+        prompt: str | None = None,
+        max_tokens=None,
+        temperature=None,
+        top_p=None,
+        seed=None,
+        stop=None,
+    ) -> Generation:
+        body = {
+            "image": data_url(image),
+            **_sampling(max_tokens, temperature, top_p, seed, stop, interventions),
+        }
         if prompt is not None:
             body["prompt"] = prompt
         return self._task("/v1/caption", body)
 
-    def vqa(self, image: ImageInput, question: str, interventions=None, *, max_tokens=None,
-            temperature=None, top_p=None, seed=None, stop=None) -> Generation:  # fmt: skip
+    def vqa(
+        self,
+        image: ImageInput,
+        question: str,
+        interventions=None,
+        *,
+        max_tokens=None,
+        temperature=None,
+        top_p=None,
+        seed=None,
+        stop=None,
+    ) -> Generation:
         sampling = _sampling(max_tokens, temperature, top_p, seed, stop, interventions)
         return self._task("/v1/vqa", {"image": data_url(image), "question": question, **sampling})
 
-    def chat(self, prompt: str, image=None, interventions=None, *, n: int = 1, max_tokens=None,
-             temperature=None, top_p=None, seed=None, stop=None) -> list[Generation]:  # fmt: skip
+    def chat(
+        self,
+        prompt: str,
+        image=None,
+        interventions=None,
+        *,
+        n: int = 1,
+        max_tokens=None,
+        temperature=None,
+        top_p=None,
+        seed=None,
+        stop=None,
+    ) -> list[Generation]:
         sampling = _sampling(max_tokens, temperature, top_p, seed, stop, interventions)
         body = _chat_body(prompt, _images(image), n, False, sampling)
         return _from_chat(_checked(self._http.post("/v1/chat/completions", json=body)))
 
-    def stream(self, prompt: str, image=None, interventions=None, *, max_tokens=None,
-               temperature=None, top_p=None, seed=None, stop=None) -> Iterator[str]:  # fmt: skip
+    def stream(
+        self,
+        prompt: str,
+        image=None,
+        interventions=None,
+        *,
+        max_tokens=None,
+        temperature=None,
+        top_p=None,
+        seed=None,
+        stop=None,
+    ) -> Iterator[str]:
         sampling = _sampling(max_tokens, temperature, top_p, seed, stop, interventions)
         body = _chat_body(prompt, _images(image), 1, True, sampling)
         with self._http.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -179,30 +235,71 @@ class AsyncClient(_Base):
     async def _task(self, route: str, body: dict) -> Generation:
         return _from_task(_checked(await self._http.post(route, json=body)))
 
-    async def caption(self, image: ImageInput, interventions=None, *, prompt: str | None = None,
-                      max_tokens=None, temperature=None, top_p=None, seed=None,
-                      stop=None) -> Generation:  # fmt: skip
-        body = {"image": data_url(image), **_sampling(max_tokens, temperature, top_p, seed, stop,
-                                                       interventions)}  # fmt: skip
+    async def caption(
+        self,
+        image: ImageInput,
+        interventions=None,
+        *,
+        prompt: str | None = None,
+        max_tokens=None,
+        temperature=None,
+        top_p=None,
+        seed=None,
+        stop=None,
+    ) -> Generation:
+        body = {
+            "image": data_url(image),
+            **_sampling(max_tokens, temperature, top_p, seed, stop, interventions),
+        }
         if prompt is not None:
             body["prompt"] = prompt
         return await self._task("/v1/caption", body)
 
-    async def vqa(self, image: ImageInput, question: str, interventions=None, *, max_tokens=None,
-                  temperature=None, top_p=None, seed=None, stop=None) -> Generation:  # fmt: skip
+    async def vqa(
+        self,
+        image: ImageInput,
+        question: str,
+        interventions=None,
+        *,
+        max_tokens=None,
+        temperature=None,
+        top_p=None,
+        seed=None,
+        stop=None,
+    ) -> Generation:
         sampling = _sampling(max_tokens, temperature, top_p, seed, stop, interventions)
         body = {"image": data_url(image), "question": question, **sampling}
         return await self._task("/v1/vqa", body)
 
-    async def chat(self, prompt: str, image=None, interventions=None, *, n: int = 1,
-                   max_tokens=None, temperature=None, top_p=None, seed=None,
-                   stop=None) -> list[Generation]:  # fmt: skip
+    async def chat(
+        self,
+        prompt: str,
+        image=None,
+        interventions=None,
+        *,
+        n: int = 1,
+        max_tokens=None,
+        temperature=None,
+        top_p=None,
+        seed=None,
+        stop=None,
+    ) -> list[Generation]:
         sampling = _sampling(max_tokens, temperature, top_p, seed, stop, interventions)
         body = _chat_body(prompt, _images(image), n, False, sampling)
         return _from_chat(_checked(await self._http.post("/v1/chat/completions", json=body)))
 
-    async def stream(self, prompt: str, image=None, interventions=None, *, max_tokens=None,
-                     temperature=None, top_p=None, seed=None, stop=None) -> AsyncIterator[str]:  # fmt: skip
+    async def stream(
+        self,
+        prompt: str,
+        image=None,
+        interventions=None,
+        *,
+        max_tokens=None,
+        temperature=None,
+        top_p=None,
+        seed=None,
+        stop=None,
+    ) -> AsyncIterator[str]:
         sampling = _sampling(max_tokens, temperature, top_p, seed, stop, interventions)
         body = _chat_body(prompt, _images(image), 1, True, sampling)
         async with self._http.stream("POST", "/v1/chat/completions", json=body) as response:

@@ -13,7 +13,9 @@ class ServeConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     model_name: str = Field("lvlm-fix", description="Model id shown in /v1/models and responses.")
-    api_key: str | None = Field(None, description="Require `Authorization: Bearer KEY` (None = off).")
+    api_key: str | None = Field(
+        None, description="Require `Authorization: Bearer KEY` (None = off)."
+    )
     max_image_bytes: int = Field(10 << 20, ge=1, description="Largest encoded image accepted.")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="Largest width*height accepted.")
     max_images: int = Field(4, ge=0, description="Images per request at most.")

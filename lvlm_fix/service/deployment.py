@@ -31,7 +31,9 @@ class BatchSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    max_batch_size: int = Field(8, ge=1, description="Requests per batch at most (1 = no batching).")
+    max_batch_size: int = Field(
+        8, ge=1, description="Requests per batch at most (1 = no batching)."
+    )
     batch_wait_ms: float = Field(10.0, ge=0, description="Wait for more requests (0 = never).")
 
 
@@ -106,7 +108,9 @@ class Ingress:
 
     async def __serve_build_asgi_app__(self):
         info = await self.model.info.remote()
-        return build_app(RayEngine(self.model, info), self.config)
+        # Serve's proxy echoes X-Request-Id itself (the client's, or one it made up).
+        engine = RayEngine(self.model, info)
+        return build_app(engine, self.config, proxy_echoes_request_id=True)
 
 
 def build(args: AppArgs | dict) -> serve.Application:

@@ -57,13 +57,25 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"{args.config}: expected a mapping at the top level")
     service = dict(settings.get("service") or {})
     batch = dict(settings.get("batch") or {})
-    overrides = {"model": args.model, "host": args.host, "port": args.port,
-                 "num_replicas": args.replicas}  # fmt: skip
+    overrides = {
+        "model": args.model,
+        "host": args.host,
+        "port": args.port,
+        "num_replicas": args.replicas,
+    }
     if args.device != "cpu" or "device" not in settings:
         overrides["device"] = args.device
     settings.update({k: v for k, v in overrides.items() if v is not None})
-    batch.update({k: v for k, v in {"max_batch_size": args.max_batch_size,
-                                    "batch_wait_ms": args.batch_wait_ms}.items() if v is not None})  # fmt: skip
+    batch.update(
+        {
+            k: v
+            for k, v in {
+                "max_batch_size": args.max_batch_size,
+                "batch_wait_ms": args.batch_wait_ms,
+            }.items()
+            if v is not None
+        }
+    )
     if args.intervention:
         service["default_interventions"] = args.intervention
     if args.api_key:
@@ -77,7 +89,11 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 def serve_main(args: argparse.Namespace) -> int:
     try:
         settings = _settings(args)
-        address, host, port = settings.pop("address", None), settings.pop("host"), settings.pop("port")
+        address, host, port = (
+            settings.pop("address", None),
+            settings.pop("host"),
+            settings.pop("port"),
+        )
         if args.no_ray:
             return _serve_uvicorn(settings, host, port)
         return _serve_ray(settings, address, host, port, args.num_cpus)

@@ -12,28 +12,39 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.latency = Histogram(
-            "lvlm_request_latency_seconds", "Request latency", ["route"],
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "lvlm_request_latency_seconds",
+            "Request latency",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.ttft = Histogram(
-            "lvlm_time_to_first_token_seconds", "Time to the first streamed piece",
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "lvlm_time_to_first_token_seconds",
+            "Time to the first streamed piece",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.tokens_per_s = Histogram(
-            "lvlm_tokens_per_second", "Generated tokens per second of one request",
-            buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 5000), registry=r,
-        )  # fmt: skip
+            "lvlm_tokens_per_second",
+            "Generated tokens per second of one request",
+            buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 5000),
+            registry=r,
+        )
         self.batch_size = Histogram(
-            "lvlm_batch_size", "Requests sharing one generate call",
-            buckets=(1, 2, 4, 8, 16, 32, 64), registry=r,
-        )  # fmt: skip
+            "lvlm_batch_size",
+            "Requests sharing one generate call",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "lvlm_queue_depth", "Requests waiting for or inside the engine", registry=r
         )
         self.extra_forwards = Counter(
-            "lvlm_extra_forward_rows", "Extra view rows run per method (x samples)", ["method"],
+            "lvlm_extra_forward_rows",
+            "Extra view rows run per method (x samples)",
+            ["method"],
             registry=r,
-        )  # fmt: skip
+        )
         self.errors = Counter("lvlm_errors", "Error responses by status code", ["code"], registry=r)
 
     def render(self) -> bytes:

@@ -162,7 +162,9 @@ class ChatCompletionRequest(_Sampling):
     def prompt(self) -> tuple[str, list[str]]:
         """(text, image urls) of the one user turn; system text goes in front of it."""
         if any(m.role == "assistant" for m in self.messages):
-            raise RequestError("only single-turn chats are supported (no assistant turns)", "messages")
+            raise RequestError(
+                "only single-turn chats are supported (no assistant turns)", "messages"
+            )
         users = [m for m in self.messages if m.role == "user"]
         if len(users) != 1:
             raise RequestError(f"expected exactly one user message, got {len(users)}", "messages")

@@ -32,7 +32,9 @@ from lvlm_fix.service.metrics import Metrics
 class ServiceError(Exception):
     """An error answered with OpenAI's error object."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
@@ -62,48 +64,70 @@ class Serving:
         if self.config.api_key is None:
             return
         if authorization != f"Bearer {self.config.api_key}":
-            raise ServiceError(401, "missing or wrong API key (Authorization: Bearer ...)",
-                               code="invalid_api_key")  # fmt: skip
+            raise ServiceError(
+                401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key"
+            )
 
     def decode_image(self, data: bytes) -> Image.Image:
         """Bytes -> RGB image, refusing oversize files and pixel counts before decoding them."""
         if len(data) > self.config.max_image_bytes:
-            raise ServiceError(413, f"image is {len(data)} bytes; the limit is "
-                               f"{self.config.max_image_bytes}", "image", "image_too_large")  # fmt: skip
+            raise ServiceError(
+                413,
+                f"image is {len(data)} bytes; the limit is {self.config.max_image_bytes}",
+                "image",
+                "image_too_large",
+            )
         try:
             image = Image.open(io.BytesIO(data))  # reads the header only
         except Image.DecompressionBombError:
-            raise ServiceError(413, "image has too many pixels", "image", "image_too_large") from None
+            raise ServiceError(
+                413, "image has too many pixels", "image", "image_too_large"
+            ) from None
         except (UnidentifiedImageError, OSError, ValueError):
-            raise ServiceError(400, "the image data is not an image PIL can read", "image",
-                               "invalid_image") from None  # fmt: skip
+            raise ServiceError(
+                400, "the image data is not an image PIL can read", "image", "invalid_image"
+            ) from None
         width, height = image.size
         if width * height > self.config.max_image_pixels:
-            raise ServiceError(413, f"image is {width}x{height} pixels; the limit is "
-                               f"{self.config.max_image_pixels} pixels", "image",
-                               "image_too_large")  # fmt: skip
+            raise ServiceError(
+                413,
+                f"image is {width}x{height} pixels; the limit is "
+                f"{self.config.max_image_pixels} pixels",
+                "image",
+                "image_too_large",
+            )
         try:
             return image.convert("RGB")
         except (OSError, ValueError, Image.DecompressionBombError):
-            raise ServiceError(400, "the image data is truncated or corrupt", "image",
-                               "invalid_image") from None  # fmt: skip
+            raise ServiceError(
+                400, "the image data is truncated or corrupt", "image", "invalid_image"
+            ) from None
 
     def load_image_url(self, url: str) -> Image.Image:
         """data: URL, bare base64, or (when the server allows it) an http(s) URL."""
         if url.startswith(("http://", "https://")):
             if not self.config.allow_image_urls:
-                raise ServiceError(400, "image URLs are disabled on this server; send a data: URL "
-                                   "with base64 content", "image_url", "image_url_disabled")  # fmt: skip
+                raise ServiceError(
+                    400,
+                    "image URLs are disabled on this server; send a data: URL with base64 content",
+                    "image_url",
+                    "image_url_disabled",
+                )
             return self.decode_image(self._fetch(url))
         payload = url
         if url.startswith("data:"):
             header, comma, payload = url.partition(",")
             if not comma or not header.endswith(";base64") or not header.startswith("data:image/"):
-                raise ServiceError(400, "expected data:image/<type>;base64,<data>", "image_url",
-                                   "invalid_image")  # fmt: skip
+                raise ServiceError(
+                    400, "expected data:image/<type>;base64,<data>", "image_url", "invalid_image"
+                )
         if len(payload) > self.config.max_image_bytes * 4 // 3 + 4:
-            raise ServiceError(413, "image is larger than the server's limit of "
-                               f"{self.config.max_image_bytes} bytes", "image", "image_too_large")  # fmt: skip
+            raise ServiceError(
+                413,
+                f"image is larger than the server's limit of {self.config.max_image_bytes} bytes",
+                "image",
+                "image_too_large",
+            )
         try:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
@@ -120,18 +144,25 @@ class Serving:
                 for chunk in response.iter_bytes():
                     data += chunk
                     if len(data) > limit:
-                        raise ServiceError(413, f"image at {url} exceeds {limit} bytes", "image_url")
+                        raise ServiceError(
+                            413, f"image at {url} exceeds {limit} bytes", "image_url"
+                        )
                 return data
         except httpx.HTTPError as error:
             raise ServiceError(400, f"could not fetch {url}: {error}", "image_url") from None
 
     def _check_prompt(self, text: str, n_images: int) -> None:
         if len(text) > self.config.max_prompt_chars:
-            raise ServiceError(400, f"prompt is {len(text)} characters; the limit is "
-                               f"{self.config.max_prompt_chars}", "messages", "prompt_too_long")  # fmt: skip
+            raise ServiceError(
+                400,
+                f"prompt is {len(text)} characters; the limit is {self.config.max_prompt_chars}",
+                "messages",
+                "prompt_too_long",
+            )
         if n_images > self.config.max_images:
-            raise ServiceError(400, f"{n_images} images given; the limit is "
-                               f"{self.config.max_images}", "messages")  # fmt: skip
+            raise ServiceError(
+                400, f"{n_images} images given; the limit is {self.config.max_images}", "messages"
+            )
 
     def make_job(self, samples: list[Sample], specs: list[dict], params: GenerationParams) -> Job:
         """Compile the plan now (cheap, no model) so bad interventions fail as a 400."""
@@ -162,14 +193,17 @@ class Serving:
 
     def task_job(self, request: s.CaptionRequest | s.VQARequest, upload: bytes | None) -> Job:
         if (upload is None) == (request.image is None):
-            raise ServiceError(400, "give exactly one image: a file part or a base64 `image`",
-                               "image")  # fmt: skip
+            raise ServiceError(
+                400, "give exactly one image: a file part or a base64 `image`", "image"
+            )
         self._check_prompt(request.text(), 1)
         try:
             params = request.to_params(self.config)
         except s.RequestError as error:
             raise ServiceError(error.status, str(error), error.param) from None
-        image = self.decode_image(upload) if upload is not None else self.load_image_url(request.image)
+        image = (
+            self.decode_image(upload) if upload is not None else self.load_image_url(request.image)
+        )
         sample = Sample(request.text(), (image,), params.seed)
         return self.make_job([sample], request.intervention_specs(self.config), params)
 
@@ -191,8 +225,12 @@ class Serving:
     async def chat(self, job: Job, request_id: str) -> s.ChatCompletionResponse:
         outputs = await self._generate(job)
         choices = [
-            s.Choice(index=i, message=s.AssistantMessage(content=g.text),
-                     finish_reason=g.finish_reason, token_ids=g.token_ids)  # fmt: skip
+            s.Choice(
+                index=i,
+                message=s.AssistantMessage(content=g.text),
+                finish_reason=g.finish_reason,
+                token_ids=g.token_ids,
+            )
             for i, g in enumerate(outputs)
         ]
         return s.ChatCompletionResponse(
@@ -206,20 +244,31 @@ class Serving:
     async def task(self, kind: str, job: Job, request_id: str) -> s.TaskResponse:
         [out] = await self._generate(job)
         return s.TaskResponse(
-            id=f"{kind}-{request_id}", object=kind, model=self.config.model_name, text=out.text,
-            token_ids=out.token_ids, finish_reason=out.finish_reason, config_id=out.config_id,
+            id=f"{kind}-{request_id}",
+            object=kind,
+            model=self.config.model_name,
+            text=out.text,
+            token_ids=out.token_ids,
+            finish_reason=out.finish_reason,
+            config_id=out.config_id,
             usage=_usage([out]),
-        )  # fmt: skip
+        )
 
-    async def chat_stream(self, job: Job, request_id: str, include_usage: bool) -> AsyncIterator[str]:
+    async def chat_stream(
+        self, job: Job, request_id: str, include_usage: bool
+    ) -> AsyncIterator[str]:
         """Server-sent events: a role chunk, content chunks, a finish chunk, `data: [DONE]`."""
 
         def chunk(delta: s.Delta, finish=None, usage=None) -> str:
             body = s.ChatCompletionChunk(
-                id=f"chatcmpl-{request_id}", model=self.config.model_name,
-                system_fingerprint=job.config_id, usage=usage,
-                choices=[s.ChunkChoice(index=0, delta=delta, finish_reason=finish)] if delta else [],
-            )  # fmt: skip
+                id=f"chatcmpl-{request_id}",
+                model=self.config.model_name,
+                system_fingerprint=job.config_id,
+                usage=usage,
+                choices=[s.ChunkChoice(index=0, delta=delta, finish_reason=finish)]
+                if delta
+                else [],
+            )
             return f"data: {body.model_dump_json(exclude_none=True)}\n\n"
 
         start, first = time.perf_counter(), True
@@ -262,17 +311,25 @@ class Serving:
                 defaults = cls().spec()
             except ValueError:  # a method whose every field is required
                 defaults = None
-            out.append({
-                "name": name,
-                "hooks": sorted(cls.hooks),
-                "schema": cls.model_json_schema(),
-                "defaults": defaults,
-                "conflicts": sorted(cls.conflicts),
-                "composes_with": [other for other in names if other != name
-                                  and _composable(cls, REGISTRY[other])],
-            })  # fmt: skip
-        return {"object": "list", "data": out, "default_interventions": list(
-            self.config.default_interventions)}  # fmt: skip
+            out.append(
+                {
+                    "name": name,
+                    "hooks": sorted(cls.hooks),
+                    "schema": cls.model_json_schema(),
+                    "defaults": defaults,
+                    "conflicts": sorted(cls.conflicts),
+                    "composes_with": [
+                        other
+                        for other in names
+                        if other != name and _composable(cls, REGISTRY[other])
+                    ],
+                }
+            )
+        return {
+            "object": "list",
+            "data": out,
+            "default_interventions": list(self.config.default_interventions),
+        }
 
 
 def _composable(a, b) -> bool:
@@ -284,5 +341,6 @@ def _composable(a, b) -> bool:
 def _usage(outputs: list[Generation]) -> s.Usage:
     prompt = outputs[0].prompt_tokens if outputs else 0
     completion = sum(len(g.token_ids) for g in outputs)
-    return s.Usage(prompt_tokens=prompt, completion_tokens=completion,
-                   total_tokens=prompt + completion)  # fmt: skip
+    return s.Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
