@@ -50,6 +50,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     """serve.yaml merged with the command line (the command line wins)."""
     import yaml
 
+    from lvlm_fix.methods import parse_intervention
+
     settings: dict[str, Any] = {}
     if args.config is not None:
         settings = yaml.safe_load(args.config.read_text()) or {}
@@ -78,6 +80,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.intervention:
         service["default_interventions"] = args.intervention
+    for spec in service.get("default_interventions", ()):
+        parse_intervention(spec)  # fail now (ValueError naming it), not inside a replica
     if args.api_key:
         service["api_key"] = args.api_key
     settings["service"], settings["batch"] = service, batch

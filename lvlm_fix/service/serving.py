@@ -57,6 +57,8 @@ class Serving:
     def __init__(self, engine: Engine, config: ServeConfig, metrics: Metrics | None = None):
         self.engine, self.config = engine, config
         self.metrics = metrics or Metrics()
+        # Fail at startup, not on the first request, if the defaults are wrong.
+        compile_plan(list(config.default_interventions), engine.info, GenerationParams())
 
     # ---- validation --------------------------------------------------------------------------
 
