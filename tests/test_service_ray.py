@@ -8,7 +8,6 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when ray
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import io  # noqa: E402
-import time  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
 import httpx  # noqa: E402
@@ -157,4 +156,3 @@ def test_reconfigure_batch_size(http, tiny_path):
     after = metric_samples(http.get("/metrics").text, "lvlm_batch_size")
     added = after["_count"] - before.get("_count", 0)
     assert added == 6 and after["_sum"] - before.get("_sum", 0) == added  # every batch had 1
-    time.sleep(0)  # keep the module's Serve app for teardown

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -130,7 +131,10 @@ def _serve_ray(settings: dict, address: str | None, host: str, port: int, cpus) 
     if address:
         ray.init(address=address)
     else:
+        # A private cluster on loopback: nothing listens beyond this machine.
         ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    # `docker stop` sends SIGTERM: shut Serve and Ray down as for Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
     serve.start(http_options={"host": host, "port": port})
     print(f"serving on http://{host}:{port} (docs at /docs); Ctrl-C stops", file=sys.stderr)
     try:
@@ -141,3 +145,7 @@ def _serve_ray(settings: dict, address: str | None, host: str, port: int, cpus) 
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
