@@ -198,8 +198,9 @@ def test_streaming_sse(http, url, lvlm):
 
 def test_interventions_per_request(http, lvlm):
     image = png(color="white")
-    for name, cls in sorted(REGISTRY.items()):  # every registered method, generically
-        spec = cls().spec()
+    catalogue = http.get("/v1/interventions").json()["data"]
+    for spec in [m["defaults"] for m in catalogue if m["defaults"]]:  # every method, generically
+        name = spec["name"]
         body = http.post("/v1/chat/completions", json=chat_body(image=image, interventions=[spec]))
         assert body.status_code == 200, body.text
         expected = _solo(lvlm, "What is in the image?", image, interventions=[spec])
@@ -290,3 +291,38 @@ def test_metrics(http):
     assert metric_samples(text, "lvlm_queue_depth")[""] == 0
     latency = metric_samples(text, "lvlm_request_latency_seconds_count")
     assert latency['{route="/v1/chat/completions"}'] >= 1
+
+
+def test_serve_settings_merge_yaml_and_flags(tmp_path):
+    import argparse
+
+    from lvlm_fix.cli import add_model_args
+    from lvlm_fix.service.deployment import AppArgs
+    from lvlm_fix.service.launch import _settings, add_serve_args
+
+    config = tmp_path / "serve.yaml"
+    config.write_text(
+        "address: auto\nport: 9000\nnum_replicas: 2\ndevice: cuda\n"
+        "batch: {max_batch_size: 4}\nservice: {api_key: k, max_n: 2}\n"
+    )
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    add_serve_args(parser)
+    args = parser.parse_args(["--config", str(config), "--batch-wait-ms", "5", "--replicas", "3"])
+    settings = _settings(args)
+    assert (settings.pop("address"), settings.pop("host"), settings.pop("port")) == (
+        "auto",
+        "127.0.0.1",
+        9000,
+    )
+    app = AppArgs.model_validate(settings)
+    assert (app.num_replicas, app.device, app.batch.max_batch_size, app.batch.batch_wait_ms) == (
+        3,
+        "cuda",
+        4,
+        5.0,
+    )
+    assert app.service.api_key == "k" and app.service.max_n == 2
+    bad = parser.parse_args(["--intervention", "no_such"])
+    with pytest.raises(ValueError, match="unknown intervention 'no_such'"):
+        _settings(bad)

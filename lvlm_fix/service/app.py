@@ -134,13 +134,13 @@ def _add_routes(app: FastAPI, serving: Serving) -> None:
             return StreamingResponse(events, media_type="text/event-stream")
         return await serving.chat(job, request_id)
 
-    async def task(kind: str, request: Request, schema: type[s._Sampling], authorization):
+    async def task(kind: str, request: Request, schema: type[s.GenerationFields], authorization):
         serving.check_auth(authorization)
         body, upload = await _read_task_body(request)
         try:
             parsed = schema.model_validate(body)
         except ValidationError as error:
-            raise ServiceError(422, s._first_error(error), None, "validation_error") from None
+            raise ServiceError(422, s.first_error(error), None, "validation_error") from None
         job = serving.task_job(parsed, upload)
         return await serving.task(kind, job, request.state.request_id)
 

@@ -80,7 +80,7 @@ class InterventionSpec(BaseModel):
     name: str
 
 
-class _Sampling(_Wire):
+class GenerationFields(_Wire):
     """Fields shared by every generation request (OpenAI's names and ranges)."""
 
     max_tokens: int | None = Field(None, ge=1, description="Generated tokens at most.")
@@ -121,7 +121,7 @@ class _Sampling(_Wire):
                 stop=self._stops(),
             )
         except ValidationError as error:
-            raise RequestError(_first_error(error), "stop") from None
+            raise RequestError(first_error(error), "stop") from None
 
     def intervention_specs(self, config: ServeConfig) -> list[dict[str, Any]]:
         if self.interventions is None:
@@ -129,7 +129,7 @@ class _Sampling(_Wire):
         return [spec.model_dump() for spec in self.interventions]
 
 
-class ChatCompletionRequest(_Sampling):
+class ChatCompletionRequest(GenerationFields):
     """POST /v1/chat/completions, in OpenAI's field order. Single-turn conversations only."""
 
     messages: list[ChatMessage] = Field(min_length=1)
@@ -192,7 +192,7 @@ class ChatCompletionRequest(_Sampling):
         return self.max_completion_tokens or self.max_tokens
 
 
-class CaptionRequest(_Sampling):
+class CaptionRequest(GenerationFields):
     """POST /v1/caption: describe one image (JSON with base64, or multipart upload)."""
 
     image: str | None = Field(None, description="Base64 or data: URL (multipart: a file part).")
@@ -202,7 +202,7 @@ class CaptionRequest(_Sampling):
         return self.prompt
 
 
-class VQARequest(_Sampling):
+class VQARequest(GenerationFields):
     """POST /v1/vqa: answer a question about one image."""
 
     image: str | None = Field(None, description="Base64 or data: URL (multipart: a file part).")
@@ -305,7 +305,7 @@ class ErrorResponse(_Open):
     error: ErrorBody
 
 
-def _first_error(error: ValidationError) -> str:
+def first_error(error: ValidationError) -> str:
     first = error.errors()[0]
     where = ".".join(map(str, first["loc"]))
     return f"{where}: {first['msg']}" if where else first["msg"]

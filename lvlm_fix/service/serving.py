@@ -166,12 +166,21 @@ class Serving:
                 400, f"{n_images} images given; the limit is {self.config.max_images}", "messages"
             )
 
-    def make_job(self, samples: list[Sample], specs: list[dict], params: GenerationParams) -> Job:
+    def make_job(
+        self, samples: list[Sample], specs: list[dict], params: GenerationParams, stream: bool
+    ) -> Job:
         """Compile the plan now (cheap, no model) so bad interventions fail as a 400."""
         try:
             plan = compile_plan(specs, self.engine.info, params)
         except ValueError as error:
             raise ServiceError(400, str(error), "interventions", "invalid_intervention") from None
+        if stream and plan.search.width > 1:
+            raise ServiceError(
+                400,
+                "streaming is not available with a beam search strategy "
+                f"(num_beams or {[i.name for i in plan.interventions]})",
+                "stream",
+            )
         for intervention in plan.interventions:
             if not intervention.is_neutral():
                 views = len(intervention.contribute(self.engine.info).views)
@@ -189,7 +198,9 @@ class Serving:
             self._check_prompt(text, len(urls))
             params = request.to_params(self.config, request.max_new_tokens())
             samples = request.to_samples(self.load_image_url, params)
-            return self.make_job(samples, request.intervention_specs(self.config), params)
+            return self.make_job(
+                samples, request.intervention_specs(self.config), params, request.stream
+            )
         except s.RequestError as error:
             raise ServiceError(error.status, str(error), error.param) from None
 
@@ -207,7 +218,7 @@ class Serving:
             self.decode_image(upload) if upload is not None else self.load_image_url(request.image)
         )
         sample = Sample(request.text(), (image,), params.seed)
-        return self.make_job([sample], request.intervention_specs(self.config), params)
+        return self.make_job([sample], request.intervention_specs(self.config), params, False)
 
     # ---- generation --------------------------------------------------------------------------
 
