@@ -12,6 +12,13 @@ import httpx
 import openai
 import pytest
 from pydantic import Field
+from service_helpers import (
+    BAD_REQUESTS,
+    chat_body,
+    metric_samples,
+    png,
+    uvicorn_server,
+)
 
 from lvlm_fix import LVLM, GenerationParams, Sample
 from lvlm_fix.methods import REGISTRY, Contribution, Intervention, View
@@ -19,13 +26,6 @@ from lvlm_fix.service import AsyncClient, Client, ServiceError
 from lvlm_fix.service.app import build_app
 from lvlm_fix.service.config import ServeConfig
 from lvlm_fix.tiny import build_tiny
-from tests.service_helpers import (
-    BAD_REQUESTS,
-    chat_body,
-    metric_samples,
-    png,
-    uvicorn_server,
-)
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -16,6 +16,7 @@ import pytest  # noqa: E402
 import ray  # noqa: E402
 from PIL import Image  # noqa: E402
 from ray import serve  # noqa: E402
+from service_helpers import BAD_REQUESTS, chat_body, free_port, metric_samples, png  # noqa: E402
 
 from lvlm_fix import LVLM, GenerationParams, Sample  # noqa: E402
 from lvlm_fix.methods import REGISTRY  # noqa: E402
@@ -23,7 +24,6 @@ from lvlm_fix.service import Client  # noqa: E402
 from lvlm_fix.service.config import ServeConfig  # noqa: E402
 from lvlm_fix.service.deployment import AppArgs, BatchSettings, build  # noqa: E402
 from lvlm_fix.tiny import build_tiny  # noqa: E402
-from tests.service_helpers import BAD_REQUESTS, chat_body, free_port, metric_samples, png  # noqa: E402
 
 SERVICE = ServeConfig(
     max_image_bytes=50_000,

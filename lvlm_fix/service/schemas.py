@@ -130,7 +130,7 @@ class GenerationFields(_Wire):
 
 
 class ChatCompletionRequest(GenerationFields):
-    """POST /v1/chat/completions, in OpenAI's field order. Single-turn conversations only."""
+    """POST /v1/chat/completions (OpenAI's fields). Single-turn conversations only."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = None
