@@ -182,9 +182,15 @@ class ChatCompletionRequest(GenerationFields):
         return "\n".join(texts), urls
 
     def to_samples(self, load: ImageLoader, params: GenerationParams) -> list[Sample]:
-        """One Sample per choice; choices get consecutive seeds so sampled choices differ."""
+        """One Sample per choice; choices get consecutive seeds so sampled choices differ.
+
+        One choice without a seed keeps seed None, exactly like `LVLM.generate` (views then use
+        their fixed default randomness and sampling is nondeterministic).
+        """
         text, urls = self.prompt()
         images = tuple(load(url) for url in urls)
+        if params.seed is None and self.n == 1:
+            return [Sample(text, images)]
         base = params.seed if params.seed is not None else secrets.randbelow(2**31)
         return [Sample(text, images, base + i) for i in range(self.n)]
 

@@ -227,6 +227,8 @@ class Serving:
         start = time.perf_counter()
         try:
             result = await self.engine.generate(job)
+        except (ValueError, TypeError) as error:  # the core's way to name a bad request
+            raise _refused(error) from None
         finally:
             self.metrics.queue_depth.dec()
         elapsed = time.perf_counter() - start
@@ -302,9 +304,10 @@ class Serving:
                 if include_usage:
                     yield chunk(None, usage=_usage([item]))
         except Exception as error:  # headers are sent: report in-band, as OpenAI does
-            self.metrics.errors.labels("500").inc()
-            body = ServiceError(500, f"generation failed: {error}").body()
-            yield f"data: {json.dumps(body)}\n\n"
+            bad = isinstance(error, ValueError | TypeError)
+            failure = _refused(error) if bad else ServiceError(500, f"generation failed: {error}")
+            self.metrics.errors.labels(str(failure.status)).inc()
+            yield f"data: {json.dumps(failure.body())}\n\n"
         finally:
             self.metrics.queue_depth.dec()
         yield "data: [DONE]\n\n"
@@ -343,6 +346,12 @@ class Serving:
             "data": out,
             "default_interventions": list(self.config.default_interventions),
         }
+
+
+def _refused(error: Exception) -> ServiceError:
+    """A ValueError/TypeError from decoding (e.g. a combination only found out at run time)."""
+    cause = getattr(error, "cause", None) or error  # Ray wraps a replica's exception
+    return ServiceError(400, f"cannot run this request: {cause}", "interventions", "refused")
 
 
 def _composable(a, b) -> bool:
