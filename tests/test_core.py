@@ -150,3 +150,12 @@ def test_bundled_model_loads_offline():
     lvlm = LVLM.from_pretrained()
     assert lvlm.info.num_layers >= 1
     assert torch.is_tensor(next(lvlm.model.parameters()))
+
+
+def test_search_without_view_support_refuses_view_methods(tiny_llava_path):
+    lvlm = LVLM.from_pretrained(tiny_llava_path)
+    with pytest.raises(PlanConflict, match="'opera' and 'vcd' cannot be combined"):
+        lvlm.plan([{"name": "opera"}, {"name": "vcd"}])
+    with pytest.raises(PlanConflict, match="do not also set num_beams"):
+        lvlm.plan([{"name": "opera"}], GenerationParams(num_beams=3))
+    lvlm.plan([{"name": "opera"}, {"name": "vhr"}, {"name": "pai"}])  # attention edits compose
