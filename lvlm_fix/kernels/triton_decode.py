@@ -81,7 +81,7 @@ def _decode_split_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     unused = tl.zeros([1, 1], tl.float32)  # the stacked rows replace acc_s and acc_u
     is_last = row_ok & (acc_id == 0) & (rows == NQ - 1)
-    last_ptrs = LastRow + ((b * H + h) * NK).to(tl.int64)
+    last_ptrs = LastRow + (b * H + h).to(tl.int64) * NK
 
     lo = tl.maximum(split * split_len, tl.load(KeyStart + b).to(tl.int32))
     hi = tl.minimum((split + 1) * split_len, NK)

@@ -77,7 +77,7 @@ def _prefill_kernel(
         acc_u = tl.zeros([1, 1], tl.float32)
 
     is_last = rows == NQ - 1
-    last_ptrs = LastRow + (bh * NK + rows * 0).to(tl.int64)  # [M], used where is_last
+    last_ptrs = LastRow + bh.to(tl.int64) * NK + rows * 0  # [M], used where is_last
 
     # Row i sees columns key_start .. diag + i. Tiles that end before the first row's limit
     # need no mask; the rest (up to the last row's limit) are masked.
