@@ -73,7 +73,8 @@ def test_text_only_and_stream_match_generate(tiny_llava_path, images):
     [text_only] = lvlm.generate([("hello there", None)], params=params)
     assert len(text_only.token_ids) > 0 and text_only.prompt_tokens > 0
     [full] = lvlm.generate([(QUESTIONS[0], images[0])], params=params)
-    assert "".join(lvlm.stream((QUESTIONS[0], images[0]), params=params)) == full.text
+    *pieces, final = lvlm.stream((QUESTIONS[0], images[0]), params=params)
+    assert "".join(pieces) == full.text and final == full
 
 
 def test_stop_strings_and_lengths(tiny_llava_path, images):
