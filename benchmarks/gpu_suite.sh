@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Every GPU benchmark of BENCHMARKS.md in one go (one machine lease): results as JSON + logs in $OUT.
+# Usage on the GPU machine, from the repository root:
+#   OUT=results bash benchmarks/gpu_suite.sh [pruning attention decoding opera]   (default: all)
+# Wheels the GPU image lacks (pydantic, transformers 5.23) may be carried in .whl/.
+set -uo pipefail
+OUT=${OUT:-results}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
+run() {  # name, time limit in seconds, command...
+  local name=$1 limit=$2; shift 2
+  echo "== $name: $*"
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v -E "Warning|warn\(" | tail -40
+}
+for name in ${@:-pruning attention decoding opera}; do
+  case $name in
+    pruning) run pruning "${PRUNING_S:-120}" python3 benchmarks/pruning.py --out "$OUT/pruning.json" ;;
+    attention) run attention "${ATTENTION_S:-180}" python3 benchmarks/attention.py --out "$OUT/attention.json" ;;
+    decoding) run decoding "${DECODING_S:-330}" python3 benchmarks/decoding.py --out "$OUT/decoding.json" ;;
+    opera) run opera "${OPERA_S:-300}" python3 benchmarks/opera.py --out "$OUT/opera.json" ;;
+    *) echo "unknown benchmark $name"; exit 2 ;;
+  esac
+done
