@@ -1,1 +1,1 @@
-"""lvlm_fix.gym"""
+"""The synthetic hallucination benchmark ("gym") and its trained tiny LLaVA (specs/gym.md)."""
