@@ -108,12 +108,11 @@ def resolve(module: torch.nn.Module, path: str) -> torch.nn.Module:
 
 
 def default_model_path() -> Path:
-    """The bundled model: the trained gym LLaVA when shipped, else the tiny random fallback."""
-    package = Path(__file__).parent
-    for candidate in (package / "gym" / "checkpoint", package / "checkpoints" / "tiny-llava"):
-        if (candidate / "config.json").exists():
-            return candidate
-    raise FileNotFoundError("no bundled checkpoint found inside the lvlm_fix package")
+    """The bundled model: the gym's trained tiny LLaVA (specs/gym.md)."""
+    path = Path(__file__).parent / "gym" / "checkpoint"
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"the bundled checkpoint is missing from {path}")
+    return path
 
 
 def load_model(

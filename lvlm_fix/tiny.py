@@ -1,4 +1,4 @@
-"""Tiny LLaVA-family checkpoints built from config, for tests and the bundled fallback model.
+"""Tiny LLaVA-family checkpoints built from config, for tests and benchmarks.
 
 Nothing here downloads anything: the tokenizer is trained locally on a small corpus and the
 weights are random (seeded). `build_tiny(family, path)` writes a directory that
