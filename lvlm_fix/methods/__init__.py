@@ -1,5 +1,6 @@
 """Intervention methods: one small file each. Importing this package registers them all."""
 
+from lvlm_fix.methods import dyvte, fastv, flowcut  # noqa: F401  (registers them)
 from lvlm_fix.methods.base import (
     REGISTRY,
     Contribution,
