@@ -50,10 +50,7 @@ class Runner:
     def prefill(self) -> torch.Tensor:
         """Run the prompt rows; returns next-token logits [R, V] in fp32."""
         b = self.batch
-        extra = {"image_sizes": b.image_sizes} if b.image_sizes is not None else {}
-        if b.pixel_values is not None and self.model.config.model_type == "llava_onevision":
-            counts = torch.bincount(b.image_rows, minlength=b.input_ids.shape[0])
-            extra["batch_num_images"] = counts[counts > 0]
+        extra = image_kwargs(self.model, b)
         ctx = self._context("prefill")
         with forward_context(ctx), torch.inference_mode():
             out = self.model(
@@ -103,6 +100,15 @@ class Runner:
         self.cache.crop(-removed)
         self.attention_mask = self.attention_mask[:, :length]
         self.positions = self.positions - removed
+
+
+def image_kwargs(model, batch: PromptBatch) -> dict:
+    """The family-specific image arguments of a prefill forward (NeXT / OneVision)."""
+    extra = {"image_sizes": batch.image_sizes} if batch.image_sizes is not None else {}
+    if batch.pixel_values is not None and model.config.model_type == "llava_onevision":
+        counts = torch.bincount(batch.image_rows, minlength=batch.input_ids.shape[0])
+        extra["batch_num_images"] = counts[counts > 0]
+    return extra
 
 
 def build_rows(processor, image_token_id: int, plan: Plan, samples: list[Sample], device):

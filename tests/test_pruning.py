@@ -269,3 +269,16 @@ def test_bad_configs(lvlm, tmp_path):
     small = router_file(tmp_path / "small.safetensors", 8, None)
     with pytest.raises(ValueError, match="hidden size 8"):
         lvlm.plan([{"name": "dyvte", "router": small}])
+
+
+def test_dyvte_training_command_writes_loadable_routers(lvlm, samples, tmp_path):
+    from lvlm_fix.methods.dyvte_train import main
+
+    out = tmp_path / "router.safetensors"
+    model_dir = lvlm.info.path
+    main(["--model", model_dir, "--out", str(out), "--samples", "4", "--batch-size", "4",
+          "--width", "8", "--lr", "1e-3"])  # fmt: skip
+    spec = {"name": "dyvte", "router": str(out), "threshold": 0.0}  # exit at the first router
+    runner = prefill(lvlm, samples, [spec])
+    assert runner.state["dyvte.exit_layer"].tolist() == [0, 0]
+    assert len(tokens(lvlm, samples, [spec])[0]) == PARAMS.max_new_tokens

@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
+from lvlm_fix.decoding import image_kwargs
 from lvlm_fix.hooks import ForwardContext, forward_context
 from lvlm_fix.lvlm import LVLM
 from lvlm_fix.methods.base import RowState
@@ -127,6 +128,7 @@ def teacher_forced(lvlm: LVLM, batch, answer_len: int, exit_after: int | None):
             position_ids=batch.position_ids,
             pixel_values=batch.pixel_values,
             output_hidden_states=exit_after is None,
+            **image_kwargs(lvlm.model, batch),
         )
     return out.logits[:, -answer_len - 1 : -1].float(), out.hidden_states
 
@@ -208,7 +210,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     lvlm = LVLM.from_pretrained(args.model, device=args.device)
-    size = lvlm.processor.image_processor.crop_size["height"]
+    processor = lvlm.processor.image_processor
+    sizes = getattr(processor, "crop_size", None) or processor.size
+    size = sizes.get("height") or sizes.get("shortest_edge") or 336
     samples = generated_samples(args.samples, size, args.seed)
     w1, w2 = train(
         lvlm,
