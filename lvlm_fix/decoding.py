@@ -66,13 +66,15 @@ class Runner:
         self.layout = ctx.layout  # prune hooks may have recorded per-layer kept columns
         return out.logits[:, -1].float()
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append tokens [R, n] to every row's cache; returns logits [R, n, V] (fp32)."""
-        n = tokens.shape[1]
-        ones = self.attention_mask.new_ones(tokens.shape)
-        self.attention_mask = torch.cat([self.attention_mask, ones], 1)
-        steps = torch.arange(1, n + 1, device=tokens.device)
-        positions = self.positions[:, None] + steps
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Append tokens [R, n] to every row's cache; returns logits [R, n, V] (fp32).
+
+        mask [R, n] (default all ones) marks columns that are real; 0 columns are holes that no
+        query ever sees and that take no position (OPERA replays rows of unequal length).
+        """
+        mask = self.attention_mask.new_ones(tokens.shape) if mask is None else mask
+        self.attention_mask = torch.cat([self.attention_mask, mask.to(self.attention_mask)], 1)
+        positions = self.positions[:, None] + mask.long().cumsum(1)
         self.positions = positions[:, -1]
         with forward_context(self._context("decode")), torch.inference_mode():
             out = self.model(
@@ -94,10 +96,10 @@ class Runner:
 
     def crop(self, length: int) -> None:
         """Forget every cache column from `length` on (OPERA's rollback)."""
-        removed = self.attention_mask.shape[1] - length
-        # The same number of trailing columns goes from every layer, pruned layers included
-        # (they hold fewer prompt columns, but the same generated ones).
-        self.cache.crop(-removed)
+        removed = self.attention_mask[:, length:].sum(-1)  # real columns only: holes take none
+        # transformers 5: negative = remove. Every layer loses the same trailing (generated)
+        # columns, pruned layers included: they hold fewer prompt columns, not fewer generated.
+        self.cache.crop(length - self.attention_mask.shape[1])
         self.attention_mask = self.attention_mask[:, :length]
         self.positions = self.positions - removed
 

@@ -35,14 +35,20 @@ def pack_kept(keep: torch.Tensor, left: bool) -> tuple[torch.Tensor, torch.Tenso
 
 
 def layer_mask(
-    cols: torch.Tensor, key_start: torch.Tensor, q_len: int, k_len: int, like: torch.Tensor | None
+    cols: torch.Tensor,
+    key_start: torch.Tensor,
+    q_len: int,
+    k_len: int,
+    incoming: torch.Tensor | None,
 ) -> torch.Tensor:
     """Mask [R, 1, Q, K] of one pruned layer from its own prompt columns cols [R, W].
 
-    Keys: the W prompt columns (real iff col >= the prompt's key_start) then K - W generated
-    columns (all real). Causal by cache index, which is causal in original order because
-    columns stay sorted. A query always sees itself, so filler rows stay finite. Returns a bool
-    mask (True = attend), or an additive one in `like`'s dtype when `like` is a float mask.
+    Keys: the W prompt columns (real iff col >= the prompt's key_start), then K - W generated
+    columns, whose visibility (causality, OPERA's holes) is copied from the last K - W key
+    columns of `incoming`, transformers' mask for the unpruned layout. Causal by cache index,
+    which is causal in original order because kept columns stay sorted. A query always sees
+    itself, so filler rows stay finite. Bool (True = attend), or additive in `incoming`'s dtype
+    when that is a float mask.
     """
     rows, width = cols.shape
     device = cols.device
@@ -51,11 +57,15 @@ def layer_mask(
     keys = torch.arange(k_len, device=device)[None]
     query_cols = torch.arange(k_len - q_len, k_len, device=device)[:, None]
     causal = keys <= query_cols  # [Q, K]
-    mask = causal[None] & (real[:, None] | (keys == query_cols)[None])  # [R, Q, K]
-    mask = mask[:, None]
-    if like is not None and like.is_floating_point():
-        return torch.zeros(mask.shape, dtype=like.dtype, device=device).masked_fill(
-            ~mask, torch.finfo(like.dtype).min
+    mask = (causal[None] & (real[:, None] | (keys == query_cols)[None]))[:, None]  # [R,1,Q,K]
+    generated = k_len - width
+    floating = incoming is not None and incoming.is_floating_point()
+    if incoming is not None and generated > 0:
+        seen = incoming == 0 if floating else incoming.bool()
+        mask[..., width:] &= seen[..., -generated:].expand(rows, 1, q_len, generated)
+    if floating:
+        return torch.zeros(mask.shape, dtype=incoming.dtype, device=device).masked_fill(
+            ~mask, torch.finfo(incoming.dtype).min
         )
     return mask
 

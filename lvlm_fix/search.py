@@ -162,43 +162,7 @@ class BeamSearch:
         )
 
     def step(self, scores: torch.Tensor, st: _BeamState, runner: Any) -> Step:
-        B, K, V = scores.shape
-        t, limits, params = st.length, st.limits, self.params
-        log_probs = scores.float().log_softmax(-1) + st.running_scores[:, :, None]
-        top_scores, top_index = torch.topk(log_probs.view(B, K * V), 2 * K)  # [B, 2K]
-        source, token = top_index // V, top_index % V
-        candidates = torch.take_along_dim(st.running, source[:, :, None], 1)
-        candidates[:, :, t] = token
-        ends = (token == limits.eos_id) | (t + 1 >= limits.max_new_tokens)  # [B, 2K]
-
-        # Running beams: the best K candidates that did not end.
-        alive_scores = top_scores + ends.float() * -1e9
-        keep = torch.topk(alive_scores, K).indices
-        st.running = torch.take_along_dim(candidates, keep[:, :, None], 1)
-        st.running_scores = torch.take_along_dim(alive_scores, keep, 1)
-        parents = torch.take_along_dim(source, keep, 1)
-
-        # Finished hypotheses: candidates among the top K that ended, length-normalised.
-        just_done = ends.clone()
-        just_done[:, K:] = False
-        normed = top_scores / ((t + 1) ** params.length_penalty)
-        full = st.best_done.all(-1, keepdim=True) & params.early_stopping
-        normed = normed + full.float() * -1e9 + (~st.improvable).float() * -1e9
-        normed = normed + (~just_done).float() * -1e9
-        merged_scores = torch.cat([st.best_scores, normed], 1)
-        pick = torch.topk(merged_scores, K).indices
-        st.best = torch.take_along_dim(torch.cat([st.best, candidates], 1), pick[:, :, None], 1)
-        st.best_scores = torch.take_along_dim(merged_scores, pick, 1)
-        st.best_done = torch.take_along_dim(torch.cat([st.best_done, just_done], 1), pick, 1)
-        st.length = t + 1
-
-        best_possible = st.running_scores[:, :1] / (st.length**params.length_penalty)
-        worst_done = torch.where(st.best_done, st.best_scores.min(1, keepdim=True).values, -1e9)
-        st.improvable &= (best_possible > worst_done).any(-1, keepdim=True)
-        open_beams = not (bool(st.best_done.all()) and params.early_stopping)
-        done = not (bool(st.improvable.any()) and open_beams and not bool(ends.all()))
-        tokens = st.running[:, :, t]
-        return Step(tokens=tokens, parents=parents, done=done)
+        return advance_beams(st, scores.float().log_softmax(-1), self.params)
 
     def result(self, st: _BeamState) -> SearchResult:
         tokens, reasons = [], []
@@ -207,6 +171,50 @@ class BeamSearch:
             tokens.append(row[: row.index(eos)] if eos in row else row)
             reasons.append("stop" if eos in row else "length")
         return SearchResult(tokens, reasons)
+
+
+def advance_beams(st: _BeamState, log_probs: torch.Tensor, params: GenerationParams) -> Step:
+    """One beam step from next-token log-probs [B, K, V]; updates `st` in place.
+
+    Shared by BeamSearch and searches that reshape the log-probs first (OPERA).
+    """
+    B, K, V = log_probs.shape
+    t, limits = st.length, st.limits
+    log_probs = log_probs + st.running_scores[:, :, None]
+    top_scores, top_index = torch.topk(log_probs.view(B, K * V), 2 * K)  # [B, 2K]
+    source, token = top_index // V, top_index % V
+    candidates = torch.take_along_dim(st.running, source[:, :, None], 1)
+    candidates[:, :, t] = token
+    ends = (token == limits.eos_id) | (t + 1 >= limits.max_new_tokens)  # [B, 2K]
+
+    # Running beams: the best K candidates that did not end.
+    alive_scores = top_scores + ends.float() * -1e9
+    keep = torch.topk(alive_scores, K).indices
+    st.running = torch.take_along_dim(candidates, keep[:, :, None], 1)
+    st.running_scores = torch.take_along_dim(alive_scores, keep, 1)
+    parents = torch.take_along_dim(source, keep, 1)
+
+    # Finished hypotheses: candidates among the top K that ended, length-normalised.
+    just_done = ends.clone()
+    just_done[:, K:] = False
+    normed = top_scores / ((t + 1) ** params.length_penalty)
+    full = st.best_done.all(-1, keepdim=True) & params.early_stopping
+    normed = normed + full.float() * -1e9 + (~st.improvable).float() * -1e9
+    normed = normed + (~just_done).float() * -1e9
+    merged_scores = torch.cat([st.best_scores, normed], 1)
+    pick = torch.topk(merged_scores, K).indices
+    st.best = torch.take_along_dim(torch.cat([st.best, candidates], 1), pick[:, :, None], 1)
+    st.best_scores = torch.take_along_dim(merged_scores, pick, 1)
+    st.best_done = torch.take_along_dim(torch.cat([st.best_done, just_done], 1), pick, 1)
+    st.length = t + 1
+
+    best_possible = st.running_scores[:, :1] / (st.length**params.length_penalty)
+    worst_done = torch.where(st.best_done, st.best_scores.min(1, keepdim=True).values, -1e9)
+    st.improvable &= (best_possible > worst_done).any(-1, keepdim=True)
+    open_beams = not (bool(st.best_done.all()) and params.early_stopping)
+    done = not (bool(st.improvable.any()) and open_beams and not bool(ends.all()))
+    tokens = st.running[:, :, t]
+    return Step(tokens=tokens, parents=parents, done=done)
 
 
 def default_search(params: GenerationParams) -> Search:

@@ -1,6 +1,16 @@
 """Intervention methods: one small file each. Importing this package registers them all."""
 
-from lvlm_fix.methods import dyvte, fastv, flowcut  # noqa: F401  (registers them)
+# Importing a method module registers it (one line each).
+from lvlm_fix.methods import (
+    dyvte,  # noqa: F401
+    fastv,  # noqa: F401
+    flowcut,  # noqa: F401
+    m3id,  # noqa: F401
+    opera,  # noqa: F401
+    pai_cfg,  # noqa: F401
+    ritual,  # noqa: F401
+    vcd,  # noqa: F401
+)
 from lvlm_fix.methods.base import (
     REGISTRY,
     Contribution,

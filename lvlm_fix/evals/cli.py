@@ -1,0 +1,167 @@
+"""`lvlm-fix eval {pope,chair}`: several method rows (intervention sets) in one run.
+
+A method row is `--method NAME=SPEC[;SPEC...]`, each SPEC being one intervention as in
+`--intervention` (`name[:key=value,...]`); the interventions of a row are applied together.
+`--method SPEC` alone names the row after the spec. A "baseline" row (no interventions) always
+comes first. Examples:
+
+    lvlm-fix eval pope --data coco_pope_random.json --images val2014 --out runs/pope \\
+        --method vhr=vhr:alpha=2 --method "var+vhr=var;vhr:alpha=2"
+    lvlm-fix eval chair --instances instances_val2014.json --images val2014 --out runs/chair \\
+        --limit 500 --method ritual
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lvlm_fix.cli import CAPTION_PROMPT, parse_intervention_arg
+from lvlm_fix.evals.pool import DTYPES, ModelSpec
+from lvlm_fix.evals.pope import PARSERS, PROMPT_SUFFIXES
+from lvlm_fix.evals.runner import BASELINE, MethodSet
+
+DEFAULT_MAX_NEW_TOKENS = {"pope": 16, "chair": 64}
+
+
+def parse_method_arg(text: str) -> MethodSet:
+    """`"var+vhr=var;vhr:alpha=2"` -> MethodSet("var+vhr", ({"name": "var"}, {...alpha 2})).
+
+    Without `NAME=` (nothing before a first "=" that has no ":"), the row is named by the text.
+    """
+    head, eq, rest = text.partition("=")
+    named = bool(eq) and ":" not in head and bool(head.strip())
+    name, specs = (head.strip(), rest) if named else (text.strip(), text)
+    parts = [part.strip() for part in specs.split(";") if part.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"method {text!r} has no interventions")
+    if name == BASELINE:
+        raise argparse.ArgumentTypeError(f"{BASELINE!r} is the reserved no-intervention row")
+    return MethodSet(name, tuple(parse_intervention_arg(part) for part in parts))
+
+
+def add_eval_args(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `lvlm-fix eval` (the parser comes empty)."""
+    parser.add_argument("benchmark", choices=("pope", "chair"))
+    parser.add_argument("--model", default=None, help="checkpoint path (default: bundled)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES)
+    parser.add_argument("--out", required=True, type=Path, help="results folder (resumable)")
+    parser.add_argument("--images", required=True, type=Path, help="image folder")
+    parser.add_argument(
+        "--method",
+        action="append",
+        default=[],
+        type=parse_method_arg,
+        metavar="NAME=SPEC[;SPEC...]",
+        help='a method row, SPEC = name[:k=v,...]; e.g. "var+vhr=var;vhr:alpha=2" (repeatable)',
+    )
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--limit", type=int, default=None, help="N per POPE split / N images")
+    parser.add_argument(
+        "--subset", type=Path, default=None, help="reuse the samples of a subset.json"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="global seed (per-sample seeds)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="POPE 16, CHAIR 64")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    pope = parser.add_argument_group("POPE")
+    pope.add_argument("--data", action="append", default=[], type=Path, help="question file")
+    pope.add_argument("--prompt-suffix", default="one_word", choices=list(PROMPT_SUFFIXES))
+    pope.add_argument("--parser", default="official", choices=list(PARSERS))
+    chair = parser.add_argument_group("CHAIR")
+    chair.add_argument("--instances", action="append", default=[], type=Path)
+    chair.add_argument("--captions", action="append", default=[], type=Path)
+    chair.add_argument("--synonyms", default=None, help="synonym file (default: bundled COCO)")
+    chair.add_argument("--prompt", default=None, help=f"default: {CAPTION_PROMPT!r}")
+    chair.add_argument("--prompt-file", type=Path, default=None, help="read the prompt from a file")
+    chair.add_argument(
+        "--drop-incomplete",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="drop a last unfinished sentence before scoring (auto: on iff max-new-tokens <= 64)",
+    )
+    chair.add_argument("--compat", action="store_true", help="keep the reference CHAIR quirks")
+    dist = parser.add_argument_group("distributed")
+    dist.add_argument("--ray", action="store_true", help="shard over Ray actors")
+    dist.add_argument("--workers", type=int, default=2, help="CPU actors (GPU: one per GPU)")
+    dist.add_argument("--address", default=None, help="join an existing Ray cluster")
+
+
+def _chair_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None and args.prompt_file is not None:
+        raise ValueError("give --prompt or --prompt-file, not both")
+    if args.prompt_file is not None:
+        if not args.prompt_file.is_file():
+            raise ValueError(f"prompt file {str(args.prompt_file)!r} does not exist")
+        return args.prompt_file.read_text(encoding="utf-8").strip()
+    return args.prompt if args.prompt is not None else CAPTION_PROMPT
+
+
+def build_task(args: argparse.Namespace, max_new_tokens: int):
+    """The PopeTask or ChairTask the arguments describe (ValueError on bad input)."""
+    from lvlm_fix.evals.runner import load_subset_keys
+
+    keys = None if args.subset is None else load_subset_keys(args.subset)
+    if args.benchmark == "pope":
+        from lvlm_fix.evals.pope import PopeSettings
+        from lvlm_fix.evals.pope_task import build_pope_task
+
+        settings = PopeSettings(prompt_suffix=args.prompt_suffix, parser=args.parser)
+        return build_pope_task(args.data, args.images, settings, args.limit, keys)
+    from lvlm_fix.evals.chair import ChairConfig
+    from lvlm_fix.evals.chair_task import build_chair_task
+
+    drop = {"on": True, "off": False, "auto": max_new_tokens <= 64}[args.drop_incomplete]
+    config = ChairConfig(
+        compat=args.compat, drop_incomplete_sentence=drop, synonyms_path=args.synonyms
+    )
+    prompt = _chair_prompt(args)
+    return build_chair_task(
+        args.instances, args.images, prompt, config, args.captions, args.limit, keys
+    )
+
+
+def eval_main(args: argparse.Namespace) -> int:
+    """Run `lvlm-fix eval`; 0 on success, 2 on bad input (with a message on stderr)."""
+    from lvlm_fix.evals.runner import RunConfig, run_eval
+
+    max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[args.benchmark]
+    try:
+        if args.max_new_tokens is not None and args.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        if args.model is not None and not Path(args.model).exists():
+            raise ValueError(f"model path {args.model!r} does not exist")
+        task = build_task(args, max_new_tokens)
+        config = RunConfig(
+            model=ModelSpec(args.model, args.device, args.dtype),
+            out_dir=args.out,
+            max_new_tokens=max_new_tokens,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            use_ray=args.ray,
+            workers=args.workers,
+            address=args.address,
+            progress=not args.no_progress,
+        )
+        methods = [MethodSet(BASELINE), *args.method]
+        metrics = run_eval(task, methods, config)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for name, row in metrics["methods"].items():
+        print(f"{name} [{row['config_id']}]: generated {row['generated_this_run']}, "
+              f"{row['tokens_per_s']} tok/s")  # fmt: skip
+    print(f"wrote {args.out / 'metrics.json'} and {args.out / 'report.md'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lvlm_fix.evals.cli pope ...`: the same as `lvlm-fix eval pope ...`."""
+    parser = argparse.ArgumentParser(prog="lvlm-fix eval", description=__doc__.splitlines()[0])
+    add_eval_args(parser)
+    return eval_main(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""M3ID (as re-implemented by RITUAL): contrast with the text-only prompt, more as t grows.
+
+z = l0 + c_t * (l0 - lu) with c_t = (1 - gamma_t) / gamma_t and gamma_t = exp(-decay * t), t the
+number of tokens generated so far (specs/ritual.md §5). At t = 0 the weight is 0, so the first
+token is plain decoding. Then the plausibility cut on l0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+from pydantic import Field
+
+from lvlm_fix.methods.base import Contribution, HookPoint, Intervention, View, register
+from lvlm_fix.model import ModelInfo
+
+
+def m3id_weight(step: int, decay: float) -> float:
+    """c_t = (1 - gamma_t) / gamma_t = exp(decay * t) - 1.
+
+    The exponent is capped at 69 (c_t ~ 1e30) so that weight * logits stays finite in fp32 on
+    very long generations instead of turning into inf - inf = nan.
+    """
+    return math.expm1(min(decay * step, 69.0))
+
+
+@register
+class M3ID(Intervention):
+    """Multi-modal mutual-information decoding, RITUAL's baseline form."""
+
+    name: ClassVar[str] = "m3id"
+    hooks: ClassVar[frozenset[HookPoint]] = frozenset({"views"})
+
+    decay: float = Field(
+        0.02, ge=0.0, le=1.0, description="lambda in gamma_t = exp(-lambda * t) (0 = off)."
+    )
+    beta: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="Plausibility cut: keep tokens with p0 >= beta * max p0 (0 = no cut).",
+    )
+
+    def is_neutral(self) -> bool:
+        return self.decay == 0
+
+    def contribute(self, model: ModelInfo) -> Contribution:
+        decay = self.decay
+        view = View("m3id.text_only", weight=lambda t: -m3id_weight(t, decay), drop_image=True)
+        return Contribution(
+            views=(view,), base_weight=lambda t: m3id_weight(t, decay), plausibility_beta=self.beta
+        )
