@@ -282,3 +282,29 @@ def test_dyvte_training_command_writes_loadable_routers(lvlm, samples, tmp_path)
     runner = prefill(lvlm, samples, [spec])
     assert runner.state["dyvte.exit_layer"].tolist() == [0, 0]
     assert len(tokens(lvlm, samples, [spec])[0]) == PARAMS.max_new_tokens
+
+
+@pytest.mark.parametrize(
+    ("pruning", "other"),
+    [
+        ({"name": "fastv", "keep": 10}, {"name": "ritual"}),
+        ({"name": "flowcut", "budget": 16}, {"name": "vcd"}),
+        ({"name": "flowcut", "budget": 16}, {"name": "ritual"}),
+    ],
+)
+def test_pruning_composes_with_view_methods(lvlm, samples, pruning, other):
+    both = [pruning, other]
+    together = tokens(lvlm, samples, both)
+    assert together == [tokens(lvlm, [s], both)[0] for s in samples]
+    full = {**pruning, **({"keep": PATCHES} if "keep" in pruning else {"budget": PATCHES})}
+    assert tokens(lvlm, samples, [full, other]) == tokens(lvlm, samples, [other])
+
+
+def test_pruning_with_opera(lvlm, samples):
+    opera = {"name": "opera", "num_beams": 2, "candidates": 2}
+    params = GenerationParams(max_new_tokens=5)
+    both = [{"name": "flowcut", "budget": 16}, opera]  # a shorter prompt: nothing else changes
+    together = tokens(lvlm, samples, both, params)
+    assert together == [tokens(lvlm, [s], both, params)[0] for s in samples]
+    with pytest.raises(PlanConflict, match="'fastv' and 'opera'"):
+        lvlm.plan([{"name": "fastv"}, opera])

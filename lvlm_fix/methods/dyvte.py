@@ -97,6 +97,8 @@ class DyVTE(Intervention):
 
     name: ClassVar[str] = "dyvte"
     hooks: ClassVar[frozenset] = frozenset({"prune"})
+    # OPERA reads the last layer's attention row against the unpruned column layout.
+    conflicts: ClassVar[frozenset[str]] = frozenset({"opera"})
 
     threshold: float = Field(
         0.5, ge=0.0, le=1.0, description="exit when p(exit) > threshold (1 = never: off)"

@@ -88,6 +88,8 @@ class FastV(Intervention):
 
     name: ClassVar[str] = "fastv"
     hooks: ClassVar[frozenset] = frozenset({"attention", "prune"})
+    # OPERA reads the last layer's attention row against the unpruned column layout.
+    conflicts: ClassVar[frozenset[str]] = frozenset({"opera"})
 
     layer: int = Field(2, ge=1, description="K: layers >= K see the pruned image tokens")
     ratio: float = Field(
