@@ -1,7 +1,7 @@
 """Prefill cost of visual token pruning: FastV and FlowCut vs the unpruned model.
 
 LLaVA-1.5-7B and LLaVA-NeXT-7B architectures with random weights (cost does not depend on
-weight values), bf16, batch 1, one image. Per configuration:
+weight values), bf16, one image per sample, batch 1 by default (`--batch`). Per configuration:
 - prefill_ms: `Runner.prefill` (vision tower + projector + LLM over the prompt), median of runs;
 - peak_mib:   peak GPU memory allocated during that prefill;
 - ttft_ms:    time to first token through the whole pipeline (`LVLM.generate`, one new token:
@@ -10,7 +10,11 @@ Image tokens: LLaVA-1.5 576 -> 192/128/64. LLaVA-NeXT (anyres, 672x672 -> 4 crop
 2.9k tokens) -> FastV 640/320/160; FlowCut's anyres variant is not implemented (row skipped).
 
     python benchmarks/pruning.py --out pruning.json          # GPU (H100), both 7B configs
+    python benchmarks/pruning.py --batch 8 --out pruning8.json  # compute-bound regime
     python benchmarks/pruning.py --tiny --out /tmp/p.json    # CPU smoke run, tiny configs
+
+At batch 1 a 7B prefill of ~100 tokens is bound by reading the 14 GB of weights (about 4-5 ms
+on an H100), which caps the speed-up of any token pruning; `--batch 8` shows the FLOP regime.
 """
 
 from __future__ import annotations
@@ -145,14 +149,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(lvlm: LVLM, sample: Sample, interventions: list[dict], runs: int) -> dict:
+def measure(lvlm: LVLM, samples: list[Sample], interventions: list[dict], runs: int) -> dict:
     """Median prefill time, peak memory of one prefill, median time to first token."""
     device = lvlm.device
     plan = compile_plan(interventions, lvlm.info, GenerationParams(max_new_tokens=1))
-    batch = build_rows(lvlm.processor, lvlm.info.image_token_id, plan, [sample], device)
+    batch = build_rows(lvlm.processor, lvlm.info.image_token_id, plan, samples, device)
+    state = _row_state(plan, len(samples), device)
     prefill, ttft, peak = [], [], 0
     for run in range(runs + 1):  # the first run warms up
-        runner = Runner(lvlm.model, batch, plan, _row_state(plan, 1, device), lvlm.info.num_layers)
+        runner = Runner(lvlm.model, batch, plan, state, lvlm.info.num_layers)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         _sync(device)
@@ -164,7 +169,7 @@ def measure(lvlm: LVLM, sample: Sample, interventions: list[dict], runs: int) ->
             peak = max(peak, torch.cuda.max_memory_allocated(device))
         del runner
         start = time.perf_counter()
-        lvlm.generate([sample], interventions, GenerationParams(max_new_tokens=1))
+        lvlm.generate(samples, interventions, GenerationParams(max_new_tokens=1))
         _sync(device)
         if run:
             prefill.append(elapsed)
@@ -178,7 +183,7 @@ def measure(lvlm: LVLM, sample: Sample, interventions: list[dict], runs: int) ->
     }
 
 
-def run_family(family: str, sizes: Sizes, device: str, dtype, runs: int, tiny: bool) -> list[dict]:
+def run_family(family: str, sizes: Sizes, device: str, dtype, args) -> list[dict]:
     lvlm = build(family, sizes, device, dtype)
     rng = np.random.default_rng(0)
     side = sizes.image_size * (2 if family == "llava_next" else 1)
@@ -188,8 +193,10 @@ def run_family(family: str, sizes: Sizes, device: str, dtype, runs: int, tiny: b
                              compile_plan([], lvlm.info, GenerationParams()), [sample],
                              lvlm.device).layout.n_image.sum())  # fmt: skip
     results = []
-    for label, interventions in configurations(family, n_image, tiny):
-        row = {"model": family, "config": label, **measure(lvlm, sample, interventions, runs)}
+    samples = [sample] * args.batch
+    for label, interventions in configurations(family, n_image, args.tiny):
+        row = {"model": family, "config": label, "batch": args.batch}
+        row.update(measure(lvlm, samples, interventions, args.runs))
         print(
             f"{family:10s} {label:18s} tokens {row['llm_tokens']:5d}  "
             f"prefill {row['prefill_ms']:8.2f} ms  ttft {row['ttft_ms']:8.2f} ms  "
@@ -219,6 +226,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny configs on CPU (smoke run)")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=1, help="samples per prefill")
     parser.add_argument("--families", default="llava,llava_next")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
@@ -229,7 +237,7 @@ def main() -> None:
     results = []
     with torch.inference_mode():
         for family in args.families.split(","):
-            results += run_family(family, sizes, device, dtype, args.runs, args.tiny)
+            results += run_family(family, sizes, device, dtype, args)
     print_table(results)
     if args.out:
         info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
