@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import ClassVar
 
 import pytest
@@ -44,14 +45,17 @@ def tokens(lvlm, samples, interventions=(), params=PARAMS) -> list[list[int]]:
     return [g.token_ids for g in lvlm.generate(samples, list(interventions), params=params)]
 
 
-def prefill(lvlm, samples, interventions=()) -> Runner:
-    """A runner after prefill (for looking at its cache and layout)."""
+def prefill_logits(lvlm, samples, interventions=()) -> tuple[Runner, torch.Tensor]:
+    """A runner after prefill (for looking at its cache and layout) and its logits [R, V]."""
     plan = compile_plan(list(interventions), lvlm.info, PARAMS)
     batch = build_rows(lvlm.processor, lvlm.info.image_token_id, plan, samples, lvlm.device)
     state = _row_state(plan, len(samples), lvlm.device)
     runner = Runner(lvlm.model, batch, plan, state, lvlm.info.num_layers)
-    runner.prefill()
-    return runner
+    return runner, runner.prefill()
+
+
+def prefill(lvlm, samples, interventions=()) -> Runner:
+    return prefill_logits(lvlm, samples, interventions)[0]
 
 
 def router_file(path, hidden: int, exit_from: int | None, seed: int = 0) -> str:
@@ -308,3 +312,59 @@ def test_pruning_with_opera(lvlm, samples):
     assert together == [tokens(lvlm, [s], both, params)[0] for s in samples]
     with pytest.raises(PlanConflict, match="'fastv' and 'opera'"):
         lvlm.plan([{"name": "fastv"}, opera])
+
+
+def masked_reference(
+    lvlm, sample: Sample, dropped: dict[int, torch.Tensor], token: int | None = None
+) -> torch.Tensor:
+    """Next-token logits [V] of the stock layers run one by one (no cache), where layer l's
+    queries may not see the prompt columns dropped[l] (bool [S]); `token` is appended to the
+    prompt when given. Physical pruning (cache included) must equal this masking."""
+    model = lvlm.model.model
+    plan = compile_plan([], lvlm.info, PARAMS)
+    batch = build_rows(lvlm.processor, lvlm.info.image_token_id, plan, [sample], lvlm.device)
+    if token is not None:
+        batch = replace(
+            batch,
+            input_ids=torch.cat([batch.input_ids, torch.tensor([[token]])], 1),
+            attention_mask=torch.nn.functional.pad(batch.attention_mask, (0, 1), value=1),
+            layout=replace(
+                batch.layout, image_mask=torch.nn.functional.pad(batch.layout.image_mask, (0, 1))
+            ),
+        )
+        dropped = {k: torch.nn.functional.pad(v, (0, 1)) for k, v in dropped.items()}
+    with torch.inference_mode():
+        hidden = model.get_input_embeddings()(batch.input_ids)
+        features = model.get_image_features(
+            batch.pixel_values, vision_feature_layer=-2, vision_feature_select_strategy="default"
+        ).pooler_output
+        hidden[batch.layout.image_mask] = torch.cat(list(features)).to(hidden.dtype)
+        positions = batch.position_ids
+        rotary = model.language_model.rotary_emb(hidden, position_ids=positions)
+        size = hidden.shape[1]
+        causal = torch.ones(size, size, dtype=torch.bool).tril()
+        for index, layer in enumerate(model.language_model.layers):
+            hidden_cols = dropped.get(index, torch.zeros(size, dtype=torch.bool))
+            mask = causal & (~hidden_cols[None] | torch.eye(size, dtype=torch.bool))
+            hidden = layer(hidden, attention_mask=mask[None, None], position_embeddings=rotary,
+                           position_ids=positions)  # fmt: skip
+        hidden = model.language_model.norm(hidden)
+        return lvlm.model.lm_head(hidden[0, -1]).float()
+
+
+def test_physical_pruning_equals_masking(lvlm, samples, tmp_path):
+    sample = samples[1]
+    fastv, logits = prefill_logits(lvlm, [sample], [{"name": "fastv", "layer": 2, "keep": 10}])
+    cols = fastv.layout.columns_at(2)[0]
+    gone = torch.ones(fastv.layout.image_mask.shape[1], dtype=torch.bool)
+    gone[cols] = False
+    expected = masked_reference(lvlm, sample, {2: gone, 3: gone})
+    torch.testing.assert_close(logits, expected[None], atol=1e-4, rtol=1e-4)
+    step = fastv.forward(torch.tensor([[7]]))[:, -1]  # decode through the pruned cache
+    expected = masked_reference(lvlm, sample, {2: gone, 3: gone}, token=7)
+    torch.testing.assert_close(step, expected[None], atol=1e-4, rtol=1e-4)
+    path = router_file(tmp_path / "exit.safetensors", lvlm.info.hidden_size, 1)
+    dyvte, logits = prefill_logits(lvlm, [sample], [{"name": "dyvte", "router": path}])
+    image = dyvte.layout.image_mask[0]
+    expected = masked_reference(lvlm, sample, {2: image, 3: image})
+    torch.testing.assert_close(logits, expected[None], atol=1e-4, rtol=1e-4)
