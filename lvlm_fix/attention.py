@@ -42,7 +42,7 @@ def merge_edits(call: AttentionCall, requests: list[dict[str, Any]]) -> dict[str
                 merged[key] = merged[key] or value
             else:
                 raise ValueError(f"two interventions both set attention field {key!r}")
-    needs_image_columns = "image_gain" in merged or "var_rows" in merged
+    needs_image_columns = any(k in merged for k in ("image_gain", "var_rows", "want_group_mass"))
     if needs_image_columns and "col_group" not in merged:
         merged["col_group"] = (call.image_columns() * 3).to(torch.int8)  # 3 = image, no sinks
     return merged

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 
+# Triton has no CPU backend: without a GPU, its kernels run in the interpreter. This must be set
+# before anything imports triton (transformers does, indirectly).
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

@@ -46,7 +46,9 @@ def test_rows_independent_of_batch_mates(engines, images):
     lvlm, _ = engines
     params = GenerationParams(max_new_tokens=8)
     together = lvlm.generate([(QUESTIONS[0], images[0]), (QUESTIONS[1], images[1])], params=params)
-    alone = [lvlm.generate([(q, im)], params=params)[0] for q, im in zip(QUESTIONS, images)]
+    alone = [
+        lvlm.generate([(q, im)], params=params)[0] for q, im in zip(QUESTIONS, images, strict=True)
+    ]
     assert [g.token_ids for g in together] == [g.token_ids for g in alone]
     # left padding really happened: the prompts differ in length
     assert together[0].prompt_tokens != together[1].prompt_tokens

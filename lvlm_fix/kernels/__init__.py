@@ -1,1 +1,85 @@
-"""lvlm_fix.kernels"""
+"""Edited attention: one call applies PAI, VAR and VHR's head scale and returns statistics.
+
+`edited_attention` runs the Triton kernels on CUDA and the plain-torch reference elsewhere. It
+goes through the custom op `lvlm_fix::edited_attention` (defined when this module is imported;
+nothing else happens at import) so that a decode step calling it can be captured and compiled.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .edits import AttentionEdits, check_edits, check_inputs
+
+__all__ = ["AttentionEdits", "edited_attention"]
+
+
+@torch.library.custom_op("lvlm_fix::edited_attention", mutates_args=())
+def _edited_attention_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_start: Tensor,
+    scale: float,
+    col_group: Tensor | None,
+    image_gain: Tensor | None,
+    gain_rows: Tensor | None,
+    var_rows: Tensor | None,
+    var_keep: float,
+    var_rho: float,
+    var_summ: float,
+    n_image: Tensor | None,
+    head_scale: Tensor | None,
+    want_group_mass: bool,
+    want_last_row: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, group_mass, last_row); a statistic not asked for comes back as an empty tensor."""
+    edits = AttentionEdits(
+        col_group, image_gain, gain_rows, var_rows, var_keep, var_rho, var_summ, n_image,
+        head_scale, want_group_mass, want_last_row,
+    )  # fmt: skip
+    if q.is_cuda:
+        # Imported here: Triton is only needed (and only present on every platform) with CUDA.
+        from .triton_attention import edited_attention_triton as impl
+    else:
+        impl = reference.edited_attention
+    out, stats = impl(q, k, v, scale=scale, key_start=key_start, edits=edits)
+    empty = q.new_empty(0, dtype=torch.float32)
+    return out, stats.get("group_mass", empty), stats.get("last_row", empty.clone())
+
+
+@_edited_attention_op.register_fake
+def _(q, k, v, key_start, scale, col_group, image_gain, gain_rows, var_rows, var_keep, var_rho,
+      var_summ, n_image, head_scale, want_group_mass, want_last_row):  # fmt: skip
+    B, H, Q, D = q.shape
+    f32 = torch.float32
+    out = q.new_empty(B, Q, H, D)
+    mass = q.new_empty(B, H, Q, 4, dtype=f32) if want_group_mass else q.new_empty(0, dtype=f32)
+    last = q.new_empty(B, H, k.shape[2], dtype=f32) if want_last_row else q.new_empty(0, dtype=f32)
+    return out, mass, last
+
+
+def edited_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float, key_start: Tensor, edits: AttentionEdits
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """q [B, H, Q, D], k/v [B, Hkv, K, D] -> out [B, Q, H, D] in q's dtype, and stats.
+
+    Mask: causal with query row i at key column K - Q + i, left padding from key_start [B]
+    (column j visible to row i iff key_start[b] <= j <= K - Q + i). Stats holds the requested
+    "group_mass" [B, H, Q, 4] and "last_row" [B, H, K] (fp32).
+    """
+    check_inputs(q, k, v, key_start, scale)
+    check_edits(edits, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
+    out, mass, last = _edited_attention_op(
+        q, k, v, key_start, float(scale), edits.col_group, edits.image_gain, edits.gain_rows,
+        edits.var_rows, float(edits.var_keep), float(edits.var_rho), float(edits.var_summ),
+        edits.n_image, edits.head_scale, edits.want_group_mass, edits.want_last_row,
+    )  # fmt: skip
+    stats = {}
+    if edits.want_group_mass:
+        stats["group_mass"] = mass
+    if edits.want_last_row:
+        stats["last_row"] = last
+    return out, stats

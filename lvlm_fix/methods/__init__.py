@@ -7,9 +7,12 @@ from lvlm_fix.methods import (
     flowcut,  # noqa: F401
     m3id,  # noqa: F401
     opera,  # noqa: F401
+    pai,  # noqa: F401
     pai_cfg,  # noqa: F401
     ritual,  # noqa: F401
+    var,  # noqa: F401
     vcd,  # noqa: F401
+    vhr,  # noqa: F401
 )
 from lvlm_fix.methods.base import (
     REGISTRY,

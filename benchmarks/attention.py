@@ -1,0 +1,282 @@
+"""Attention interventions benchmark: fused kernel vs SDPA, and end-to-end decode speed.
+
+    python benchmarks/attention.py --out results/attention.json          # H100, LLaVA-1.5-7B shape
+    python benchmarks/attention.py --tiny --out /tmp/attention.json      # CPU, tiny config
+
+The model has LLaVA-1.5-7B's configuration (Vicuna-7B + CLIP ViT-L/336, 576 image tokens) with
+random weights in bf16: speed does not depend on the weights. Two parts, one run:
+
+1. Kernel: `edited_attention` (Triton on CUDA) against PyTorch SDPA on one layer's shapes, at
+   prefill (the whole prompt) and decode (one query row), with no edit, PAI, VAR, VHR and all three
+   (do_bench, launch overhead included). On CUDA it also runs the kernels' own benchmark table
+   (benchmarks/attention_kernels.py: CUDA-graph timings, ragged batches) into "kernel_graph".
+2. End to end: `LVLM.generate` tokens/s with no intervention, VAR, VHR, PAI and VAR+VHR+PAI, on our
+   engine and on the eager path the reference repositories use: transformers' eager attention,
+   and for the methods our plain-torch oracle (materialised fp32 probabilities) on every layer.
+
+Random weights have no massive activations, so VAR gets a low `tau` here to find sinks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+from transformers import (  # noqa: E402
+    AttentionInterface,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
+
+from lvlm_fix import LVLM, GenerationParams, Sample, attention  # noqa: E402
+from lvlm_fix.hooks import AttentionCall, current  # noqa: E402
+from lvlm_fix.kernels import AttentionEdits, edited_attention, reference  # noqa: E402
+from lvlm_fix.tiny import build_tiny  # noqa: E402
+
+ORACLE = "lvlm_fix_oracle"
+QUESTION = "Please help me describe the image in detail."
+
+# name -> (text config, vision config, image size, patch size)
+SHAPES = {
+    "llava-1.5-7b": (
+        dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+             num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
+             max_position_embeddings=4096, rms_norm_eps=1e-5),
+        dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+             num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
+        336, 14,
+    ),
+    "tiny": (
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=4, vocab_size=512, max_position_embeddings=2048),
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+             image_size=32, patch_size=8, projection_dim=32),
+        32, 8,
+    ),
+}  # fmt: skip
+
+
+def build_lvlm(shape: str, device: str, dtype: torch.dtype, workdir: Path) -> LVLM:
+    """A random-weight LLaVA of the given shape, with a real processor (tokenizer + CLIP)."""
+    text, vision, image_size, patch = SHAPES[shape]
+    tiny = build_tiny("llava", workdir / "processor", image_size=image_size, patch_size=patch)
+    processor = LlavaProcessor.from_pretrained(tiny)
+    processor.tokenizer.padding_side = "left"
+    token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    text = {**text, "vocab_size": max(text["vocab_size"], len(processor.tokenizer))}
+    config = LlavaConfig(
+        text_config=LlamaConfig(**text, pad_token_id=processor.tokenizer.pad_token_id),
+        vision_config=CLIPVisionConfig(**vision),
+        image_token_id=token_id,
+    )
+    attention.register()
+    AttentionInterface.register(ORACLE, oracle_attention)
+    AttentionMaskInterface.register(ORACLE, sdpa_mask)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype).eval()
+    model.set_attn_implementation({"text_config": attention.NAME, "vision_config": "sdpa"})
+    return LVLM(model, processor, "llava", f"random-{shape}")
+
+
+def oracle_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                     is_causal=None, **kwargs):  # fmt: skip
+    """The eager path: materialised fp32 probabilities on every layer, methods in plain torch."""
+    ctx = current()
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    call = AttentionCall(module.layer_idx, query, key, value, scale, ctx)
+    hooks = ctx.plan.attention_hooks
+    requests = [r for hook in hooks if (r := hook.edits(call))]
+    edits = AttentionEdits(**attention.merge_edits(call, requests) if requests else {})
+    out, stats = reference.edited_attention(
+        query, key, value, scale=scale, key_start=ctx.layout.key_start, edits=edits
+    )
+    for hook in hooks:
+        hook.after(call, out, stats)
+    return out, None
+
+
+def timer(device: str) -> Callable[[Callable[[], object]], float]:
+    """Milliseconds per call: triton's do_bench on CUDA, a median of repeats on CPU."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: do_bench(fn, warmup=25, rep=100)
+
+    def cpu(fn: Callable[[], object]) -> float:
+        fn()
+        times = []
+        for _ in range(7):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return 1000 * sorted(times)[len(times) // 2]
+
+    return cpu
+
+
+def kernel_edits(kind: str, B: int, H: int, Q: int, K: int, image: slice, device) -> AttentionEdits:
+    """Edits of one method on one layer: image columns `image`, BOS + 3 visual sinks."""
+    group = torch.zeros(B, K, dtype=torch.int8, device=device)
+    group[:, image] = 3
+    fields: dict[str, object] = {}
+    if kind in ("var", "all"):
+        group[:, 0] = 1
+        group[:, image.start : image.start + 3] = 2
+        rows = torch.arange(K - Q, K, device=device) >= image.stop
+        n_image = torch.full((B,), float(image.stop - image.start), device=device)
+        fields.update(var_rows=rows.expand(B, Q).contiguous(), var_keep=0.6, n_image=n_image)
+    if kind in ("pai", "all"):
+        gain_rows = torch.zeros(B, Q, dtype=torch.bool, device=device)
+        gain_rows[:, -1] = True
+        fields.update(image_gain=torch.full((B, H), 0.2, device=device), gain_rows=gain_rows)
+    if kind in ("vhr", "all"):
+        fields["head_scale"] = torch.where(torch.arange(H, device=device) % 2 == 0, 2.0, 1.0)
+        fields["head_scale"] = fields["head_scale"].expand(B, H).contiguous()
+    needs_groups = kind in ("var", "pai", "all")
+    return AttentionEdits(col_group=group if needs_groups else None, **fields)
+
+
+def bench_kernels(lvlm: LVLM, prompt_len: int, n_image: int, B: int, device, dtype) -> list[dict]:
+    info, measure = lvlm.info, timer(device)
+    H, D = info.num_heads, info.head_dim
+    image = slice(5, 5 + n_image)  # "USER: <image>..." puts the image a few tokens in
+    rows = []
+    for phase, Q, K in (("prefill", prompt_len, prompt_len), ("decode", 1, prompt_len + 64)):
+        q = torch.randn(B, H, Q, D, device=device, dtype=dtype)
+        k, v = (torch.randn(B, H, K, D, device=device, dtype=dtype) for _ in range(2))
+        key_start = torch.zeros(B, dtype=torch.long, device=device)
+        sdpa = measure(partial(F.scaled_dot_product_attention, q, k, v, is_causal=Q > 1))
+        for kind in ("none", "pai", "var", "vhr", "all"):
+            edits = kernel_edits(kind, B, H, Q, K, image, device)
+            ms = measure(
+                partial(edited_attention, q, k, v, scale=D**-0.5, key_start=key_start, edits=edits)
+            )
+            rows.append({"phase": phase, "edits": kind, "B": B, "H": H, "Q": Q, "K": K, "D": D,
+                         "ms": ms, "sdpa_ms": sdpa, "vs_sdpa": ms / sdpa})  # fmt: skip
+    return rows
+
+
+def method_settings(tau: float, sink_dims: list[int]) -> dict[str, list[dict]]:
+    var = {"name": "var", "tau": tau, "sink_dims": sink_dims}
+    vhr, pai = {"name": "vhr"}, {"name": "pai"}
+    return {"none": [], "var": [var], "vhr": [vhr], "pai": [pai], "var+vhr+pai": [var, vhr, pai]}
+
+
+def bench_generate(lvlm: LVLM, samples, interventions, new_tokens: int, device) -> dict:
+    """Seconds for prefill (1 new token) and for a full generation; decode tokens/s."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    lvlm.generate(samples, interventions, GenerationParams(max_new_tokens=4))  # warm-up
+    timings = {}
+    for name, tokens in (("prefill_s", 1), ("total_s", new_tokens)):
+        runs = []
+        for _ in range(3):  # the median of three runs
+            sync()
+            start = time.perf_counter()
+            outs = lvlm.generate(samples, interventions, GenerationParams(max_new_tokens=tokens))
+            sync()
+            runs.append(time.perf_counter() - start)
+        timings[name] = sorted(runs)[1]
+    generated = sum(len(o.token_ids) for o in outs)
+    decode_s = timings["total_s"] - timings["prefill_s"]
+    decode_rate = (generated - len(samples)) / decode_s if decode_s > 0 else float("nan")
+    return {**timings, "generated": generated, "tokens_per_s": generated / timings["total_s"],
+            "decode_tokens_per_s": decode_rate}  # fmt: skip
+
+
+def bench_e2e(lvlm: LVLM, samples, settings, new_tokens: int, device) -> list[dict]:
+    rows = []
+    engines = (("ours", attention.NAME, attention.NAME), ("eager", "eager", ORACLE))
+    for engine, plain_impl, method_impl in engines:
+        for method, interventions in settings.items():
+            impl = plain_impl if not interventions else method_impl
+            lvlm.model.set_attn_implementation({"text_config": impl, "vision_config": "sdpa"})
+            result = bench_generate(lvlm, samples, interventions, new_tokens, device)
+            rows.append({"engine": engine, "attention": impl, "method": method, **result})
+    lvlm.model.set_attn_implementation({"text_config": attention.NAME, "vision_config": "sdpa"})
+    return rows
+
+
+def make_images(n: int) -> list[Image.Image]:
+    images = []
+    for i in range(n):
+        image = Image.new("RGB", (400, 300), (230, 230, 230))
+        ImageDraw.Draw(image).ellipse((40 + 20 * i, 30, 300, 260), fill=(200, 40 * i % 255, 60))
+        images.append(image)
+    return images
+
+
+def print_tables(result: dict) -> None:
+    print(f"\n# kernel vs SDPA ({result['device']}, {result['dtype']})")
+    print(f"{'phase':8} {'edits':6} {'Q':>5} {'K':>5} {'ours ms':>9} {'sdpa ms':>9} {'x sdpa':>7}")
+    for r in result["kernel"]:
+        print(f"{r['phase']:8} {r['edits']:6} {r['Q']:5d} {r['K']:5d} {r['ms']:9.4f} "
+              f"{r['sdpa_ms']:9.4f} {r['vs_sdpa']:7.2f}")  # fmt: skip
+    print(f"\n# end to end, batch {result['batch']}, {result['new_tokens']} new tokens")
+    print(f"{'engine':6} {'method':12} {'prefill s':>9} {'total s':>8} {'tok/s':>8} "
+          f"{'decode tok/s':>12}")  # fmt: skip
+    for r in result["e2e"]:
+        print(f"{r['engine']:6} {r['method']:12} {r['prefill_s']:9.3f} {r['total_s']:8.3f} "
+              f"{r['tokens_per_s']:8.1f} {r['decode_tokens_per_s']:12.1f}")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="where to write the JSON")
+    parser.add_argument("--tiny", action="store_true", help="tiny config on CPU (a smoke test)")
+    parser.add_argument("--batch", type=int, default=1, help="samples per generate call")
+    parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per sample")
+    args = parser.parse_args()
+    device = "cpu" if args.tiny else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("CUDA is not available: run with --tiny for the CPU smoke test")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    shape = "tiny" if args.tiny else "llava-1.5-7b"
+    with tempfile.TemporaryDirectory() as workdir:
+        lvlm = build_lvlm(shape, device, dtype, Path(workdir))
+    samples = [Sample(QUESTION, (image,)) for image in make_images(args.batch)]
+    batch = lvlm.processor(images=samples[0].images, text=["USER: <image>\n" + QUESTION],
+                           return_tensors="pt")  # fmt: skip
+    prompt_len = batch["input_ids"].shape[1]
+    n_image = int((batch["input_ids"] == lvlm.info.image_token_id).sum())
+    # random weights: a low tau so that sinks exist (real checkpoints use 20)
+    tau, dims = (2.0, list(range(8))) if args.tiny else (1.5, [1415, 2533])
+    result = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu {platform.machine()}",
+        "dtype": str(dtype), "model": shape, "prompt_tokens": prompt_len, "image_tokens": n_image,
+        "batch": args.batch, "new_tokens": args.new_tokens, "var_tau": tau, "var_sink_dims": dims,
+        "versions": {"torch": torch.__version__},
+        "kernel": bench_kernels(lvlm, prompt_len, n_image, args.batch, device, dtype),
+        "e2e": bench_e2e(lvlm, samples, method_settings(tau, dims), args.new_tokens, device),
+    }  # fmt: skip
+    if device == "cuda":
+        from attention_kernels import print_table, run_table  # the kernels' own benchmark
+
+        result["kernel_graph"] = run_table(dtype)
+        print_table(result["kernel_graph"])
+    print_tables(result)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The per-layer attention edits one kernel call applies, and the checks on their shapes.
+
+Shapes: B batch rows, H query heads, Q query rows, K key columns. Every field at its default
+(None / False / 1.0) means "off", and a call with every edit off is plain causal attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# col_group values. Image columns are {VISUAL_SINK, IMAGE}; VAR taxes {TEXT_SINK, VISUAL_SINK}.
+REST, TEXT_SINK, VISUAL_SINK, IMAGE = 0, 1, 2, 3
+N_GROUPS = 4
+
+
+@dataclass(frozen=True)
+class AttentionEdits:
+    """Per-layer edits for one attention call. Every field None/False = off.
+
+    B batch rows, H query heads, Q query rows, K key columns.
+    """
+
+    col_group: Tensor | None = None
+    """int8 [B, K]: 0 rest, 1 text sink, 2 visual sink, 3 non-sink image. Image = {2, 3}."""
+    image_gain: Tensor | None = None
+    """float32 [B, H]: PAI alpha (0 = off). Image scores s of gain_rows become s + alpha*|s|."""
+    gain_rows: Tensor | None = None
+    """bool [B, Q]: query rows PAI applies to. Required with image_gain."""
+    var_rows: Tensor | None = None
+    """bool [B, Q]: query rows eligible for VAR redistribution (None or all False = VAR off)."""
+    var_keep: float = 1.0
+    """p_code: fraction of sink mass kept (1.0 = identity, VAR is skipped)."""
+    var_rho: float = 0.5
+    """rho_code: a row is selected only if A_Sv / (A_V + n_image*1e-6) <= var_rho."""
+    var_summ: float = 0.2
+    """... and A_V >= var_summ."""
+    n_image: Tensor | None = None
+    """float32 [B]: image columns per row, for the epsilon term (None = count col_group >= 2)."""
+    head_scale: Tensor | None = None
+    """float32 [B, H]: VHR output scale per head (1 = identity), an epilogue multiply."""
+    want_group_mass: bool = False
+    """Return group masses [B, H, Q, 4] (after PAI, before VAR; fp32)."""
+    want_last_row: bool = False
+    """Return the last query row's final probabilities [B, H, K] (after all edits; fp32)."""
+
+    @property
+    def pai_on(self) -> bool:
+        return self.image_gain is not None
+
+    @property
+    def var_on(self) -> bool:
+        # keep == 1 scales sinks by 1 and images by 1 + 0*x: exactly the identity, so skip it.
+        return self.var_rows is not None and self.var_keep != 1.0
+
+    @property
+    def needs_groups(self) -> bool:
+        return self.var_on or self.want_group_mass
+
+
+def resolved_n_image(edits: AttentionEdits) -> Tensor:
+    """float32 [B]: n_image as given, or the count of image columns (groups 2 and 3) per row."""
+    if edits.n_image is not None:
+        return edits.n_image
+    assert edits.col_group is not None
+    return (edits.col_group >= VISUAL_SINK).sum(-1, dtype=torch.float32)
+
+
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, key_start: Tensor, scale: float) -> None:
+    """Shapes and dtypes of q [B, H, Q, D], k/v [B, Hkv, K, D], key_start [B]."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-d tensor, got {_describe(t)}")
+    B, H, Q, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(
+            f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k/v must be [B={B}, Hkv, K, D={D}], got {tuple(k.shape)}")
+    Hkv, K = k.shape[1], k.shape[2]
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"query heads H={H} must be a multiple of key/value heads Hkv={Hkv}")
+    if Q > K:
+        raise ValueError(f"query rows sit at the end of the keys, so Q={Q} must be <= K={K}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+    ):
+        raise TypeError(
+            f"q, k, v must share one dtype among float16/bfloat16/float32, "
+            f"got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if not (q.device == k.device == v.device == key_start.device):
+        raise ValueError("q, k, v and key_start must be on one device")
+    if key_start.shape != (B,) or key_start.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"key_start must be int32/int64 [B={B}], got {_describe(key_start)}")
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+
+
+def check_edits(
+    edits: AttentionEdits, B: int, H: int, Q: int, K: int, device: torch.device
+) -> None:
+    """Shapes, dtypes and devices of every set field (values are not read: no host sync)."""
+    if not isinstance(edits, AttentionEdits):
+        raise TypeError(f"edits must be AttentionEdits, got {type(edits).__name__}")
+    expected = {
+        "col_group": ((B, K), torch.int8),
+        "image_gain": ((B, H), torch.float32),
+        "gain_rows": ((B, Q), torch.bool),
+        "var_rows": ((B, Q), torch.bool),
+        "n_image": ((B,), torch.float32),
+        "head_scale": ((B, H), torch.float32),
+    }
+    for name, (shape, dtype) in expected.items():
+        t = getattr(edits, name)
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or tuple(t.shape) != shape or t.dtype != dtype:
+            raise ValueError(f"edits.{name} must be {dtype} {list(shape)}, got {_describe(t)}")
+        if t.device != device:
+            raise ValueError(f"edits.{name} is on {t.device}, attention runs on {device}")
+    if (edits.image_gain is None) != (edits.gain_rows is None):
+        raise ValueError("edits.image_gain and edits.gain_rows must be given together (PAI)")
+    needs_cols = edits.pai_on or edits.var_rows is not None or edits.want_group_mass
+    if needs_cols and edits.col_group is None:
+        raise ValueError("PAI, VAR and want_group_mass need edits.col_group")
+    if not 0.0 <= edits.var_keep <= 1.0:
+        raise ValueError(f"edits.var_keep is a kept fraction in [0, 1], got {edits.var_keep}")
+    for name in ("var_rho", "var_summ"):
+        value = getattr(edits, name)
+        if not 0.0 <= value < float("inf"):
+            raise ValueError(f"edits.{name} must be finite and >= 0, got {value}")
+
+
+def _describe(t: object) -> str:
+    if isinstance(t, Tensor):
+        return f"{t.dtype} {list(t.shape)}"
+    return type(t).__name__

@@ -1,0 +1,121 @@
+"""Plain-torch edited attention: the oracle the Triton kernels are tested against.
+
+It materialises the [B, H, Q, K] probabilities in fp32 and applies the edits in the order the
+kernels fuse them: scores -> mask -> PAI gain -> softmax -> group masses -> VAR -> P @ V -> head
+scale.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .edits import (
+    IMAGE,
+    N_GROUPS,
+    TEXT_SINK,
+    VISUAL_SINK,
+    AttentionEdits,
+    check_edits,
+    check_inputs,
+    resolved_n_image,
+)
+
+
+def visibility(key_start: Tensor, Q: int, K: int) -> Tensor:
+    """bool [B, 1, Q, K]: column j is visible to query row i iff key_start[b] <= j <= K - Q + i."""
+    cols = torch.arange(K, device=key_start.device)
+    rows = torch.arange(Q, device=key_start.device)
+    causal = cols[None, :] <= (K - Q + rows)[:, None]  # [Q, K]
+    unpadded = cols[None, :] >= key_start[:, None]  # [B, K]
+    return (causal[None] & unpadded[:, None, :])[:, None]
+
+
+def masked_softmax(s: Tensor, visible: Tensor) -> Tensor:
+    """fp32 softmax over visible columns; a row with no visible column gets all zeros (no NaN)."""
+    s = s.masked_fill(~visible, float("-inf"))
+    m = s.amax(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).min)  # finite for empty rows
+    e = torch.exp(s - m)
+    total = e.sum(-1, keepdim=True)
+    return torch.where(total > 0, e / total, torch.zeros_like(e))
+
+
+def pai_gain(s: Tensor, visible: Tensor, edits: AttentionEdits) -> Tensor:
+    """s + alpha*|s| on visible image columns of gain rows; s [B, H, Q, K] already scaled."""
+    assert edits.image_gain is not None and edits.gain_rows is not None
+    assert edits.col_group is not None
+    image = (edits.col_group >= VISUAL_SINK)[:, None, None, :]  # [B, 1, 1, K]
+    rows = edits.gain_rows[:, None, :, None]  # [B, 1, Q, 1]
+    alpha = edits.image_gain[:, :, None, None]  # [B, H, 1, 1]
+    return torch.where(image & rows & visible, s + alpha * s.abs(), s)
+
+
+def group_masses(p: Tensor, col_group: Tensor) -> Tensor:
+    """fp32 [B, H, Q, 4]: probability mass of each column group (0 rest .. 3 non-sink image)."""
+    onehot = torch.nn.functional.one_hot(col_group.long(), N_GROUPS).to(p.dtype)  # [B, K, 4]
+    return torch.einsum("bhqk,bkg->bhqg", p, onehot)
+
+
+def var_weights(mass: Tensor, edits: AttentionEdits) -> tuple[Tensor, Tensor]:
+    """Per-row VAR factors (f_sink, f_image) [B, H, Q] from the pre-VAR group masses."""
+    assert edits.var_rows is not None
+    a_t, a_sv, a_u = mass[..., TEXT_SINK], mass[..., VISUAL_SINK], mass[..., IMAGE]
+    a_v = a_sv + a_u
+    n_image = resolved_n_image(edits)[:, None, None]  # [B, 1, 1]
+    keep = edits.var_keep
+    sel = (
+        edits.var_rows[:, None, :]
+        & (a_v >= edits.var_summ)
+        & (a_sv / (a_v + n_image * 1e-6) <= edits.var_rho)
+        & (a_u > 0)  # nowhere to send the budget: leave the row unchanged
+    )
+    f_sink = torch.where(sel, torch.full_like(a_u, keep), torch.ones_like(a_u))
+    f_image = 1.0 + (1.0 - keep) * (a_sv + a_t) / torch.where(sel, a_u, torch.ones_like(a_u))
+    return f_sink, torch.where(sel, f_image, torch.ones_like(a_u))
+
+
+def apply_var(p: Tensor, mass: Tensor, edits: AttentionEdits) -> Tensor:
+    """Scale sink columns by f_sink and non-sink image columns by f_image in selected rows."""
+    assert edits.col_group is not None
+    f_sink, f_image = var_weights(mass, edits)  # [B, H, Q]
+    group = edits.col_group[:, None, None, :]  # [B, 1, 1, K]
+    sink = (group == TEXT_SINK) | (group == VISUAL_SINK)
+    w = torch.where(sink, f_sink[..., None], torch.where(group == IMAGE, f_image[..., None], 1.0))
+    return p * w
+
+
+def edited_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float, key_start: Tensor, edits: AttentionEdits
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """q [B, H, Q, D], k/v [B, Hkv, K, D] -> out [B, Q, H, D] in q's dtype, and requested stats.
+
+    Mask: causal with query row i at key column K - Q + i, and left padding from key_start [B].
+    Stats: "group_mass" [B, H, Q, 4] (after PAI, before VAR), "last_row" [B, H, K] (after all
+    edits but the head scale), both fp32.
+    """
+    check_inputs(q, k, v, key_start, scale)
+    B, H, Q, _ = q.shape
+    K = k.shape[2]
+    check_edits(edits, B, H, Q, K, q.device)
+    group = H // k.shape[1]
+    kf = k.float().repeat_interleave(group, dim=1)  # [B, H, K, D]
+    vf = v.float().repeat_interleave(group, dim=1)
+    s = scale * (q.float() @ kf.transpose(-1, -2))  # [B, H, Q, K]
+    visible = visibility(key_start, Q, K)
+    if edits.pai_on:
+        s = pai_gain(s, visible, edits)
+    p = masked_softmax(s, visible)  # [B, H, Q, K] fp32
+    stats: dict[str, Tensor] = {}
+    if edits.needs_groups:
+        assert edits.col_group is not None
+        mass = group_masses(p, edits.col_group)
+        if edits.want_group_mass:
+            stats["group_mass"] = mass
+        if edits.var_on:
+            p = apply_var(p, mass, edits)
+    if edits.want_last_row:
+        stats["last_row"] = p[:, :, -1, :].clone()
+    out = p @ vf  # [B, H, Q, D]
+    if edits.head_scale is not None:
+        out = out * edits.head_scale[:, :, None, None]
+    return out.transpose(1, 2).to(q.dtype).contiguous(), stats

@@ -1,0 +1,177 @@
+"""Triton pieces shared by the prefill and decode kernels: one key tile of the edited online
+softmax, the VAR epilogue, the side-output stores, and the last-row probability pass.
+
+Scores live in log2 units (s * scale * log2(e)), so exp2 replaces exp. PAI's s + a*|s| is
+positively homogeneous, so applying it to log2-scaled scores is the same edit.
+Column groups: 0 rest, 1 text sink, 2 visual sink, 3 non-sink image.
+"""
+
+import triton
+import triton.language as tl
+
+# Finite start for the running max: a row that sees no key keeps m = -1e30, p = exp2(-inf) = 0,
+# l = 0 and writes zeros instead of NaN.
+NEG_BIG = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _attend_tile(
+    m_i, l_i, acc, l_t, l_sv, l_u, acc_s, acc_u,  # running state of BLOCK_M rows
+    q, k_ptrs, v_ptrs, group_ptrs, start_n, stride_kn, stride_vn,
+    rows, alpha, gain_row, diag, NK, qk_scale,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_PAI: tl.constexpr,
+    NEED_GROUPS: tl.constexpr, HAS_VAR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Fold key columns [start_n, start_n + BLOCK_N) into the state of BLOCK_M query rows.
+
+    q [M, D]; rows [M] query row index (row i sees columns <= diag + i); alpha [M] PAI gain;
+    gain_row [M] PAI row flag. MASKED tiles check causality and the end of the keys; unmasked
+    tiles are known to be visible to every row (the caller starts at key_start).
+    """
+    cols = start_n + tl.arange(0, BLOCK_N)
+    col_ok = cols < NK
+    if MASKED:
+        k = tl.load(k_ptrs + cols[:, None] * stride_kn, mask=col_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs + cols[:, None] * stride_kn)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, N]
+    if HAS_PAI or NEED_GROUPS:
+        group = tl.load(group_ptrs + cols, mask=col_ok, other=0)  # [N] int8
+    if HAS_PAI:
+        boost = (group[None, :] >= 2) & gain_row[:, None]
+        s = tl.where(boost, s + alpha[:, None] * tl.abs(s), s)
+    if MASKED:
+        visible = (cols[None, :] <= diag + rows[:, None]) & col_ok[None, :]
+        s = tl.where(visible, s, float("-inf"))  # after PAI: masked entries never get a gain
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    corr = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])  # [M, N] fp32
+    l_i = l_i * corr + tl.sum(p, 1)
+    if MASKED:
+        v = tl.load(v_ptrs + cols[:, None] * stride_vn, mask=col_ok[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs + cols[:, None] * stride_vn)
+    acc = tl.dot(p.to(v.dtype), v, acc * corr[:, None], input_precision=DOT_PRECISION)
+    if NEED_GROUPS:
+        l_t = l_t * corr + tl.sum(tl.where(group[None, :] == 1, p, 0.0), 1)
+        l_sv = l_sv * corr + tl.sum(tl.where(group[None, :] == 2, p, 0.0), 1)
+        l_u = l_u * corr + tl.sum(tl.where(group[None, :] == 3, p, 0.0), 1)
+    if HAS_VAR:
+        # VAR needs the sink and non-sink-image partial outputs apart (var.md section 5, design A).
+        sink = (group[None, :] == 1) | (group[None, :] == 2)
+        p_s = tl.where(sink, p, 0.0).to(v.dtype)
+        acc_s = tl.dot(p_s, v, acc_s * corr[:, None], input_precision=DOT_PRECISION)
+        p_u = tl.where(group[None, :] == 3, p, 0.0).to(v.dtype)
+        acc_u = tl.dot(p_u, v, acc_u * corr[:, None], input_precision=DOT_PRECISION)
+    return m_new, l_i, acc, l_t, l_sv, l_u, acc_s, acc_u
+
+
+@triton.jit
+def _n_image(NImage, group_ptrs, b, NK, HAS_N_IMAGE: tl.constexpr, BLOCK: tl.constexpr):
+    """VAR's epsilon count: n_image[b] if given, else the row's columns of groups 2 and 3."""
+    if HAS_N_IMAGE:
+        n = tl.load(NImage + b)
+    else:
+        count = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, NK, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            group = tl.load(group_ptrs + cols, mask=cols < NK, other=0)
+            count += (group >= 2).to(tl.float32)
+        n = tl.sum(count, 0)
+    return n
+
+
+@triton.jit
+def _var_factors(l_i, l_t, l_sv, l_u, var_row, n_img, keep, rho, summ):
+    """VAR's per-row (f_sink, f_image) from the unnormalised group sums (var.md section 1.3)."""
+    inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
+    a_t = l_t * inv
+    a_sv = l_sv * inv
+    a_u = l_u * inv
+    a_v = a_sv + a_u
+    sel = var_row & (a_v >= summ) & (a_sv / (a_v + n_img * 1e-6) <= rho) & (a_u > 0)
+    f_s = tl.where(sel, keep, 1.0)
+    f_u = tl.where(sel, 1.0 + (1.0 - keep) * (a_sv + a_t) / tl.where(sel, a_u, 1.0), 1.0)
+    return f_s, f_u
+
+
+@triton.jit
+def _finish_rows(
+    acc, acc_s, acc_u, m_i, l_i, l_t, l_sv, l_u,
+    var_row, n_img, keep, rho, summ, head_scale,
+    GroupMass, LastStats, mass_rows, last_heads, row_ok, is_last,
+    HAS_VAR: tl.constexpr, HAS_HEAD_SCALE: tl.constexpr,
+    WANT_MASS: tl.constexpr, WANT_LAST: tl.constexpr,
+):  # fmt: skip
+    """Epilogue: VAR on the group partials, normalise, head scale; write side outputs.
+
+    acc* [M, D]; m_i, l_* [M]. mass_rows [M]: row index into GroupMass [B*H*Q, 4];
+    last_heads [M]: (b*H + h) into LastStats [B*H, 4] = (m, l, f_sink, f_image), written by
+    rows with is_last. Returns the normalised output [M, D] in fp32.
+    """
+    f_s = tl.full(l_i.shape, 1.0, tl.float32)
+    f_u = f_s
+    if HAS_VAR:
+        f_s, f_u = _var_factors(l_i, l_t, l_sv, l_u, var_row, n_img, keep, rho, summ)
+        # O' = O + (f_s - 1) O_sink + (f_u - 1) O_image: exactly O for unselected rows.
+        acc = acc + (f_s - 1.0)[:, None] * acc_s + (f_u - 1.0)[:, None] * acc_u
+    inv = tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
+    out = acc * inv[:, None]
+    if HAS_HEAD_SCALE:
+        out = out * head_scale[:, None]
+    if WANT_MASS:
+        base = GroupMass + mass_rows * 4
+        tl.store(base + 0, (l_i - l_t - l_sv - l_u) * inv, mask=row_ok)
+        tl.store(base + 1, l_t * inv, mask=row_ok)
+        tl.store(base + 2, l_sv * inv, mask=row_ok)
+        tl.store(base + 3, l_u * inv, mask=row_ok)
+    if WANT_LAST:
+        base = LastStats + last_heads * 4
+        mask = row_ok & is_last
+        tl.store(base + 0, m_i, mask=mask)
+        tl.store(base + 1, l_i, mask=mask)
+        tl.store(base + 2, f_s, mask=mask)
+        tl.store(base + 3, f_u, mask=mask)
+    return out
+
+
+@triton.jit
+def _last_row_kernel(
+    Q, K, KeyStart, ColGroup, ImageGain, GainRows, LastStats, LastRow,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+    H, GQA, NQ, NK, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_PAI: tl.constexpr, HAS_VAR: tl.constexpr,
+):  # fmt: skip
+    """Final probabilities of the last query row, one key tile per program, from the row's
+    running max and sum (m, l) and VAR factors that the attention kernel stored.
+    Grid (B*H, key tiles)."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = cols < NK
+    q_ptr = Q + b.to(tl.int64) * stride_qb + h * stride_qh + (NQ - 1) * stride_qm
+    q = tl.load(q_ptr + offs_d).to(tl.float32)
+    k_ptr = K + b.to(tl.int64) * stride_kb + (h // GQA) * stride_kh
+    k = tl.load(
+        k_ptr + cols[:, None] * stride_kn + offs_d[None, :], mask=col_ok[:, None], other=0.0
+    )
+    s = tl.sum(q[None, :] * k.to(tl.float32), 1) * qk_scale  # [N]
+    group = tl.zeros([BLOCK_N], tl.int8)
+    if HAS_PAI or HAS_VAR:
+        group = tl.load(ColGroup + b * NK + cols, mask=col_ok, other=0)
+    if HAS_PAI:
+        alpha = tl.load(ImageGain + b * H + h)
+        gain = tl.load(GainRows + b * NQ + NQ - 1) != 0
+        s = tl.where((group >= 2) & gain, s + alpha * tl.abs(s), s)
+    visible = (cols >= tl.load(KeyStart + b)) & col_ok  # the last row sees every column < NK
+    s = tl.where(visible, s, float("-inf"))
+    m = tl.load(LastStats + bh * 4 + 0)
+    l_i = tl.load(LastStats + bh * 4 + 1)
+    p = tl.exp2(s - m) * tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
+    if HAS_VAR:
+        f_s = tl.load(LastStats + bh * 4 + 2)
+        f_u = tl.load(LastStats + bh * 4 + 3)
+        p = p * tl.where((group == 1) | (group == 2), f_s, tl.where(group == 3, f_u, 1.0))
+    tl.store(LastRow + bh.to(tl.int64) * NK + cols, p, mask=col_ok)

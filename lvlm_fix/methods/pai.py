@@ -1,0 +1,70 @@
+"""PAI's attention step (Liu et al., ECCV 2024, "Paying More Attention to Image").
+
+In layers [start_layer, end_layer), on the last query row only, every image key's pre-softmax
+score s becomes s + alpha * |s| (larger whatever its sign), in every head. Masked entries stay
+masked. Only edited views' rows are touched, so PAI's text-only CFG row (`pai_cfg`, a separate
+intervention) stays the plain model. The kernel applies the gain inside the online softmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from pydantic import Field
+
+from lvlm_fix.methods.base import Contribution, Intervention, register
+from lvlm_fix.model import ModelInfo
+
+if TYPE_CHECKING:
+    from lvlm_fix.hooks import AttentionCall
+
+
+@register
+class PAI(Intervention):
+    """Pay more attention to the image: amplify the last row's image scores."""
+
+    name: ClassVar[str] = "pai"
+    hooks: ClassVar[frozenset] = frozenset({"attention"})
+
+    alpha: float = Field(0.2, ge=0.0, description="Image score gain s + alpha*|s| (0 = off).")
+    start_layer: int = Field(2, ge=0, description="First edited layer (the paper skips 0 and 1).")
+    end_layer: int | None = Field(
+        None, description="Edited layers end before this; None = the model's depth, < 0 from it."
+    )
+
+    def is_neutral(self) -> bool:
+        return self.alpha == 0
+
+    def contribute(self, model: ModelInfo) -> Contribution:
+        L = model.num_layers
+        end = L if self.end_layer is None else self.end_layer
+        end = end + L if end < 0 else end  # -1 = every layer but the last
+        if not self.start_layer < end <= L:
+            raise ValueError(
+                f"PAI layers [{self.start_layer}, {end}) are empty or beyond the model's {L} layers"
+            )
+        layers = frozenset(range(self.start_layer, end))
+        return Contribution(attention=ImageGain(layers, self.alpha))
+
+
+@dataclass(frozen=True)
+class ImageGain:
+    """AttentionHook: PAI's gain on the last query row of edited rows."""
+
+    layers: frozenset[int]
+    alpha: float
+
+    def edits(self, call: AttentionCall) -> dict[str, Any] | None:
+        if call.layer not in self.layers:
+            return None
+        R, H, Q, _ = call.query.shape
+        edited = call.ctx.state["row.edited"]  # [R]
+        gain = torch.where(edited, self.alpha, 0.0).float()[:, None].expand(R, H).contiguous()
+        rows = torch.zeros(R, Q, dtype=torch.bool, device=call.query.device)
+        rows[:, -1] = edited
+        return {"image_gain": gain, "gain_rows": rows}
+
+    def after(self, call: AttentionCall, out: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
+        return None

@@ -1,0 +1,157 @@
+"""VHR: Vision-aware Head Reinforcement (He et al., ACL 2025, "Cracking the Code of Hallucination").
+
+Per sample and per reinforced layer, VHR compares each head's output (pre-o_proj context vector)
+at the last prompt position with and without the image: VHD_h = ||A_h(with) - A_h(without)||_2.
+Heads whose VHD is above the layer's median (after an outlier filter) are "vision-aware" and get
+their output multiplied by `alpha` from then on. Selection runs layer by layer during prefill, so
+layer l's choice already sees the reinforcement of layers < l.
+
+The "without image" branch is a prefill-only text-only view: the same prompt with the image
+tokens dropped (positions re-indexed as if the prompt had no image, as PAI's text-only prompt
+does). It runs in the same batch as the original row, so both are at layer l at the same time.
+Only this "drop" counterfactual is implemented; keeping positions and masking the image instead
+("mask") would be a further value of `vhd_counterfactual`.
+
+State: state["vhr.head_scale"] float [R, L, H] (1 = untouched), fixed after prefill; at decode
+the head scale is an epilogue multiply inside the attention kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from lvlm_fix.methods.base import Contribution, Intervention, View, register
+from lvlm_fix.model import ModelInfo
+
+if TYPE_CHECKING:
+    from lvlm_fix.hooks import AttentionCall
+
+# Official LLaVA-1.5-7B setting: layer 1 plus the last 14 of 32 layers.
+LAST_LAYERS_SHARE = 14 / 32
+
+
+@register
+class VHR(Intervention):
+    """Vision-aware Head Reinforcement: scale the heads that react most to the image."""
+
+    name: ClassVar[str] = "vhr"
+    hooks: ClassVar[frozenset] = frozenset({"views", "attention"})
+
+    alpha: float = Field(2.0, gt=0.0, description="Output scale of selected heads (1 = off).")
+    layers: Literal["auto"] | list[int] = Field(
+        "auto", description="Reinforced layers; 'auto' = [1] + last round(14/32 * L) ([] = off)."
+    )
+    outlier_filter: bool = Field(
+        True, description="Drop heads whose VHD and text-only norm both exceed mean + std."
+    )
+    prefill_scope: Literal["all", "last"] = Field(
+        "all", description="Prompt rows scaled at prefill: every row, or only the last one."
+    )
+    vhd_reinforce_counterfactual: bool = Field(
+        True, description="Scale the text-only branch's heads too, so both streams match."
+    )
+    vhd_counterfactual: Literal["drop"] = Field(
+        "drop", description="How the image is removed: 'drop' its tokens (the only one built)."
+    )
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, layers: Literal["auto"] | list[int]) -> Literal["auto"] | list[int]:
+        if isinstance(layers, list) and any(layer < 0 for layer in layers):
+            raise ValueError(f"layers must be indices >= 0, got {layers}")
+        return layers
+
+    def is_neutral(self) -> bool:
+        return self.alpha == 1.0 or self.layers == []
+
+    def contribute(self, model: ModelInfo) -> Contribution:
+        layers = reinforced_layers(self.layers, model.num_layers)
+        view = View("vhr.text_only", weight=_zero, drop_image=True, prefill_only=True, edited=False)
+        hook = Reinforce(
+            view=view,
+            layers=layers,
+            alpha=self.alpha,
+            outlier_filter=self.outlier_filter,
+            last_only=self.prefill_scope == "last",
+            scale_counterfactual=self.vhd_reinforce_counterfactual,
+        )
+        return Contribution(views=(view,), attention=hook)
+
+
+def _zero(step: int) -> float:
+    return 0.0  # a prefill-only view never enters the logits
+
+
+def reinforced_layers(layers: Literal["auto"] | list[int], num_layers: int) -> frozenset[int]:
+    """'auto' -> {1} + the last round(14/32 * L) layers; explicit lists are checked."""
+    if layers == "auto":
+        count = int(LAST_LAYERS_SHARE * num_layers + 0.5)
+        return frozenset({1} & set(range(num_layers))) | frozenset(
+            range(num_layers - count, num_layers)
+        )
+    bad = [layer for layer in layers if layer >= num_layers]
+    if bad:
+        raise ValueError(f"VHR layers {bad} do not exist: the model has {num_layers} layers")
+    return frozenset(layers)
+
+
+def select_heads(vhd: torch.Tensor, text_norm: torch.Tensor, outlier_filter: bool) -> torch.Tensor:
+    """vhd, text_norm [B, H] -> bool [B, H]: heads with VHD > the layer's median.
+
+    Outliers (VHD and text-only output norm both above mean + std, unbiased std) get VHD 0 first.
+    torch.median semantics: the lower middle value for even H, so ties select fewer heads.
+    """
+    if outlier_filter:
+        high = vhd > vhd.mean(-1, keepdim=True) + vhd.std(-1, keepdim=True)
+        surge = text_norm > text_norm.mean(-1, keepdim=True) + text_norm.std(-1, keepdim=True)
+        vhd = torch.where(high & surge, torch.zeros_like(vhd), vhd)
+    return vhd > vhd.median(-1, keepdim=True).values
+
+
+@dataclass(frozen=True)
+class Reinforce:
+    """AttentionHook: select heads at prefill (after), scale them at decode (edits)."""
+
+    view: View
+    layers: frozenset[int]
+    alpha: float
+    outlier_filter: bool
+    last_only: bool
+    scale_counterfactual: bool
+
+    def edits(self, call: AttentionCall) -> dict[str, Any] | None:
+        scale = call.ctx.state.get("vhr.head_scale")
+        if call.ctx.phase != "decode" or call.layer not in self.layers or scale is None:
+            return None
+        return {"head_scale": scale[:, call.layer].contiguous()}  # [R, H]
+
+    def after(self, call: AttentionCall, out: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
+        """Prefill: out [R, Q, H, D]. Choose this layer's heads and scale them in place."""
+        ctx = call.ctx
+        if ctx.phase != "prefill" or call.layer not in self.layers:
+            return
+        R, _, H, _ = out.shape
+        state = ctx.state
+        if "vhr.head_scale" not in state:
+            state["vhr.head_scale"] = torch.ones(
+                R, ctx.num_layers, H, dtype=torch.float32, device=out.device
+            )
+        view = 1 + next(i for i, v in enumerate(ctx.plan.views) if v is self.view)
+        sample, views = state["row.sample"], state["row.view"]
+        original = (views == 0).nonzero().flatten()  # one row per sample, sample order
+        text_only = (views == view).nonzero().flatten()
+        with_image = out[original, -1].float()  # [B, H, D] last prompt position
+        without = out[text_only, -1].float()
+        vhd = (with_image - without).norm(dim=-1)  # [B, H]
+        chosen = select_heads(vhd, without.norm(dim=-1), self.outlier_filter)
+        has_image = ctx.layout.n_image[original] > 0  # without image VHR changes nothing
+        per_sample = torch.where(chosen & has_image[:, None], self.alpha, 1.0)  # [B, H]
+        targets = state["row.edited"] | ((views == view) & self.scale_counterfactual)
+        scale = torch.where(targets[:, None], per_sample[sample], 1.0)  # [R, H]
+        state["vhr.head_scale"][:, call.layer] = scale
+        rows = out[:, -1:] if self.last_only else out
+        rows.mul_(scale[:, None, :, None].to(out.dtype))

@@ -1,0 +1,151 @@
+"""`lvlm-fix serve`: the REST API on Ray Serve (default) or on plain uvicorn (`--no-ray`).
+
+serve.yaml (all keys optional; the schema is `deployment.AppArgs` plus `address`, `host`, `port`):
+
+    address: auto            # join a running Ray cluster (`ray start --head`); omit = local Ray
+    host: 127.0.0.1          # 0.0.0.0 to listen on every interface
+    port: 8000
+    model: llava-hf/llava-1.5-7b-hf
+    device: cuda
+    num_gpus: 1              # per model replica: one replica per GPU
+    num_replicas: 2          # or, instead:
+    # autoscaling: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8}
+    batch: {max_batch_size: 8, batch_wait_ms: 10}
+    service:                 # lvlm_fix.service.config.ServeConfig
+      api_key: change-me
+      max_image_bytes: 10485760
+      default_interventions: [{name: vhr}]
+
+Command-line flags override the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="listen port (default 8000)")
+    parser.add_argument("--no-ray", action="store_true", help="one process under uvicorn")
+    parser.add_argument("--config", type=Path, default=None, help="serve.yaml (see module doc)")
+    parser.add_argument("--replicas", type=int, default=None, help="model replicas (Ray)")
+    parser.add_argument("--max-batch-size", type=int, default=None, help="Ray dynamic batching")
+    parser.add_argument("--batch-wait-ms", type=float, default=None, help="Ray batch wait")
+    parser.add_argument("--num-cpus", type=float, default=None, help="CPUs given to local Ray")
+    parser.add_argument("--api-key", default=None, help="require this Bearer key")
+    parser.epilog = (
+        "--intervention here sets the default interventions, applied when a request sends no "
+        "`interventions` field."
+    )
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """serve.yaml merged with the command line (the command line wins)."""
+    import yaml
+
+    from lvlm_fix.methods import parse_intervention
+
+    settings: dict[str, Any] = {}
+    if args.config is not None:
+        settings = yaml.safe_load(args.config.read_text()) or {}
+        if not isinstance(settings, dict):
+            raise ValueError(f"{args.config}: expected a mapping at the top level")
+    service = dict(settings.get("service") or {})
+    batch = dict(settings.get("batch") or {})
+    overrides = {
+        "model": args.model,
+        "host": args.host,
+        "port": args.port,
+        "num_replicas": args.replicas,
+    }
+    if args.device != "cpu" or "device" not in settings:
+        overrides["device"] = args.device
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    batch.update(
+        {
+            k: v
+            for k, v in {
+                "max_batch_size": args.max_batch_size,
+                "batch_wait_ms": args.batch_wait_ms,
+            }.items()
+            if v is not None
+        }
+    )
+    if args.intervention:
+        service["default_interventions"] = args.intervention
+    for spec in service.get("default_interventions", ()):
+        parse_intervention(spec)  # fail now (ValueError naming it), not inside a replica
+    if args.api_key:
+        service["api_key"] = args.api_key
+    settings["service"], settings["batch"] = service, batch
+    settings.setdefault("host", "127.0.0.1")
+    settings.setdefault("port", 8000)
+    return settings
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings(args)
+        address, host, port = (
+            settings.pop("address", None),
+            settings.pop("host"),
+            settings.pop("port"),
+        )
+        if args.no_ray:
+            return _serve_uvicorn(settings, host, port)
+        return _serve_ray(settings, address, host, port, args.num_cpus)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _serve_uvicorn(settings: dict, host: str, port: int) -> int:
+    import uvicorn
+
+    from lvlm_fix.lvlm import LVLM
+    from lvlm_fix.service.app import build_app
+    from lvlm_fix.service.config import ServeConfig
+
+    config = ServeConfig.model_validate(settings.get("service", {}))
+    lvlm = LVLM.from_pretrained(settings.get("model"), device=settings.get("device", "cpu"))
+    uvicorn.run(build_app(lvlm, config), host=host, port=port)
+    return 0
+
+
+def _serve_ray(settings: dict, address: str | None, host: str, port: int, cpus) -> int:
+    os.environ.update(RAY_ENV)  # read by Ray at import time
+    import ray
+    from ray import serve
+
+    from lvlm_fix.service.deployment import AppArgs, build
+
+    app_args = AppArgs.model_validate(settings)
+    if address:
+        ray.init(address=address)
+    else:
+        # A private cluster on loopback: nothing listens beyond this machine.
+        ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+    # `docker stop` sends SIGTERM: shut Serve and Ray down as for Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
+    serve.start(http_options={"host": host, "port": port})
+    print(f"serving on http://{host}:{port} (docs at /docs); Ctrl-C stops", file=sys.stderr)
+    try:
+        serve.run(build(app_args), name="lvlm-fix", route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt

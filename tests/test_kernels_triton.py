@@ -1,0 +1,148 @@
+"""Triton kernels against the plain-torch reference, on CPU under TRITON_INTERPRET=1.
+
+@triton.jit reads TRITON_INTERPRET when a kernel is defined, so it is set before anything
+imports the kernel modules (and the modules are re-imported if something loaded them earlier);
+each test sets it again while it runs, and the rest of the session does not see it.
+Tiny shapes, fp32 and fp16 only: bf16 is not supported by the interpreter.
+"""
+
+import os
+
+_previous = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from lvlm_fix.kernels import AttentionEdits, triton_common  # noqa: E402
+from lvlm_fix.kernels import reference as ref  # noqa: E402
+from lvlm_fix.kernels import triton_attention as ta  # noqa: E402
+
+if type(triton_common._attend_tile).__name__ != "InterpretedFunction":
+    importlib.reload(triton_common)
+    ta = importlib.reload(ta)
+if _previous is None:  # leave the rest of the test session as it was
+    del os.environ["TRITON_INTERPRET"]
+else:
+    os.environ["TRITON_INTERPRET"] = _previous
+
+
+@pytest.fixture(autouse=True)
+def _interpret(monkeypatch):
+    """Triton also reads the flag while launching, so keep it on during these tests."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+KERNELS = {"prefill": ta.prefill_attention, "decode": ta.decode_attention}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+TOL = {  # (out atol, out rtol, stats atol)
+    torch.float32: (2e-5, 1e-4, 1e-5),
+    torch.float16: (4e-3, 1e-2, 2e-3),
+}
+
+
+def make_case(B, H, Hkv, Q, K, D, key_start, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (
+        torch.randn(B, n, L, D, generator=g).to(dtype) for n, L in ((H, Q), (Hkv, K), (Hkv, K))
+    )
+    key_start = torch.tensor(key_start, dtype=torch.int32)
+    col_group = torch.zeros(B, K, dtype=torch.int8)
+    for b in range(B):  # a text sink at the first key, an image span with a visual sink
+        s = int(key_start[b])
+        lo, hi = min(s + 2, K - 1), min(s + 2 + (K - s) // 2, K)
+        col_group[b, s] = 1
+        col_group[b, lo:hi] = 3
+        col_group[b, min(lo + b, K - 1)] = 2
+    return q, k, v, key_start, col_group, g
+
+
+def edits_for(kind, col_group, B, H, Q, g):
+    pai = dict(
+        image_gain=torch.rand(B, H, generator=g) * 0.5,
+        gain_rows=torch.rand(B, Q, generator=g) > 0.3,
+    )
+    var = dict(var_rows=torch.rand(B, Q, generator=g) > 0.2, var_keep=0.6, var_summ=0.1)
+    scale = dict(head_scale=torch.rand(B, H, generator=g) + 0.5)
+    stats = dict(want_group_mass=True, want_last_row=True)
+    fields = {
+        "none": {},
+        "all": {**pai, **var, **scale, **stats, "n_image": (col_group >= 2).sum(-1).float()},
+        "pai": pai,
+        "var": var,
+        "head_scale": scale,
+        "mass": dict(want_group_mass=True),
+        "last_row": dict(want_last_row=True),
+    }[kind]
+    needs_groups = kind not in ("none", "head_scale", "last_row")
+    return AttentionEdits(col_group=col_group if needs_groups else None, **fields)
+
+
+def check(kernel, dtype, B=2, H=2, Hkv=1, Q=5, K=33, D=16, key_start=(0, 2), kind="all", seed=0):
+    q, k, v, ks, col_group, g = make_case(B, H, Hkv, Q, K, D, key_start, dtype, seed)
+    edits = edits_for(kind, col_group, B, H, Q, g)
+    want, want_stats = ref.edited_attention(q, k, v, scale=D**-0.5, key_start=ks, edits=edits)
+    got, got_stats = KERNELS[kernel](q, k, v, scale=D**-0.5, key_start=ks, edits=edits)
+    atol, rtol, stat_atol = TOL[dtype]
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
+    assert got_stats.keys() == want_stats.keys()
+    for name, value in want_stats.items():
+        torch.testing.assert_close(got_stats[name], value, atol=stat_atol, rtol=1e-3)
+    return want_stats, edits
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("K", [7, 33], ids=lambda n: f"K{n}")
+@pytest.mark.parametrize("Q", [1, 5], ids=lambda n: f"Q{n}")
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_all_edits_gqa_ragged(dtype, Q, K, kernel):
+    """PAI + VAR + head scale + both statistics, GQA 2:1, left padding of 2 on row 1."""
+    stats, edits = check(kernel, dtype, Q=Q, K=K, seed=Q * K)
+    f_sink, _ = ref.var_weights(stats["group_mass"], edits)
+    if Q == 5:  # the case must exercise VAR's selected rows
+        assert (f_sink != 1).any()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_no_edits(dtype, kernel):
+    check(kernel, dtype, Hkv=2, key_start=(0, 0), kind="none")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kind", ["pai", "var", "head_scale", "mass", "last_row"])
+def test_single_edit(kind, kernel):
+    check(kernel, torch.float32, kind=kind, key_start=(3, 0), seed=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_prefill_many_row_blocks(dtype):
+    """Q=40 spans three 16-row blocks: unmasked and masked key tiles, odd K, GQA 4:1."""
+    check("prefill", dtype, H=4, Hkv=1, Q=40, K=45, key_start=(0, 7), seed=2)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fully_padded_rows_are_zero(kernel):
+    """Rows that see no key (key_start past their causal limit) output zeros, not NaN."""
+    check(kernel, torch.float32, Q=5, K=7, key_start=(0, 5), seed=3)
+
+
+def test_decode_long_odd_k():
+    """K=63 with D=32: several splits of several tiles, the last one partial."""
+    check("decode", torch.float16, H=4, Hkv=2, Q=1, K=63, D=32, key_start=(0, 9), seed=4)
+
+
+def test_dispatch_and_head_dim_check():
+    q, k, v, ks, col_group, g = make_case(2, 2, 2, 5, 33, 16, (0, 2), torch.float32)
+    edits = edits_for("all", col_group, 2, 2, 5, g)
+    want, _ = ref.edited_attention(q, k, v, scale=0.25, key_start=ks, edits=edits)
+    got, _ = ta.edited_attention_triton(q, k, v, scale=0.25, key_start=ks, edits=edits)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    bad = torch.zeros(2, 2, 5, 24)
+    with pytest.raises(ValueError, match="power-of-two head dim"):
+        ta.prefill_attention(bad, bad, bad, scale=0.2, key_start=ks, edits=AttentionEdits())
