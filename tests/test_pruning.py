@@ -216,7 +216,9 @@ def test_dyvte_rows_exit_at_different_layers(lvlm, samples, tmp_path):
 
 def test_dyvte_without_router_is_a_clear_error(lvlm, samples):
     with pytest.raises(ValueError, match="dyvte_train"):
-        lvlm.generate(samples, [{"name": "dyvte"}])
+        lvlm.generate(samples, [{"name": "dyvte", "router": "auto"}])
+    with pytest.raises(ValueError, match="router"):
+        lvlm.plan([{"name": "dyvte"}])
 
 
 class _SeeColumns(Intervention):
@@ -294,9 +296,12 @@ def test_dyvte_training_command_writes_loadable_routers(lvlm, samples, tmp_path)
         ({"name": "fastv", "keep": 10}, {"name": "ritual"}),
         ({"name": "flowcut", "budget": 16}, {"name": "vcd"}),
         ({"name": "flowcut", "budget": 16}, {"name": "ritual"}),
+        ({"name": "flowcut", "budget": 16}, {"name": "var"}),
+        ({"name": "fastv", "keep": 10}, {"name": "pai"}),
+        ({"name": "fastv", "keep": 10}, {"name": "vhr"}),
     ],
 )
-def test_pruning_composes_with_view_methods(lvlm, samples, pruning, other):
+def test_pruning_composes_with_other_methods(lvlm, samples, pruning, other):
     both = [pruning, other]
     together = tokens(lvlm, samples, both)
     assert together == [tokens(lvlm, [s], both)[0] for s in samples]
@@ -312,6 +317,8 @@ def test_pruning_with_opera(lvlm, samples):
     assert together == [tokens(lvlm, [s], both, params)[0] for s in samples]
     with pytest.raises(PlanConflict, match="'fastv' and 'opera'"):
         lvlm.plan([{"name": "fastv"}, opera])
+    with pytest.raises(PlanConflict, match="'fastv' and 'var'"):
+        lvlm.plan([{"name": "fastv"}, {"name": "var"}])
 
 
 def masked_reference(
@@ -368,3 +375,13 @@ def test_physical_pruning_equals_masking(lvlm, samples, tmp_path):
     image = dyvte.layout.image_mask[0]
     expected = masked_reference(lvlm, sample, {2: image, 3: image})
     torch.testing.assert_close(logits, expected[None], atol=1e-4, rtol=1e-4)
+
+
+def test_flowcut_when_the_llm_reads_the_first_vision_layer(tiny_llava_path, images):
+    """The default tiny tower has 2 layers and the LLM reads layer 0: one forced cut there."""
+    small = LVLM.from_pretrained(tiny_llava_path)
+    spec = [{"name": "flowcut", "budget": 8}]
+    pairs = [Sample(q, (im,)) for q, im in zip(QUESTIONS, images, strict=True)]
+    together = tokens(small, pairs, spec)
+    assert together == [tokens(small, [s], spec)[0] for s in pairs]
+    assert prefill(small, pairs, spec).layout.n_image.tolist() == [8, 8]

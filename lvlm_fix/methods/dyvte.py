@@ -97,21 +97,24 @@ class DyVTE(Intervention):
 
     name: ClassVar[str] = "dyvte"
     hooks: ClassVar[frozenset] = frozenset({"prune"})
-    # OPERA reads the last layer's attention row against the unpruned column layout.
-    conflicts: ClassVar[frozenset[str]] = frozenset({"opera"})
+    # OPERA's attention row and VAR's sink masks are kept in the unpruned prompt's columns;
+    # they compose once they read the per-layer layout (`ctx.layout.at_layer(layer)`).
+    conflicts: ClassVar[frozenset[str]] = frozenset({"opera", "var"})
 
     threshold: float = Field(
         0.5, ge=0.0, le=1.0, description="exit when p(exit) > threshold (1 = never: off)"
     )
-    router: str | None = Field(
-        None, description=f"router file (None = {ROUTER_FILE} in the model's directory)"
+    # Required: a method that needs trained weights has no defaults that run on any model.
+    router: str = Field(
+        description=f"router file, or 'auto' = {ROUTER_FILE} in the model's directory"
     )
 
     def is_neutral(self) -> bool:
         return self.threshold >= 1.0
 
     def contribute(self, model: ModelInfo) -> Contribution:
-        path = Path(self.router) if self.router else Path(model.path or ".") / ROUTER_FILE
+        auto = self.router == "auto"
+        path = Path(model.path or ".") / ROUTER_FILE if auto else Path(self.router)
         w1, w2 = load_routers(path)
         if w1.shape[-1] != 2 * model.hidden_size:
             raise ValueError(

@@ -88,8 +88,9 @@ class FastV(Intervention):
 
     name: ClassVar[str] = "fastv"
     hooks: ClassVar[frozenset] = frozenset({"attention", "prune"})
-    # OPERA reads the last layer's attention row against the unpruned column layout.
-    conflicts: ClassVar[frozenset[str]] = frozenset({"opera"})
+    # OPERA's attention row and VAR's sink masks are kept in the unpruned prompt's columns;
+    # they compose once they read the per-layer layout (`ctx.layout.at_layer(layer)`).
+    conflicts: ClassVar[frozenset[str]] = frozenset({"opera", "var"})
 
     layer: int = Field(2, ge=1, description="K: layers >= K see the pruned image tokens")
     ratio: float = Field(

@@ -3,9 +3,10 @@
 After each encoder layer before the one the LLM reads (`read_layer`), every patch gets a score
 from that layer's attention: (CLS->patch attention + CLS-value->value similarity, each
 renormalised over the patches) x L1 norm of the head-mean value vector. Scores accumulate with
-an EMA (0.5). On layers whose remaining-layer count rpl = read_layer - idx - 1 is even, an
+an EMA (0.5). On layers whose remaining-layer count rpl = read_layer - 1 - idx is even, an
 entropy-adaptive number of patches goes (more when CLS attention is concentrated, spread over
-the remaining stages by sqrt(rpl)); at rpl = 0 every image is cut to exactly the budget.
+the remaining stages by sqrt(rpl)); at rpl = 0 every image is cut to exactly the budget. (A
+tower whose LLM reads layer 0 gets only the forced cut, on layer 0's output.)
 Survivors stay in raster order; nothing is merged.
 
 Deviation from upstream (on purpose): the adaptive count is per image, not the max over the
@@ -78,9 +79,12 @@ class _FlowCutStage:
     budget: int  # features per image the LLM receives
 
     def after_layer(self, call: VisionLayerCall) -> torch.Tensor | None:
-        if call.read_layer < 1:
-            raise ValueError("flowcut needs a single vision_feature_layer after the first layer")
-        if call.layer >= call.read_layer:
+        if call.read_layer < 0:
+            raise ValueError("flowcut needs a single vision_feature_layer")
+        # The forced cut lands on the layer before the read layer, so the read layer already
+        # runs on the budget; a tower that reads its first layer gets that one cut on its output.
+        last = max(call.read_layer - 1, 0)
+        if call.layer > last:
             return None
         target = self.budget if call.keeps_cls else self.budget + 1  # tokens incl. CLS
         scratch = call.ctx.scratch
@@ -93,7 +97,7 @@ class _FlowCutStage:
         else:
             current = 0.5 * flow.gather(1, ids) + 0.5 * s
         scratch["flowcut.flow"] = flow.scatter(1, ids, current)
-        rpl = call.read_layer - call.layer - 1
+        rpl = last - call.layer
         lengths = call.valid.sum(-1)
         if rpl % 2 == 1 or bool((lengths <= target).all()):
             return None
