@@ -20,13 +20,10 @@ Random weights have no massive activations, so VAR gets a low `tau` here to find
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
-import tempfile
 import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -35,66 +32,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from common import build_llava, sync, timer, write_json  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
-from transformers import (  # noqa: E402
-    AttentionInterface,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-)
+from transformers import AttentionInterface  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 
 from lvlm_fix import LVLM, GenerationParams, Sample, attention  # noqa: E402
 from lvlm_fix.hooks import AttentionCall, current  # noqa: E402
 from lvlm_fix.kernels import AttentionEdits, edited_attention, reference  # noqa: E402
-from lvlm_fix.tiny import build_tiny  # noqa: E402
 
 ORACLE = "lvlm_fix_oracle"
 QUESTION = "Please help me describe the image in detail."
 
-# name -> (text config, vision config, image size, patch size)
-SHAPES = {
-    "llava-1.5-7b": (
-        dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-             num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
-             max_position_embeddings=4096, rms_norm_eps=1e-5),
-        dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-             num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
-        336, 14,
-    ),
-    "tiny": (
-        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-             num_key_value_heads=4, vocab_size=512, max_position_embeddings=2048),
-        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-             image_size=32, patch_size=8, projection_dim=32),
-        32, 8,
-    ),
-}  # fmt: skip
 
-
-def build_lvlm(shape: str, device: str, dtype: torch.dtype, workdir: Path) -> LVLM:
-    """A random-weight LLaVA of the given shape, with a real processor (tokenizer + CLIP)."""
-    text, vision, image_size, patch = SHAPES[shape]
-    tiny = build_tiny("llava", workdir / "processor", image_size=image_size, patch_size=patch)
-    processor = LlavaProcessor.from_pretrained(tiny)
-    processor.tokenizer.padding_side = "left"
-    token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    text = {**text, "vocab_size": max(text["vocab_size"], len(processor.tokenizer))}
-    config = LlavaConfig(
-        text_config=LlamaConfig(**text, pad_token_id=processor.tokenizer.pad_token_id),
-        vision_config=CLIPVisionConfig(**vision),
-        image_token_id=token_id,
-    )
-    attention.register()
+def build_lvlm(shape: str, device: str, dtype: torch.dtype) -> LVLM:
+    """The shared random-weight LLaVA, with the oracle attention registered for the eager rows."""
+    lvlm = build_llava(shape, device, dtype)
     AttentionInterface.register(ORACLE, oracle_attention)
     AttentionMaskInterface.register(ORACLE, sdpa_mask)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype).eval()
-    model.set_attn_implementation({"text_config": attention.NAME, "vision_config": "sdpa"})
-    return LVLM(model, processor, "llava", f"random-{shape}")
+    return lvlm
 
 
 def oracle_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
@@ -112,25 +68,6 @@ def oracle_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     for hook in hooks:
         hook.after(call, out, stats)
     return out, None
-
-
-def timer(device: str) -> Callable[[Callable[[], object]], float]:
-    """Milliseconds per call: triton's do_bench on CUDA, a median of repeats on CPU."""
-    if device == "cuda":
-        from triton.testing import do_bench
-
-        return lambda fn: do_bench(fn, warmup=25, rep=100)
-
-    def cpu(fn: Callable[[], object]) -> float:
-        fn()
-        times = []
-        for _ in range(7):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return 1000 * sorted(times)[len(times) // 2]
-
-    return cpu
 
 
 def kernel_edits(kind: str, B: int, H: int, Q: int, K: int, image: slice, device) -> AttentionEdits:
@@ -155,10 +92,10 @@ def kernel_edits(kind: str, B: int, H: int, Q: int, K: int, image: slice, device
     return AttentionEdits(col_group=group if needs_groups else None, **fields)
 
 
-def bench_kernels(lvlm: LVLM, prompt_len: int, n_image: int, B: int, device, dtype) -> list[dict]:
+def bench_kernels(lvlm: LVLM, prompt_len: int, image: slice, B: int, device, dtype) -> list[dict]:
+    """One layer's attention at prefill and decode; `image` is the prompt's image columns."""
     info, measure = lvlm.info, timer(device)
     H, D = info.num_heads, info.head_dim
-    image = slice(5, 5 + n_image)  # "USER: <image>..." puts the image a few tokens in
     rows = []
     for phase, Q, K in (("prefill", prompt_len, prompt_len), ("decode", 1, prompt_len + 64)):
         q = torch.randn(B, H, Q, D, device=device, dtype=dtype)
@@ -183,16 +120,15 @@ def method_settings(tau: float, sink_dims: list[int]) -> dict[str, list[dict]]:
 
 def bench_generate(lvlm: LVLM, samples, interventions, new_tokens: int, device) -> dict:
     """Seconds for prefill (1 new token) and for a full generation; decode tokens/s."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     lvlm.generate(samples, interventions, GenerationParams(max_new_tokens=4))  # warm-up
     timings = {}
     for name, tokens in (("prefill_s", 1), ("total_s", new_tokens)):
         runs = []
         for _ in range(3):  # the median of three runs
-            sync()
+            sync(device)
             start = time.perf_counter()
             outs = lvlm.generate(samples, interventions, GenerationParams(max_new_tokens=tokens))
-            sync()
+            sync(device)
             runs.append(time.perf_counter() - start)
         timings[name] = sorted(runs)[1]
     generated = sum(len(o.token_ids) for o in outs)
@@ -250,13 +186,14 @@ def main() -> None:
         raise SystemExit("CUDA is not available: run with --tiny for the CPU smoke test")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     shape = "tiny" if args.tiny else "llava-1.5-7b"
-    with tempfile.TemporaryDirectory() as workdir:
-        lvlm = build_lvlm(shape, device, dtype, Path(workdir))
+    lvlm = build_lvlm(shape, device, dtype)
     samples = [Sample(QUESTION, (image,)) for image in make_images(args.batch)]
     batch = lvlm.processor(images=samples[0].images, text=["USER: <image>\n" + QUESTION],
                            return_tensors="pt")  # fmt: skip
     prompt_len = batch["input_ids"].shape[1]
-    n_image = int((batch["input_ids"] == lvlm.info.image_token_id).sum())
+    image_cols = (batch["input_ids"][0] == lvlm.info.image_token_id).nonzero().flatten()
+    n_image = len(image_cols)
+    image = slice(int(image_cols[0]), int(image_cols[0]) + n_image)  # "USER: <image>..."
     # random weights: a low tau so that sinks exist (real checkpoints use 20)
     tau, dims = (2.0, list(range(8))) if args.tiny else (1.5, [1415, 2533])
     result = {
@@ -264,7 +201,7 @@ def main() -> None:
         "dtype": str(dtype), "model": shape, "prompt_tokens": prompt_len, "image_tokens": n_image,
         "batch": args.batch, "new_tokens": args.new_tokens, "var_tau": tau, "var_sink_dims": dims,
         "versions": {"torch": torch.__version__},
-        "kernel": bench_kernels(lvlm, prompt_len, n_image, args.batch, device, dtype),
+        "kernel": bench_kernels(lvlm, prompt_len, image, args.batch, device, dtype),
         "e2e": bench_e2e(lvlm, samples, method_settings(tau, dims), args.new_tokens, device),
     }  # fmt: skip
     if device == "cuda":
@@ -273,8 +210,7 @@ def main() -> None:
         result["kernel_graph"] = run_table(dtype)
         print_table(result["kernel_graph"])
     print_tables(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
     print(f"\nwrote {args.out}")
 
 

@@ -16,32 +16,21 @@ Rows:
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
+from common import SIZES, build_llava, sync, write_json
 from PIL import Image
-from transformers import (
-    CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-)
 
-from lvlm_fix import LVLM, GenerationParams, Sample, attention
+from lvlm_fix import LVLM, GenerationParams, Sample
 from lvlm_fix.decoding import Runner, build_rows, combine_views, decode
 from lvlm_fix.methods import RowState
 from lvlm_fix.model import ImageLayout, PromptBatch
 from lvlm_fix.search import Limits
-from lvlm_fix.tiny import CHAT_TEMPLATE, train_tokenizer
 
 NO_EOS = -1  # no token has this id, so generation always runs to max_new_tokens
 CAPTION = "Please describe this image in detail."
-CORPUS = ["a photo of a cat and a dog on a red sofa near the window in the sunny room"] * 8
 
 METHODS: dict[str, tuple[list[dict], int]] = {  # name -> (interventions, num_beams)
     "greedy": ([], 1),
@@ -52,88 +41,11 @@ METHODS: dict[str, tuple[list[dict], int]] = {  # name -> (interventions, num_be
 }
 
 
-@dataclass(frozen=True)
-class Sizes:
-    """Model dimensions: LLaVA-1.5-7B, or a tiny stand-in for a CPU smoke run."""
-
-    vocab: int = 32064
-    hidden: int = 4096
-    intermediate: int = 11008
-    layers: int = 32
-    heads: int = 32
-    vision_hidden: int = 1024
-    vision_intermediate: int = 4096
-    vision_layers: int = 24
-    vision_heads: int = 16
-    image_size: int = 336
-    patch_size: int = 14
-
-
-TINY = Sizes(512, 64, 128, 4, 4, 64, 128, 2, 4, 32, 8)
-
-
-def build_lvlm(sizes: Sizes, device: str, dtype: torch.dtype) -> LVLM:
-    """A random-weight LLaVA-1.5 of `sizes` with a locally trained tokenizer (no downloads)."""
-    tokenizer = train_tokenizer(CORPUS)
-    tokenizer.padding_side = "left"
-    text = LlamaConfig(
-        vocab_size=sizes.vocab,
-        hidden_size=sizes.hidden,
-        intermediate_size=sizes.intermediate,
-        num_hidden_layers=sizes.layers,
-        num_attention_heads=sizes.heads,
-        num_key_value_heads=sizes.heads,
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=sizes.vision_hidden,
-        intermediate_size=sizes.vision_intermediate,
-        num_hidden_layers=sizes.vision_layers,
-        num_attention_heads=sizes.vision_heads,
-        image_size=sizes.image_size,
-        patch_size=sizes.patch_size,
-        hidden_act="quick_gelu",
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
-    model.eval()
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": sizes.image_size},
-        crop_size={"height": sizes.image_size, "width": sizes.image_size},
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=sizes.patch_size,
-        vision_feature_select_strategy="default",
-        chat_template=CHAT_TEMPLATE,
-        num_additional_image_tokens=1,
-    )
-    attention.register()
-    model.set_attn_implementation({"text_config": attention.NAME, "vision_config": "sdpa"})
-    return LVLM(model, processor, "llava", "llava-1.5-7b-random" if sizes.layers == 32 else "tiny")
-
-
 def make_samples(batch: int, image_size: int) -> list[Sample]:
     rng = np.random.default_rng(0)
     shape = (image_size * 3 // 4 + 8, image_size + 16, 3)  # not square: the processor resizes
     images = [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)) for _ in range(batch)]
     return [Sample(CAPTION, (image,), seed=i) for i, image in enumerate(images)]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _limits(lvlm: LVLM, samples: list[Sample], tokens: int) -> Limits:
@@ -147,16 +59,16 @@ def time_ours(lvlm: LVLM, method: str, samples: list[Sample], tokens: int) -> tu
     plan = lvlm.plan(specs, GenerationParams(max_new_tokens=tokens, num_beams=beams))
     limits = _limits(lvlm, samples, tokens)
     events = decode(lvlm.model, lvlm.processor, lvlm.info, plan, samples, limits)
-    _sync(lvlm.device)
+    sync(lvlm.device)
     start = time.perf_counter()
     first, steps = None, 0
     for event in events:
         if event.tokens is not None:
             steps += 1
             if first is None:
-                _sync(lvlm.device)
+                sync(lvlm.device)
                 first = time.perf_counter()
-    _sync(lvlm.device)
+    sync(lvlm.device)
     end = time.perf_counter()
     return (first - start) * 1e3, (end - first) * 1e3 / max(steps - 1, 1)
 
@@ -181,7 +93,7 @@ def time_naive(lvlm: LVLM, method: str, samples: list[Sample], tokens: int) -> t
     plan = lvlm.plan(specs, GenerationParams(max_new_tokens=tokens))
     n_views, device = plan.n_views, lvlm.device
     empty = lvlm.plan([], GenerationParams(max_new_tokens=tokens))
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     batch = build_rows(lvlm.processor, lvlm.info.image_token_id, plan, samples, device)
     runners = [
@@ -194,11 +106,11 @@ def time_naive(lvlm: LVLM, method: str, samples: list[Sample], tokens: int) -> t
         stacked = torch.stack(logits, 1).flatten(0, 1)  # [B * views, V], sample-major
         token = combine_views(stacked, plan, step, 1)[:, 0].argmax(-1)  # [B]
         if step == 0:
-            _sync(device)
+            sync(device)
             first = time.perf_counter()
         if step + 1 < tokens:
             logits = [runner.forward(token[:, None])[:, -1] for runner in runners]
-    _sync(device)
+    sync(device)
     end = time.perf_counter()
     return (first - start) * 1e3, (end - first) * 1e3 / max(tokens - 1, 1)
 
@@ -215,12 +127,12 @@ def time_hf(lvlm: LVLM, method: str, samples: list[Sample], tokens: int) -> tupl
     inputs["pixel_values"] = inputs["pixel_values"].to(lvlm.model.dtype)
 
     def run(n: int) -> float:
-        _sync(lvlm.device)
+        sync(lvlm.device)
         start = time.perf_counter()
         lvlm.model.generate(
             **inputs, max_new_tokens=n, min_new_tokens=n, num_beams=beams, do_sample=False
         )
-        _sync(lvlm.device)
+        sync(lvlm.device)
         return (time.perf_counter() - start) * 1e3
 
     one = run(1)
@@ -246,14 +158,13 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="default: cuda (cpu with --tiny)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
-    sizes = TINY if args.tiny else Sizes()
+    preset = "tiny" if args.tiny else "llava-1.5-7b"
     device = args.device or ("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     tokens = args.tokens or (16 if args.tiny else 512)
 
-    torch.manual_seed(0)
-    lvlm = build_lvlm(sizes, device, dtype)
-    samples = make_samples(args.batch, sizes.image_size)
+    lvlm = build_llava(preset, device, dtype)
+    samples = make_samples(args.batch, SIZES[preset].image_size)
     results = []
     for method, impl in plan_rows():
         IMPLS[impl](lvlm, method, samples, min(tokens, 8))  # warm-up
@@ -272,8 +183,7 @@ def main() -> None:
     print_table(results, lvlm.info.name, device, dtype)
     if args.out:
         meta = {"model": lvlm.info.name, "device": _device_name(device), "dtype": str(dtype)}
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=2)
+        write_json(args.out, {"meta": meta, "results": results})
 
 
 def _device_name(device: str) -> str:

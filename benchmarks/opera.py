@@ -1,7 +1,7 @@
 """ms per generated token: plain beam-5 vs our OPERA vs a naive OPERA, in one run.
 
 GPU (default): a LLaVA-1.5-7B-shaped model with random weights in bf16, 512 new tokens, no
-early stop (EOS disabled). `--tiny` runs the bundled-size tiny model on CPU instead.
+early stop (EOS disabled). `--tiny` runs the same architecture at toy sizes on CPU instead.
 
 The naive OPERA has the reference's structure: per token one "main" forward plus C sequential
 candidate forwards over the K beams, every one on eager attention with output_attentions=True
@@ -17,68 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from dataclasses import replace
 
 import torch
+from common import SIZES, build_llava, sync, write_json
 from PIL import Image
-from transformers import (
-    CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-)
 
 from lvlm_fix import LVLM, GenerationParams, attention
 from lvlm_fix.decoding import Sample, build_rows, decode
 from lvlm_fix.methods.opera_state import candidate_log_probs
 from lvlm_fix.search import BeamSearch, Limits, advance_beams
-from lvlm_fix.tiny import CHAT_TEMPLATE, build_tiny, train_tokenizer
 
 PROMPT = "Please describe this image in detail."
-
-
-def llava_7b(device: str) -> LVLM:
-    """LLaVA-1.5-7B shapes (CLIP ViT-L/14-336 + Llama-2-7B), random bf16 weights."""
-    tokenizer = train_tokenizer(["describe the image in detail please"] * 4)
-    vision = CLIPVisionConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-        image_size=336, patch_size=14, projection_dim=768,
-    )  # fmt: skip
-    text = LlamaConfig(
-        vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-        bos_token_id=1, eos_token_id=2, pad_token_id=3,
-    )  # fmt: skip
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-    )
-    with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(
-            size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
-        ),
-        tokenizer=tokenizer,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        chat_template=CHAT_TEMPLATE,
-        num_additional_image_tokens=1,
-    )
-    attention.register()
-    model.eval().set_attn_implementation({"text_config": attention.NAME, "vision_config": "sdpa"})
-    return LVLM(model, processor, "llava", "llava-1.5-7b-random")
-
-
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed_decode(lvlm: LVLM, interventions, params, sample, recorder=None):
@@ -165,11 +116,10 @@ def main() -> None:
     parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
-    if args.tiny:
-        lvlm = LVLM.from_pretrained(build_tiny("llava", tempfile.mkdtemp() + "/tiny"))
-    else:
-        lvlm = llava_7b("cuda")
-    size = 32 if args.tiny else 336
+    preset = "tiny" if args.tiny else "llava-1.5-7b"
+    device, dtype = ("cpu", torch.float32) if args.tiny else ("cuda", torch.bfloat16)
+    lvlm = build_llava(preset, device, dtype)
+    size = SIZES[preset].image_size
     sample = Sample(PROMPT, (Image.new("RGB", (size, size), (120, 80, 200)),))
     n = args.new_tokens
     timed_decode(lvlm, [], GenerationParams(num_beams=5, max_new_tokens=4), sample)  # warm-up
@@ -192,8 +142,7 @@ def main() -> None:
             print(f"{key:<14}{ms:>10.2f}{ms / results['beam5_ms_per_token']:>10.2f}")
     print(json.dumps(results, indent=2))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(args.out, results)
 
 
 if __name__ == "__main__":

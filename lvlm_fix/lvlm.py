@@ -110,29 +110,36 @@ class LVLM:
         sample: Sample | tuple[str, Image.Image | None],
         interventions: Sequence[InterventionSpec] = (),
         params: GenerationParams | None = None,
-    ) -> Iterator[str]:
-        """Yield text pieces of one sample as they are generated (greedy or sampling only)."""
-        if params is not None and params.num_beams > 1:
+    ) -> Iterator[str | Generation]:
+        """Yield text pieces of one sample as they are generated, then its final `Generation`.
+
+        The pieces concatenate to the final text. Greedy or sampling only: beams are decided
+        at the end.
+        """
+        params = params or GenerationParams()
+        if params.num_beams > 1:
             raise ValueError("streaming needs num_beams=1: beams are only decided at the end")
-        decoded, ids = "", []
-        eos = self.processor.tokenizer.eos_token_id
+        tokenizer = self.processor.tokenizer
+        skip = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+        sent, ids = "", []
         for event, plan in self._run([sample], interventions, params):
             if event.result is not None:
-                final = self._finish(event, plan, params)[0].text
-                if len(final) > len(decoded):
-                    yield final[len(decoded) :]
+                [final] = self._finish(event, plan, params)
+                if final.text.startswith(sent) and len(final.text) > len(sent):
+                    yield final.text[len(sent) :]
+                yield final
                 return
             if plan.search.width > 1:
                 raise ValueError("streaming is not available with a beam search strategy")
             token = int(event.tokens[0, 0])
-            if token == eos or token == self.processor.tokenizer.pad_token_id:
+            if token in skip:
                 continue
             ids.append(token)
-            text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
-            if not text.endswith("\ufffd") and len(text) > len(decoded):
-                piece, decoded = text[len(decoded) :], text
-                if not _has_stop(decoded, params):
-                    yield piece
+            text = tokenizer.decode(ids, skip_special_tokens=True).lstrip()
+            stopped = any(stop in text for stop in params.stop)
+            if not text.endswith("\ufffd") and len(text) > len(sent) and not stopped:
+                yield text[len(sent) :]
+                sent = text
 
     def _finish(
         self, event: DecodeEvent, plan: Plan, params: GenerationParams | None
@@ -176,10 +183,6 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator:
     else:
         generator.manual_seed(seed)
     return generator
-
-
-def _has_stop(text: str, params: GenerationParams | None) -> bool:
-    return params is not None and any(stop in text for stop in params.stop)
 
 
 def _stop_checker(tokenizer, stops: tuple[str, ...]):

@@ -100,6 +100,9 @@ def compile_plan(
             f"{stages[0][0].name!r} and {stages[1][0].name!r} both prune the vision tower"
         )
     search = searches[0][1] if searches else default_search(params)
+    view_users = [i.name for i, c in contributions if any(not v.prefill_only for v in c.views)]
+    if searches and view_users and not getattr(search, "handles_views", True):
+        raise PlanConflict(f"{searches[0][0].name!r} and {view_users[0]!r} cannot be combined")
     return Plan(
         interventions=tuple(interventions),
         views=tuple(v for _, c in contributions for v in c.views),

@@ -42,6 +42,8 @@ class Limits:
 
 class Search(Protocol):
     width: int  # beams per sample (rows per sample, before views)
+    # A search that runs its own forwards may not support extra view rows; it then sets
+    # `handles_views = False` and the Plan refuses view methods with it.
 
     def start(self, batch_size: int, limits: Limits, device: torch.device) -> Any: ...
 

@@ -73,7 +73,8 @@ def test_text_only_and_stream_match_generate(tiny_llava_path, images):
     [text_only] = lvlm.generate([("hello there", None)], params=params)
     assert len(text_only.token_ids) > 0 and text_only.prompt_tokens > 0
     [full] = lvlm.generate([(QUESTIONS[0], images[0])], params=params)
-    assert "".join(lvlm.stream((QUESTIONS[0], images[0]), params=params)) == full.text
+    *pieces, final = lvlm.stream((QUESTIONS[0], images[0]), params=params)
+    assert "".join(pieces) == full.text and final == full
 
 
 def test_stop_strings_and_lengths(tiny_llava_path, images):
@@ -150,3 +151,12 @@ def test_bundled_model_loads_offline():
     lvlm = LVLM.from_pretrained()
     assert lvlm.info.num_layers >= 1
     assert torch.is_tensor(next(lvlm.model.parameters()))
+
+
+def test_search_without_view_support_refuses_view_methods(tiny_llava_path):
+    lvlm = LVLM.from_pretrained(tiny_llava_path)
+    with pytest.raises(PlanConflict, match="'opera' and 'vcd' cannot be combined"):
+        lvlm.plan([{"name": "opera"}, {"name": "vcd"}])
+    with pytest.raises(PlanConflict, match="do not also set num_beams"):
+        lvlm.plan([{"name": "opera"}], GenerationParams(num_beams=3))
+    lvlm.plan([{"name": "opera"}, {"name": "vhr"}, {"name": "pai"}])  # attention edits compose

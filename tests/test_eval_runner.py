@@ -13,31 +13,10 @@ from conftest import make_image
 from lvlm_fix.evals.cli import add_eval_args, eval_main, parse_method_arg
 from lvlm_fix.evals.pope import parse_official
 from lvlm_fix.evals.runner import sample_seed
-from lvlm_fix.methods import REGISTRY, Contribution, Intervention, View, register
 from lvlm_fix.tiny import build_tiny
 
 COLORS = [(200, 20, 20), (20, 160, 40), (30, 30, 200), (220, 200, 30), (120, 40, 160)]
 POPE_OBJECTS = ["cup", "car", "boat", "bird"]
-
-
-class Contrast(Intervention):
-    """Image-contrastive decoding: (1 + w) * logits(image) - w * logits(no image)."""
-
-    name = "test_contrast"
-    hooks = frozenset({"views"})
-    weight: float = 0.5  # 0 = off
-
-    def is_neutral(self) -> bool:
-        return self.weight == 0
-
-    def contribute(self, model) -> Contribution:
-        w = self.weight
-        view = View("no_image", weight=lambda t: -w, drop_image=True)
-        return Contribution(views=(view,), base_weight=lambda t: w)
-
-
-if Contrast.name not in REGISTRY:  # the test module may be imported twice by some runners
-    register(Contrast)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +72,7 @@ def pope_run(model_path, data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pope")
     argv = pope_argv(model_path, data, out, "--limit", "6", "--batch-size", "4",
                      "--max-new-tokens", "6", "--seed", "3",
-                     "--method", "contrast=test_contrast:weight=1.5")  # fmt: skip
+                     "--method", "contrast=pai_cfg:gamma=2.5")  # fmt: skip
     assert run_cli(argv) == 0
     return out
 
@@ -110,7 +89,7 @@ def test_pope_predictions_and_metrics(pope_run, model_path):
         assert ln["pred"] == parse_official(ln["answer"])
         assert ln["model"] == model_path and ln["n_tokens"] <= 6
     contrast = [ln for ln in lines if ln["method"] == "contrast"]
-    assert contrast[0]["interventions"] == [{"name": "test_contrast", "weight": 1.5}]
+    assert contrast[0]["interventions"] == [{"name": "pai_cfg", "gamma": 2.5, "beta": 0.1}]
     assert len({ln["config_id"] for ln in contrast}) == 1 != len({ln["config_id"] for ln in lines})
     metrics = json.loads((pope_run / "metrics.json").read_text())
     assert set(metrics["versions"]) == {"torch", "transformers", "lvlm_fix"}
@@ -141,7 +120,7 @@ def test_pope_resume_computes_only_missing(pope_run, model_path, data, tmp_path)
     (tmp_path / "predictions.jsonl").write_text("".join(kept) + full[7][:20])  # partial line
     argv = pope_argv(model_path, data, tmp_path, "--limit", "6", "--batch-size", "5",
                      "--max-new-tokens", "6", "--seed", "3",
-                     "--method", "contrast=test_contrast:weight=1.5")  # fmt: skip
+                     "--method", "contrast=pai_cfg:gamma=2.5")  # fmt: skip
     assert run_cli(argv) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["methods"]["baseline"]["generated_this_run"] == 12 - 7

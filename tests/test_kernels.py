@@ -324,6 +324,19 @@ def test_custom_op_fake_and_schema():
     torch.library.opcheck(_edited_attention_op, args)
 
 
+def test_public_op_traces_in_one_graph():
+    """torch.compile(fullgraph=True) sees one custom op (fake impl for shapes), no graph break."""
+    q, k, v, key_start, col_group, g = make_case(seed=19)
+    edits = all_edits(col_group, 2, 4, 6, g)
+
+    def step(q, k, v):
+        return edited_attention(q, k, v, scale=0.3, key_start=key_start, edits=edits)
+
+    out, stats = torch.compile(step, backend="aot_eager", fullgraph=True)(q, k, v)
+    want, want_stats = ref.edited_attention(q, k, v, scale=0.3, key_start=key_start, edits=edits)
+    assert torch.equal(out, want) and torch.equal(stats["last_row"], want_stats["last_row"])
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [

@@ -73,7 +73,8 @@ def compare(got, want, got_stats, want_stats, edits, dtype):
     skip = torch.zeros(want.shape[0], want.shape[2], want.shape[1], dtype=torch.bool, device="cuda")
     if edits.var_on:
         skip = borderline(want_stats["group_mass"], edits)
-        assert skip.float().mean() < 0.01, "too many borderline rows for a meaningful check"
+        allowed = max(2, skip.numel() // 100)
+        assert skip.sum() <= allowed, "too many borderline rows for a meaningful check"
     keep = ~skip.transpose(1, 2)  # [B, Q, H]
     diff = (got.float() - want.float())[keep]
     rel_err = (diff.norm() / want.float()[keep].norm()).item()

@@ -1,13 +1,22 @@
-"""Triton pieces shared by the prefill and decode kernels: one key tile of the edited online
-softmax, the VAR epilogue, the side-output stores, and the last-row probability pass.
+"""Pieces shared by the prefill and decode kernels: one key tile of the edited online softmax,
+the VAR epilogue, the side-output stores, the last-row probability pass; and the launchers'
+common checks, argument packing and output allocation.
 
 Scores live in log2 units (s * scale * log2(e)), so exp2 replaces exp. PAI's s + a*|s| is
 positively homogeneous, so applying it to log2-scaled scores is the same edit.
 Column groups: 0 rest, 1 text sink, 2 visual sink, 3 non-sink image.
 """
 
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
+from .edits import AttentionEdits, check_edits, check_inputs
 
 # Finite start for the running max: a row that sees no key keeps m = -1e30, p = exp2(-inf) = 0,
 # l = 0 and writes zeros instead of NaN.
@@ -18,15 +27,21 @@ NEG_BIG = tl.constexpr(-1.0e30)
 def _attend_tile(
     m_i, l_i, acc, l_t, l_sv, l_u, acc_s, acc_u,  # running state of BLOCK_M rows
     q, k_ptrs, v_ptrs, group_ptrs, start_n, stride_kn, stride_vn,
-    rows, alpha, gain_row, diag, NK, qk_scale,
+    rows, alpha, gain_row, acc_id, last_ptrs, is_last, diag, NK, qk_scale,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_PAI: tl.constexpr,
-    NEED_GROUPS: tl.constexpr, HAS_VAR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NEED_GROUPS: tl.constexpr, HAS_VAR: tl.constexpr, STACKED: tl.constexpr,
+    WANT_LAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Fold key columns [start_n, start_n + BLOCK_N) into the state of BLOCK_M query rows.
 
     q [M, D]; rows [M] query row index (row i sees columns <= diag + i); alpha [M] PAI gain;
     gain_row [M] PAI row flag. MASKED tiles check causality and the end of the keys; unmasked
     tiles are known to be visible to every row (the caller starts at key_start).
+    VAR keeps the sink and non-sink-image outputs apart (var.md section 5, design A): in acc_s
+    and acc_u, or, when STACKED, in rows of the one accumulator whose acc_id [M] is 1 or 2
+    (those rows repeat a query row and keep only their group's columns; decode has rows to
+    spare in the M >= 16 tile, so this costs no extra dot).
+    WANT_LAST: rows with is_last [M] store their edited log2 scores at last_ptrs [M] + column.
     """
     cols = start_n + tl.arange(0, BLOCK_N)
     col_ok = cols < NK
@@ -43,6 +58,9 @@ def _attend_tile(
     if MASKED:
         visible = (cols[None, :] <= diag + rows[:, None]) & col_ok[None, :]
         s = tl.where(visible, s, float("-inf"))  # after PAI: masked entries never get a gain
+    if WANT_LAST:
+        last_mask = is_last[:, None] & col_ok[None, :]
+        tl.store(last_ptrs[:, None] + cols[None, :], s, mask=last_mask)
     m_new = tl.maximum(m_i, tl.max(s, 1))
     corr = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])  # [M, N] fp32
@@ -51,17 +69,24 @@ def _attend_tile(
         v = tl.load(v_ptrs + cols[:, None] * stride_vn, mask=col_ok[:, None], other=0.0)
     else:
         v = tl.load(v_ptrs + cols[:, None] * stride_vn)
-    acc = tl.dot(p.to(v.dtype), v, acc * corr[:, None], input_precision=DOT_PRECISION)
     if NEED_GROUPS:
         l_t = l_t * corr + tl.sum(tl.where(group[None, :] == 1, p, 0.0), 1)
         l_sv = l_sv * corr + tl.sum(tl.where(group[None, :] == 2, p, 0.0), 1)
         l_u = l_u * corr + tl.sum(tl.where(group[None, :] == 3, p, 0.0), 1)
-    if HAS_VAR:
-        # VAR needs the sink and non-sink-image partial outputs apart (var.md section 5, design A).
+    if HAS_VAR and STACKED:
         sink = (group[None, :] == 1) | (group[None, :] == 2)
+        row_id = acc_id[:, None]
+        keep = (row_id == 0) | ((row_id == 1) & sink) | ((row_id == 2) & (group[None, :] == 3))
+        p_v = tl.where(keep, p, 0.0).to(v.dtype)
+    else:
+        p_v = p.to(v.dtype)
+    acc = tl.dot(p_v, v, acc * corr[:, None], input_precision=DOT_PRECISION)
+    if HAS_VAR and not STACKED:
+        sink = (group[None, :] == 1) | (group[None, :] == 2)
+        image = group[None, :] == 3
         p_s = tl.where(sink, p, 0.0).to(v.dtype)
         acc_s = tl.dot(p_s, v, acc_s * corr[:, None], input_precision=DOT_PRECISION)
-        p_u = tl.where(group[None, :] == 3, p, 0.0).to(v.dtype)
+        p_u = tl.where(image, p, 0.0).to(v.dtype)
         acc_u = tl.dot(p_u, v, acc_u * corr[:, None], input_precision=DOT_PRECISION)
     return m_new, l_i, acc, l_t, l_sv, l_u, acc_s, acc_u
 
@@ -137,41 +162,117 @@ def _finish_rows(
 
 @triton.jit
 def _last_row_kernel(
-    Q, K, KeyStart, ColGroup, ImageGain, GainRows, LastStats, LastRow,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-    H, GQA, NQ, NK, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_PAI: tl.constexpr, HAS_VAR: tl.constexpr,
+    LastRow, LastStats, KeyStart, ColGroup, H, NK,
+    BLOCK_N: tl.constexpr, HAS_VAR: tl.constexpr,
 ):  # fmt: skip
-    """Final probabilities of the last query row, one key tile per program, from the row's
-    running max and sum (m, l) and VAR factors that the attention kernel stored.
-    Grid (B*H, key tiles)."""
+    """In place: the last query row's edited log2 scores (stored by the attention kernel) become
+    its final probabilities, from the row's running max and sum (m, l) and VAR factors.
+    Columns left of key_start were never written and become 0. Grid (B*H, key tiles)."""
     bh = tl.program_id(0)
     b = bh // H
-    h = bh % H
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     col_ok = cols < NK
-    q_ptr = Q + b.to(tl.int64) * stride_qb + h * stride_qh + (NQ - 1) * stride_qm
-    q = tl.load(q_ptr + offs_d).to(tl.float32)
-    k_ptr = K + b.to(tl.int64) * stride_kb + (h // GQA) * stride_kh
-    k = tl.load(
-        k_ptr + cols[:, None] * stride_kn + offs_d[None, :], mask=col_ok[:, None], other=0.0
-    )
-    s = tl.sum(q[None, :] * k.to(tl.float32), 1) * qk_scale  # [N]
-    group = tl.zeros([BLOCK_N], tl.int8)
-    if HAS_PAI or HAS_VAR:
-        group = tl.load(ColGroup + b * NK + cols, mask=col_ok, other=0)
-    if HAS_PAI:
-        alpha = tl.load(ImageGain + b * H + h)
-        gain = tl.load(GainRows + b * NQ + NQ - 1) != 0
-        s = tl.where((group >= 2) & gain, s + alpha * tl.abs(s), s)
-    visible = (cols >= tl.load(KeyStart + b)) & col_ok  # the last row sees every column < NK
-    s = tl.where(visible, s, float("-inf"))
+    ptrs = LastRow + bh.to(tl.int64) * NK + cols
+    visible = (cols >= tl.load(KeyStart + b)) & col_ok
+    s = tl.load(ptrs, mask=visible, other=float("-inf"))
     m = tl.load(LastStats + bh * 4 + 0)
     l_i = tl.load(LastStats + bh * 4 + 1)
     p = tl.exp2(s - m) * tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
     if HAS_VAR:
+        group = tl.load(ColGroup + b.to(tl.int64) * NK + cols, mask=col_ok, other=0)
         f_s = tl.load(LastStats + bh * 4 + 2)
         f_u = tl.load(LastStats + bh * 4 + 3)
         p = p * tl.where((group == 1) | (group == 2), f_s, tl.where(group == 3, f_u, 1.0))
-    tl.store(LastRow + bh.to(tl.int64) * NK + cols, p, mask=col_ok)
+    tl.store(ptrs, p, mask=col_ok)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch settings of one kernel (a fixed heuristic, never keyed on K)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    programs_per_sm: int = 2  # decode only: how finely the keys are split
+
+
+def check_launch(q: Tensor, k: Tensor, v: Tensor, key_start: Tensor, scale: float, edits):
+    """Shapes, dtypes and devices; the kernels also need a power-of-two head dim."""
+    check_inputs(q, k, v, key_start, scale)
+    B, H, Q, D = q.shape
+    check_edits(edits, B, H, Q, k.shape[2], q.device)
+    if D < 16 or D > 256 or D & (D - 1):
+        raise ValueError(f"the Triton kernels need a power-of-two head dim in [16, 256], got {D}")
+
+
+def last_dim_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def edit_tensors(edits: AttentionEdits, dummy: Tensor) -> dict[str, Tensor]:
+    """Edit tensors as the kernels read them; an absent one becomes a never-read dummy."""
+
+    def flags(t: Tensor | None) -> Tensor:
+        return dummy if t is None else t.contiguous().view(torch.uint8)
+
+    def plain(t: Tensor | None) -> Tensor:
+        return dummy if t is None else t.contiguous()
+
+    return {
+        "ColGroup": plain(edits.col_group),
+        "ImageGain": plain(edits.image_gain),
+        "GainRows": flags(edits.gain_rows),
+        "VarRows": flags(edits.var_rows if edits.var_on else None),
+        "NImage": plain(edits.n_image),  # None: the kernels count image columns themselves
+        "HeadScale": plain(edits.head_scale),
+    }
+
+
+def edit_flags(q: Tensor, edits: AttentionEdits) -> dict[str, object]:
+    return {
+        "HAS_PAI": edits.pai_on,
+        "NEED_GROUPS": edits.needs_groups,
+        "HAS_VAR": edits.var_on,
+        "WANT_LAST": edits.want_last_row,
+        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+    }
+
+
+def epilogue_flags(edits: AttentionEdits) -> dict[str, object]:
+    return {
+        "HAS_HEAD_SCALE": edits.head_scale is not None,
+        "WANT_MASS": edits.want_group_mass,
+        "HAS_N_IMAGE": edits.n_image is not None,
+    }
+
+
+def allocate_outputs(q: Tensor, K: int, edits: AttentionEdits) -> dict[str, Tensor]:
+    """out [B, Q, H, D] and the requested statistics' buffers; unrequested ones are `dummy`."""
+    B, H, Q, D = q.shape
+    f32 = {"dtype": torch.float32, "device": q.device}
+    dummy = torch.empty(0, **f32)
+    return {
+        "out": torch.empty(B, Q, H, D, dtype=q.dtype, device=q.device),
+        "GroupMass": torch.empty(B, H, Q, 4, **f32) if edits.want_group_mass else dummy,
+        # per head (m, l, f_sink, f_image) of the last row, and its log2 scores then probabilities
+        "LastStats": torch.empty(B * H * 4, **f32) if edits.want_last_row else dummy,
+        "LastRow": torch.empty(B, H, K, **f32) if edits.want_last_row else dummy,
+    }
+
+
+def finish_stats(res: dict[str, Tensor], key_start: Tensor, edits: AttentionEdits):
+    """Turn the last row's stored scores into probabilities; collect the statistics dict."""
+    stats = {}
+    if edits.want_group_mass:
+        stats["group_mass"] = res["GroupMass"]
+    if edits.want_last_row:
+        B, H, K = res["LastRow"].shape
+        block_n = 256 if key_start.is_cuda else 16
+        col_group = key_start if edits.col_group is None else edits.col_group.contiguous()
+        _last_row_kernel[(B * H, triton.cdiv(K, block_n))](
+            res["LastRow"], res["LastStats"], key_start, col_group, H, K,
+            BLOCK_N=block_n, HAS_VAR=edits.var_on,
+        )  # fmt: skip
+        stats["last_row"] = res["LastRow"]
+    return stats

@@ -89,6 +89,8 @@ class OperaState:
 class OperaSearch:
     """The Search: width K; each step runs the K·C candidate forward itself."""
 
+    handles_views = False  # candidate rows are one per beam: no extra view rows
+
     def __init__(self, config: Opera):
         self.config = config
         self.width = config.num_beams
@@ -114,8 +116,6 @@ class OperaSearch:
         return OperaState(samples, limits)
 
     def step(self, scores: torch.Tensor, st: OperaState, runner: Any) -> Step:
-        if runner.plan.n_views != 1:
-            raise ValueError("opera cannot be combined with interventions that add views")
         if st.prompt_len < 0:
             st.prompt_len = runner.attention_mask.shape[1]
             runner.state[HOLE_KEY] = torch.full_like(runner.attention_mask[:, :2], st.prompt_len)

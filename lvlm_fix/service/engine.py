@@ -70,35 +70,9 @@ def run_grouped(lvlm: LVLM, jobs: list[Job]) -> list[EngineResult | Exception]:
 
 
 def stream_job(lvlm: LVLM, job: Job) -> Iterator[str | Generation]:
-    """Text pieces of a one-sample job, then its final `Generation` (finish reason, usage).
-
-    `LVLM.stream` yields pieces only; the server also needs the finish reason and token counts,
-    so this follows the same decode events and ends with `LVLM._finish`'s result.
-    """
+    """Text pieces of a one-sample job, then its final `Generation` (finish reason, usage)."""
     [sample] = job.samples
-    if job.params.num_beams > 1:
-        raise ValueError("streaming needs num_beams=1: beams are only decided at the end")
-    tokenizer = lvlm.processor.tokenizer
-    skip = {tokenizer.eos_token_id, tokenizer.pad_token_id}
-    sent, ids = "", []
-    for event, plan in lvlm._run([sample], job.interventions, job.params):
-        if event.result is not None:
-            [final] = lvlm._finish(event, plan, job.params)
-            if final.text.startswith(sent) and len(final.text) > len(sent):
-                yield final.text[len(sent) :]
-            yield final
-            return
-        if plan.search.width > 1:
-            raise ValueError("streaming is not available with a beam search strategy")
-        token = int(event.tokens[0, 0])
-        if token in skip:
-            continue
-        ids.append(token)
-        text = tokenizer.decode(ids, skip_special_tokens=True).lstrip()
-        stopped = any(stop in text for stop in job.params.stop)
-        if not text.endswith("\ufffd") and len(text) > len(sent) and not stopped:
-            yield text[len(sent) :]
-            sent = text
+    return lvlm.stream(sample, job.interventions, job.params)
 
 
 async def iterate_in_thread(items: Iterator) -> AsyncIterator:
