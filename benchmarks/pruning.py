@@ -20,25 +20,20 @@ on an H100), which caps the speed-up of any token pruning; `--batch 8` shows the
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 
 import numpy as np
 import torch
+from common import CORPUS, SIZES, Sizes, llava_config, llava_processor, sync, write_json
 from PIL import Image
 from transformers import (
-    CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessorPil,
     LlavaNextProcessor,
-    LlavaProcessor,
 )
 
 from lvlm_fix import LVLM, GenerationParams, Sample, attention
@@ -47,88 +42,47 @@ from lvlm_fix.plan import compile_plan
 from lvlm_fix.tiny import CHAT_TEMPLATE, train_tokenizer
 
 QUESTION = "Is there a dog in the image? Answer yes or no."
-CORPUS = ["a photo of a cat and a dog on a red sofa near the window in the sunny room"] * 8
-
-
-@dataclass(frozen=True)
-class Sizes:
-    """Model dimensions: the 7B models, or a tiny stand-in for a CPU smoke run."""
-
-    vocab: int = 32064
-    hidden: int = 4096
-    intermediate: int = 11008
-    layers: int = 32
-    heads: int = 32
-    vision_hidden: int = 1024
-    vision_intermediate: int = 4096
-    vision_layers: int = 24
-    vision_heads: int = 16
-    image_size: int = 336
-    patch_size: int = 14
-
-
-FULL = Sizes()
-TINY = Sizes(512, 64, 128, 4, 4, 64, 128, 8, 4, 64, 8)  # 64 patches, 8 vision layers
+FULL = SIZES["llava-1.5-7b"]
+# FlowCut needs vision layers before the read layer: 8 layers, 64 patches.
+TINY = replace(SIZES["tiny"], vision_layers=8, image_size=64)
 
 
 def build(family: str, sizes: Sizes, device: str, dtype: torch.dtype) -> LVLM:
-    """A random-weight LLaVA-1.5 or LLaVA-NeXT of `sizes`, tokenizer trained locally."""
+    """A random-weight LLaVA-1.5, or LLaVA-NeXT with the same parts (anyres up to 2x2 crops)."""
     tokenizer = train_tokenizer(CORPUS)
     tokenizer.padding_side = "left"
-    text = LlamaConfig(
-        vocab_size=sizes.vocab,
-        hidden_size=sizes.hidden,
-        intermediate_size=sizes.intermediate,
-        num_hidden_layers=sizes.layers,
-        num_attention_heads=sizes.heads,
-        max_position_embeddings=8192,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=sizes.vision_hidden,
-        intermediate_size=sizes.vision_intermediate,
-        num_hidden_layers=sizes.vision_layers,
-        num_attention_heads=sizes.vision_heads,
-        image_size=sizes.image_size,
-        patch_size=sizes.patch_size,
-        hidden_act="quick_gelu",
-    )
-    side = sizes.image_size
-    common = dict(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
-    crop = {"height": side, "width": side}
-    if family == "llava":
-        config, model_class = LlavaConfig(**common), LlavaForConditionalGeneration
-        image_processor = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size=crop)
-        processor_class = LlavaProcessor
-    else:
+    config = llava_config(sizes, tokenizer)
+    processor = llava_processor(sizes, tokenizer)
+    model_class = LlavaForConditionalGeneration
+    if family == "llava_next":
+        side = sizes.image_size
         grid = [[side, 2 * side], [2 * side, side], [2 * side, 2 * side], [3 * side, side]]
-        config = LlavaNextConfig(**common, image_grid_pinpoints=grid)
-        model_class = LlavaNextForConditionalGeneration
-        image_processor = LlavaNextImageProcessorPil(
-            size={"shortest_edge": side}, crop_size=crop, image_grid_pinpoints=grid
+        config = LlavaNextConfig(
+            vision_config=config.vision_config,
+            text_config=config.text_config,
+            image_token_id=config.image_token_id,
+            vision_feature_layer=sizes.feature_layer,
+            vision_feature_select_strategy=sizes.feature_strategy,
+            image_grid_pinpoints=grid,
         )
-        processor_class = LlavaNextProcessor
+        model_class = LlavaNextForConditionalGeneration
+        crop = {"height": side, "width": side}
+        processor = LlavaNextProcessor(
+            image_processor=LlavaNextImageProcessorPil(
+                size={"shortest_edge": side}, crop_size=crop, image_grid_pinpoints=grid
+            ),
+            tokenizer=tokenizer,
+            patch_size=sizes.patch_size,
+            vision_feature_select_strategy=sizes.feature_strategy,
+            chat_template=CHAT_TEMPLATE,
+            num_additional_image_tokens=1,
+        )
+    torch.manual_seed(0)
     with torch.device(device):
         model = model_class._from_config(config, dtype=dtype).eval()
-    processor = processor_class(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=sizes.patch_size,
-        vision_feature_select_strategy="default",
-        chat_template=CHAT_TEMPLATE,
-        num_additional_image_tokens=1,
-    )
     attention.register()
     model.set_attn_implementation({"text_config": attention.NAME, "vision_config": "sdpa"})
-    return LVLM(model, processor, family, f"{family}-random")
+    return LVLM(model, processor, family, f"{family}-{sizes.name}")
 
 
 def configurations(family: str, n_image: int, tiny: bool) -> list[tuple[str, list[dict]]]:
@@ -144,11 +98,6 @@ def configurations(family: str, n_image: int, tiny: bool) -> list[tuple[str, lis
     return rows
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(lvlm: LVLM, samples: list[Sample], interventions: list[dict], runs: int) -> dict:
     """Median prefill time, peak memory of one prefill, median time to first token."""
     device = lvlm.device
@@ -160,17 +109,17 @@ def measure(lvlm: LVLM, samples: list[Sample], interventions: list[dict], runs: 
         runner = Runner(lvlm.model, batch, plan, state, lvlm.info.num_layers)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         runner.prefill()
-        _sync(device)
+        sync(device)
         elapsed = time.perf_counter() - start
         if device.type == "cuda":
             peak = max(peak, torch.cuda.max_memory_allocated(device))
         del runner
         start = time.perf_counter()
         lvlm.generate(samples, interventions, GenerationParams(max_new_tokens=1))
-        _sync(device)
+        sync(device)
         if run:
             prefill.append(elapsed)
             ttft.append(time.perf_counter() - start)
@@ -241,8 +190,7 @@ def main() -> None:
     print_table(results)
     if args.out:
         info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
-        with open(args.out, "w") as f:
-            json.dump({"setup": {**info, "dtype": str(dtype)}, "results": results}, f, indent=1)
+        write_json(args.out, {"setup": {**info, "dtype": str(dtype)}, "results": results})
 
 
 if __name__ == "__main__":
