@@ -72,7 +72,7 @@ def lvlm_attention(
 
         edits = AttentionEdits(**merge_edits(call, requests))
         out, stats = edited_attention(
-            query, key, value, scale=scale, key_start=ctx.layout.key_start, edits=edits
+            query, key, value, scale=scale, key_start=call.layout.key_start, edits=edits
         )
     else:
         out, _ = sdpa_attention_forward(

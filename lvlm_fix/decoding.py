@@ -18,7 +18,7 @@ from transformers import DynamicCache
 
 from lvlm_fix.hooks import ForwardContext, Phase, forward_context
 from lvlm_fix.methods.base import RowState
-from lvlm_fix.model import PromptBatch, encode_rows, render_prompt
+from lvlm_fix.model import PromptBatch, encode_rows, render_prompt, shrink_image_runs
 from lvlm_fix.plan import Plan
 from lvlm_fix.search import Limits, SearchResult
 
@@ -50,11 +50,9 @@ class Runner:
     def prefill(self) -> torch.Tensor:
         """Run the prompt rows; returns next-token logits [R, V] in fp32."""
         b = self.batch
-        extra = {"image_sizes": b.image_sizes} if b.image_sizes is not None else {}
-        if b.pixel_values is not None and self.model.config.model_type == "llava_onevision":
-            counts = torch.bincount(b.image_rows, minlength=b.input_ids.shape[0])
-            extra["batch_num_images"] = counts[counts > 0]
-        with forward_context(self._context("prefill")), torch.inference_mode():
+        extra = image_kwargs(self.model, b)
+        ctx = self._context("prefill")
+        with forward_context(ctx), torch.inference_mode():
             out = self.model(
                 input_ids=b.input_ids,
                 attention_mask=b.attention_mask,
@@ -65,6 +63,7 @@ class Runner:
                 logits_to_keep=1,
                 **extra,
             )
+        self.layout = ctx.layout  # prune hooks may have recorded per-layer kept columns
         return out.logits[:, -1].float()
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -98,9 +97,20 @@ class Runner:
     def crop(self, length: int) -> None:
         """Forget every cache column from `length` on (OPERA's rollback)."""
         removed = self.attention_mask[:, length:].sum(-1)  # real columns only: holes take none
-        self.cache.crop(length - self.attention_mask.shape[1])  # transformers 5: negative = remove
+        # transformers 5: negative = remove. Every layer loses the same trailing (generated)
+        # columns, pruned layers included: they hold fewer prompt columns, not fewer generated.
+        self.cache.crop(length - self.attention_mask.shape[1])
         self.attention_mask = self.attention_mask[:, :length]
         self.positions = self.positions - removed
+
+
+def image_kwargs(model, batch: PromptBatch) -> dict:
+    """The family-specific image arguments of a prefill forward (NeXT / OneVision)."""
+    extra = {"image_sizes": batch.image_sizes} if batch.image_sizes is not None else {}
+    if batch.pixel_values is not None and model.config.model_type == "llava_onevision":
+        counts = torch.bincount(batch.image_rows, minlength=batch.input_ids.shape[0])
+        extra["batch_num_images"] = counts[counts > 0]
+    return extra
 
 
 def build_rows(processor, image_token_id: int, plan: Plan, samples: list[Sample], device):
@@ -121,6 +131,8 @@ def build_rows(processor, image_token_id: int, plan: Plan, samples: list[Sample]
             prompts.append(render_prompt(processor, sample.text, len(kept)))
             images.append(kept)
     batch = encode_rows(processor, image_token_id, prompts, images, device)
+    for stage in plan.vision_stages:  # a pruning vision tower emits `budget` features per image
+        batch = shrink_image_runs(batch, stage.budget, processor.tokenizer.pad_token_id or 0)
     if pixel_fns:
         pixels = batch.pixel_values.clone()
         for row, fn, generator in pixel_fns:

@@ -12,13 +12,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 
 from lvlm_fix.model import ImageLayout, resolve
+from lvlm_fix.pruning import gather_columns, layer_mask, pack_kept
 
 if TYPE_CHECKING:
     from lvlm_fix.methods.base import RowState
@@ -36,6 +37,9 @@ class ForwardContext:
     layout: ImageLayout  # image columns of the prompt, per row
     phase: Phase
     num_layers: int
+    # Per-forward scratch space for hooks (e.g. a vision stage's running scores); keys are
+    # prefixed with the method name. Core entries: "vision.valid", "vision.patch_ids".
+    scratch: dict[str, Any] = field(default_factory=dict)
 
 
 _CURRENT: ContextVar[ForwardContext | None] = ContextVar("lvlm_fix_forward", default=None)
@@ -70,6 +74,11 @@ class AttentionCall:
     ctx: ForwardContext
 
     @property
+    def layout(self) -> ImageLayout:
+        """The image layout of this layer's keys (differs from ctx.layout after pruning)."""
+        return self.ctx.layout.at_layer(self.layer)
+
+    @property
     def query_columns(self) -> torch.Tensor:
         """Key column of each query row: long [Q]."""
         q_len, k_len = self.query.shape[2], self.key.shape[2]
@@ -77,7 +86,7 @@ class AttentionCall:
 
     def image_columns(self) -> torch.Tensor:
         """bool [R, K]: prompt image tokens, padded with False over generated columns."""
-        mask = self.ctx.layout.image_mask
+        mask = self.layout.image_mask
         extra = self.key.shape[2] - mask.shape[1]
         return torch.nn.functional.pad(mask, (0, extra), value=False) if extra > 0 else mask
 
@@ -98,20 +107,186 @@ class LayerInputHook(Protocol):
     def __call__(self, layer: int, hidden: torch.Tensor, ctx: ForwardContext) -> None: ...
 
 
-def _layer_input(layer: int, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+class PruneHook(Protocol):
+    """Token pruning inside the LLM (FastV, DyVTE): which columns enter decoder layer `layer`.
+
+    Called at prefill at the input of every layer >= 1 with hidden [R, W, D], whose columns are
+    `ctx.layout.at_layer(layer - 1)`. Returns keep bool [R, W] (None = keep all). The last
+    column (the last prompt token) must be kept. The core drops the rest from the hidden states
+    and from the KV cache of layers >= `layer`, keeping original position ids.
+    """
+
+    def select(
+        self, layer: int, hidden: torch.Tensor, ctx: ForwardContext
+    ) -> torch.Tensor | None: ...
+
+
+@dataclass
+class VisionLayerCall:
+    """One vision-encoder layer as a vision hook sees it (prefill only)."""
+
+    layer: int
+    num_layers: int
+    read_layer: int  # the layer whose output the LLM reads (vision_feature_layer)
+    keeps_cls: bool  # the LLM also reads the CLS token (select strategy "full")
+    module: torch.nn.Module  # the encoder layer: read its weights, never change it
+    hidden_in: torch.Tensor  # [N, n, C] the layer's input (N images)
+    hidden_out: torch.Tensor  # [N, n, C] its output
+    valid: torch.Tensor  # bool [N, n]: real tokens (False = padding after per-image cuts)
+    ctx: ForwardContext
+
+
+class VisionHook(Protocol):
+    """Token pruning inside the vision tower (FlowCut). One per plan.
+
+    `budget` features per image reach the LLM (the prompt's placeholders are cut to match).
+    `after_layer` returns keep bool [N, n] over the layer's output tokens, or None; token 0
+    (CLS) must be kept. Every image must hold exactly the budget when `read_layer` runs.
+    """
+
+    budget: int
+
+    def after_layer(self, call: VisionLayerCall) -> torch.Tensor | None: ...
+
+
+def _prune(layer: int, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
+    """Ask the prune hooks about the columns entering `layer`; compact hidden if any drop."""
+    keep = None
+    for hook in ctx.plan.prune_hooks:
+        wanted = hook.select(layer, hidden, ctx)
+        if wanted is not None:
+            keep = wanted if keep is None else keep & wanted
+    if keep is None:
+        return None
+    if keep.shape != hidden.shape[:2] or keep.dtype != torch.bool:
+        raise ValueError(f"a prune hook must return bool {tuple(hidden.shape[:2])}")
+    rows, width = keep.shape
+    cols = ctx.layout.columns_at(layer - 1)
+    if cols is None:
+        cols = torch.arange(width, device=keep.device).expand(rows, -1)
+    real = cols >= ctx.layout.key_start[:, None]
+    if not bool((keep[:, -1] | ~real[:, -1]).all()):
+        raise ValueError("a prune hook dropped the last prompt token")
+    if not bool((real & ~keep).any()):
+        return None  # nothing dropped: stay on the stock path
+    order, slot = pack_kept(keep & real, left=True)
+    new_cols = torch.where(slot, cols.gather(1, order), -1)
+    ctx.layout = ctx.layout.with_columns(layer, new_cols, ctx.num_layers)
+    return gather_columns(hidden, order)
+
+
+def _pruned_kwargs(layer: int, q_len: int, kwargs: dict, ctx: ForwardContext) -> dict:
+    """Positions and mask of a layer whose cache holds only some prompt columns."""
+    cols = ctx.layout.columns_at(layer)
+    kwargs = dict(kwargs)
+    cache = kwargs.get("past_key_values")
+    past = cache.get_seq_length(layer) if cache is not None and ctx.phase == "decode" else 0
+    if ctx.phase == "prefill":  # the loop hands every layer the full prompt's positions
+        index = cols.clamp(min=0)
+        cos, sin = kwargs["position_embeddings"]
+        kwargs["position_embeddings"] = (gather_columns(cos, index), gather_columns(sin, index))
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = gather_columns(kwargs["position_ids"], index)
+    like = kwargs.get("attention_mask")
+    kwargs["attention_mask"] = layer_mask(
+        cols, ctx.layout.key_start, q_len, past + q_len, like if torch.is_tensor(like) else None
+    )
+    return kwargs
+
+
+def _layer_input(layer: int, module: torch.nn.Module, args: tuple, kwargs: dict):
     ctx = _CURRENT.get()
-    if ctx is None or not ctx.plan.layer_input_hooks:
+    if ctx is None:
         return None
     hidden = args[0] if args else kwargs["hidden_states"]
+    changed = False
+    if ctx.phase == "prefill" and ctx.plan.prune_hooks and layer > 0:
+        compacted = _prune(layer, hidden, ctx)
+        if compacted is not None:
+            hidden, changed = compacted, True
+    if ctx.layout.columns_at(layer) is not None:
+        kwargs, changed = _pruned_kwargs(layer, hidden.shape[1], kwargs, ctx), True
     for hook in ctx.plan.layer_input_hooks:
         hook(layer, hidden, ctx)
-    return None
+    if not changed:
+        return None
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
 
 
-def install_hook_points(model: torch.nn.Module, decoder_layers: str) -> None:
-    """Attach the layer-input hook point to every decoder layer of this model instance.
+def _vision_input(layer: int, module: torch.nn.Module, args: tuple, kwargs: dict):
+    """Later encoder layers of a cut batch: mask the padding of images that kept fewer."""
+    ctx = _CURRENT.get()
+    valid = None if ctx is None else ctx.scratch.get("vision.valid")
+    if valid is None or bool(valid.all()):
+        return None
+    hidden = args[0] if args else kwargs["hidden_states"]
+    mask = torch.zeros(valid.shape, dtype=hidden.dtype, device=hidden.device)
+    mask = mask.masked_fill(~valid, torch.finfo(hidden.dtype).min)[:, None, None, :]
+    if len(args) > 1:
+        return (args[0], mask, *args[2:]), kwargs
+    return args, {**kwargs, "attention_mask": mask}
+
+
+def _vision_output(layer: int, where: tuple[int, int, bool], module, args, kwargs, out):
+    ctx = _CURRENT.get()
+    if ctx is None or not ctx.plan.vision_stages:
+        return None
+    num_layers, read_layer, keeps_cls = where
+    hidden_in = args[0] if args else kwargs["hidden_states"]
+    hidden = out[0] if isinstance(out, tuple) else out
+    n_images, n = hidden.shape[:2]
+    valid = ctx.scratch.get("vision.valid")
+    if valid is None:
+        valid = torch.ones(n_images, n, dtype=torch.bool, device=hidden.device)
+        ctx.scratch["vision.patch_ids"] = torch.arange(n, device=hidden.device).expand(n_images, -1)
+    if layer == read_layer and not bool(valid.all()):
+        raise ValueError("a vision stage must cut every image to its budget before the read layer")
+    (stage,) = ctx.plan.vision_stages
+    call = VisionLayerCall(
+        layer, num_layers, read_layer, keeps_cls, module, hidden_in, hidden, valid, ctx
+    )
+    keep = stage.after_layer(call)
+    if keep is None or bool((keep | ~valid).all()):
+        ctx.scratch["vision.valid"] = valid
+        return None
+    if not bool(keep[:, 0].all()):
+        raise ValueError("a vision stage dropped the CLS token")
+    order, slot = pack_kept(keep & valid, left=False)
+    ctx.scratch["vision.valid"] = slot
+    ctx.scratch["vision.patch_ids"] = ctx.scratch["vision.patch_ids"].gather(1, order)
+    hidden = gather_columns(hidden, order)
+    return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+
+def _vision_where(model: torch.nn.Module, num_layers: int) -> tuple[int, int, bool]:
+    """(num_layers, the layer the LLM reads, whether it reads CLS) from the model's config."""
+    feature_layer = getattr(model.config, "vision_feature_layer", -1)
+    if not isinstance(feature_layer, int):
+        return num_layers, -1, False  # several read layers: vision stages refuse (read = -1)
+    read = num_layers + feature_layer if feature_layer < 0 else feature_layer - 1
+    strategy = getattr(model.config, "vision_feature_select_strategy", "default")
+    return num_layers, read, strategy == "full"
+
+
+def install_hook_points(
+    model: torch.nn.Module, decoder_layers: str, vision_layers: str | None = None
+) -> None:
+    """Attach the layer-input (and pruning) hook points to every decoder layer of this model,
+    and the vision hook points to every vision-encoder layer when `vision_layers` is given.
 
     The hooks hold no state: they dispatch to the plan of the current forward, if any.
     """
     for index, layer in enumerate(resolve(model, decoder_layers)):
         layer.register_forward_pre_hook(partial(_layer_input, index), with_kwargs=True)
+    if vision_layers is None:
+        return
+    encoder = resolve(model, vision_layers)
+    where = _vision_where(model, len(encoder))
+    for index, layer in enumerate(encoder):
+        layer.register_forward_pre_hook(partial(_vision_input, index), with_kwargs=True)
+        # prepend: transformers' hidden-state recorder must see the cut output
+        layer.register_forward_hook(
+            partial(_vision_output, index, where), with_kwargs=True, prepend=True
+        )

@@ -46,7 +46,8 @@ class LVLM:
         self.processor = processor
         self.family = family
         self.info: ModelInfo = model_info(model, family, name)
-        install_hook_points(model, FAMILIES[family].decoder_layers)
+        spec = FAMILIES[family]
+        install_hook_points(model, spec.decoder_layers, spec.vision_layers)
 
     @classmethod
     def from_pretrained(
@@ -61,7 +62,9 @@ class LVLM:
         attention.register()
         model, processor, family = load_model(path, device, dtype)
         model.set_attn_implementation({"text_config": attention.NAME, "vision_config": "sdpa"})
-        return cls(model, processor, family, str(name_or_path or "gym"))
+        lvlm = cls(model, processor, family, str(name_or_path or "gym"))
+        lvlm.info = replace(lvlm.info, path=str(path))
+        return lvlm
 
     @property
     def device(self) -> torch.device:

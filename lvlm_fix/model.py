@@ -36,7 +36,7 @@ class Family:
     language_model: str = "model.language_model"
     decoder_layers: str = "model.language_model.layers"
     vision_tower: str = "model.vision_tower"
-    vision_layers: str = "model.vision_tower.vision_model.encoder.layers"
+    vision_layers: str = "model.vision_tower.encoder.layers"
 
 
 FAMILIES: dict[str, Family] = {
@@ -62,6 +62,7 @@ class ModelInfo:
     vocab_size: int
     image_token_id: int
     name: str
+    path: str = ""  # the checkpoint directory it was loaded from ("" if unknown)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,10 @@ class ImageLayout:
 
     image_mask: torch.Tensor
     key_start: torch.Tensor
+    # Token pruning: per decoder layer, long [R, W_l] = the prompt column held by each of that
+    # layer's first W_l cache columns (-1 = filler, left of the real ones). Empty or None for a
+    # layer = it holds every prompt column (no pruning, the default).
+    columns: tuple[torch.Tensor | None, ...] = ()
 
     @property
     def n_image(self) -> torch.Tensor:
@@ -81,7 +86,31 @@ class ImageLayout:
         return self.image_mask.sum(-1)
 
     def index_rows(self, rows: torch.Tensor) -> ImageLayout:
-        return replace(self, image_mask=self.image_mask[rows], key_start=self.key_start[rows])
+        columns = tuple(None if c is None else c[rows] for c in self.columns)
+        return replace(
+            self, image_mask=self.image_mask[rows], key_start=self.key_start[rows], columns=columns
+        )
+
+    def columns_at(self, layer: int) -> torch.Tensor | None:
+        """Prompt column of each prompt cache column of `layer`: long [R, W] or None (all)."""
+        return self.columns[layer] if layer < len(self.columns) else None
+
+    def at_layer(self, layer: int) -> ImageLayout:
+        """This layout as seen by `layer`'s keys: its own image mask [R, W] and key_start.
+
+        Fillers and original padding sit on the left, so key_start stays "first real column".
+        """
+        cols = self.columns_at(layer)
+        if cols is None:
+            return replace(self, columns=())
+        image = self.image_mask.gather(1, cols.clamp(min=0)) & (cols >= 0)
+        return ImageLayout(image_mask=image, key_start=(cols < 0).sum(-1))
+
+    def with_columns(self, layer: int, cols: torch.Tensor, num_layers: int) -> ImageLayout:
+        """Layers `layer`.. now hold only prompt columns `cols` (long [R, W], -1 = filler)."""
+        columns = list(self.columns) + [None] * (num_layers - len(self.columns))
+        columns[layer:] = [cols] * (num_layers - layer)
+        return replace(self, columns=tuple(columns))
 
 
 @dataclass(frozen=True)
@@ -191,3 +220,30 @@ def encode_rows(
         image_rows=image_rows.to(device),
         layout=ImageLayout(image_mask=image_mask, key_start=key_start),
     )
+
+
+def shrink_image_runs(batch: PromptBatch, budget: int, pad_id: int) -> PromptBatch:
+    """Keep the first `budget` placeholders of each image (a vision stage emits only those).
+
+    The processor expands `<image>` to the full feature count; a pruning vision tower hands
+    the LLM `budget` features per image, so each image's run of placeholders is cut to match,
+    and the rows are re-packed with left padding.
+    """
+    ids, mask = batch.input_ids, batch.attention_mask
+    rows = ids.shape[0]
+    per_row = torch.bincount(batch.image_rows, minlength=rows).to(ids.device)  # images per row
+    image = batch.layout.image_mask
+    full = image.sum(-1) // per_row.clamp(min=1)  # placeholders per image, per row
+    if bool((full[per_row > 0] <= budget).all()):
+        return batch
+    rank = (image.long().cumsum(-1) - 1) % full.clamp(min=1)[:, None]  # index within its image
+    keep = (mask.bool() & ~image) | (image & (rank < budget))
+    lengths = keep.sum(-1)
+    width = int(lengths.max())
+    order = torch.sort(keep.long(), dim=-1, stable=True).indices[:, -width:]  # kept, in order
+    slot = torch.arange(width, device=ids.device)[None] >= (width - lengths)[:, None]
+    new_ids = torch.where(slot, ids.gather(1, order), pad_id)
+    new_mask = slot.long()
+    new_image = slot & image.gather(1, order)
+    layout = ImageLayout(image_mask=new_image, key_start=width - lengths)
+    return replace(batch, input_ids=new_ids, attention_mask=new_mask, layout=layout)

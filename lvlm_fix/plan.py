@@ -35,9 +35,10 @@ class Plan:
     plausibility_beta: float | None
     attention_hooks: tuple[Any, ...]
     layer_input_hooks: tuple[Any, ...]
-    vision_stages: tuple[Any, ...]
+    vision_stages: tuple[Any, ...]  # at most one (`hooks.VisionHook`)
     search: Search
     config_id: str
+    prune_hooks: tuple[Any, ...] = ()  # `hooks.PruneHook`s (LLM token pruning)
 
     @property
     def n_views(self) -> int:
@@ -93,6 +94,11 @@ def compile_plan(
             "views disagree on the plausibility cut: "
             + ", ".join(f"{name} beta={beta}" for name, beta in sorted(betas))
         )
+    stages = [(i, c.vision) for i, c in contributions if c.vision is not None]
+    if len(stages) > 1:
+        raise PlanConflict(
+            f"{stages[0][0].name!r} and {stages[1][0].name!r} both prune the vision tower"
+        )
     search = searches[0][1] if searches else default_search(params)
     view_users = [i.name for i, c in contributions if any(not v.prefill_only for v in c.views)]
     if searches and view_users and not getattr(search, "handles_views", True):
@@ -104,7 +110,8 @@ def compile_plan(
         plausibility_beta=next(iter(betas))[1] if betas else None,
         attention_hooks=tuple(c.attention for _, c in contributions if c.attention),
         layer_input_hooks=tuple(c.layer_input for _, c in contributions if c.layer_input),
-        vision_stages=tuple(c.vision for _, c in contributions if c.vision),
+        vision_stages=tuple(stage for _, stage in stages),
         search=search,
         config_id=config_hash(interventions),
+        prune_hooks=tuple(c.prune for _, c in contributions if c.prune),
     )

@@ -2,6 +2,9 @@
 
 # Importing a method module registers it (one line each).
 from lvlm_fix.methods import (
+    dyvte,  # noqa: F401
+    fastv,  # noqa: F401
+    flowcut,  # noqa: F401
     m3id,  # noqa: F401
     opera,  # noqa: F401
     pai,  # noqa: F401

@@ -10,6 +10,8 @@ Hook points (see ARCHITECTURE.md):
 - attention:  per-layer edits inside attention, and a look at its output (`AttentionHook`)
 - layer_input: the residual stream entering a decoder layer (`LayerInputHook`)
 - search:     the token-selection strategy (`Search`, e.g. OPERA)
+- prune:      token pruning inside the LLM (`PruneHook`: FastV, DyVTE)
+- vision:     token pruning inside the vision tower (`VisionHook`: FlowCut)
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 if TYPE_CHECKING:
-    from lvlm_fix.hooks import AttentionHook, LayerInputHook
+    from lvlm_fix.hooks import AttentionHook, LayerInputHook, PruneHook, VisionHook
     from lvlm_fix.model import ModelInfo
     from lvlm_fix.search import Search
 
-HookPoint = Literal["views", "attention", "layer_input", "search", "vision"]
+HookPoint = Literal["views", "attention", "layer_input", "search", "vision", "prune"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,8 @@ class Contribution:
     attention: AttentionHook | None = None
     layer_input: LayerInputHook | None = None
     search: Search | None = None
-    vision: Any = None  # vision-tower stage (token pruning), see methods that use it
+    vision: VisionHook | None = None  # vision-tower token pruning (one per plan)
+    prune: PruneHook | None = None  # LLM token pruning at decoder-layer inputs
 
 
 class Intervention(BaseModel):

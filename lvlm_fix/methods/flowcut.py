@@ -1,0 +1,125 @@
+"""FlowCut (arXiv 2505.19536), LLaVA-1.5 form: prune patches inside the CLIP vision tower.
+
+After each encoder layer before the one the LLM reads (`read_layer`), every patch gets a score
+from that layer's attention: (CLS->patch attention + CLS-value->value similarity, each
+renormalised over the patches) x L1 norm of the head-mean value vector. Scores accumulate with
+an EMA (0.5). On layers whose remaining-layer count rpl = read_layer - 1 - idx is even, an
+entropy-adaptive number of patches goes (more when CLS attention is concentrated, spread over
+the remaining stages by sqrt(rpl)); at rpl = 0 every image is cut to exactly the budget. (A
+tower whose LLM reads layer 0 gets only the forced cut, on layer 0's output.)
+Survivors stay in raster order; nothing is merged.
+
+Deviation from upstream (on purpose): the adaptive count is per image, not the max over the
+batch, so an image's kept set never depends on its batch-mates. The entropy log gets an epsilon.
+The CLS row is a side computation from the layer's own projections (any attention kernel).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from pydantic import Field
+
+from lvlm_fix.hooks import VisionLayerCall
+from lvlm_fix.methods.base import Contribution, Intervention, register
+from lvlm_fix.model import ModelInfo
+
+EPS = 1e-7
+
+
+def flow_scores(call: VisionLayerCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token score s [N, n] (0 for CLS and padding) and CLS attention a [N, n] (fp32)."""
+    attn = call.module.self_attn
+    x = call.module.layer_norm1(call.hidden_in)  # the attention's own input
+    n_images, n, _ = x.shape
+    heads, dim = attn.num_heads, attn.head_dim
+    q_cls = (attn.q_proj(x[:, :1]) * attn.scale).view(n_images, 1, heads, dim).transpose(1, 2)
+    k = attn.k_proj(x).view(n_images, n, heads, dim).transpose(1, 2).float()
+    v = attn.v_proj(x).view(n_images, n, heads, dim).transpose(1, 2).float()  # [N, H, n, d]
+    padding = ~call.valid[:, None, None, :]
+    relation = (q_cls.float() @ k.transpose(-1, -2)).masked_fill(padding, float("-inf"))
+    semantic = (v[:, :, :1] @ v.transpose(-1, -2)).masked_fill(padding, float("-inf"))
+    a = relation.softmax(-1).mean(1)[:, 0]  # [N, n]: CLS -> token, head mean
+    b = semantic.softmax(-1).mean(1)[:, 0]  # [N, n]: CLS value -> token value (no scaling)
+    a[:, 0] = 0.0
+    b[:, 0] = 0.0
+    value_norm = v.mean(1).abs().sum(-1)  # [N, n]: L1 norm of the head-mean value
+    s = (a / a.sum(-1, keepdim=True) + b / b.sum(-1, keepdim=True)) * value_norm
+    return s.masked_fill(~call.valid, 0.0), a
+
+
+def adaptive_keep(a: torch.Tensor, valid: torch.Tensor, target: int, rpl: int) -> torch.Tensor:
+    """Tokens (CLS included) each image keeps after this stage: long [N]."""
+    lengths = valid.sum(-1)
+    if rpl == 0:
+        return torch.full_like(lengths, target)
+    patches = (lengths - 1).clamp(min=2)
+    p = a[:, 1:] / a[:, 1:].sum(-1, keepdim=True)
+    entropy = -(p * torch.log(p + EPS)).sum(-1) / torch.log(patches.float())
+    excess = (lengths - target).float()  # = N - (T_keep - 1) with N patches
+    prune = torch.round(excess / math.sqrt(rpl) * (1 - entropy**2)).long()
+    return torch.maximum(lengths - prune, torch.full_like(lengths, target))
+
+
+def keep_top(score: torch.Tensor, valid: torch.Tensor, n_keep: torch.Tensor) -> torch.Tensor:
+    """keep bool [N, n]: CLS plus the n_keep-1 best patches of each image (stable ties)."""
+    ranked = score.masked_fill(~valid, float("-inf"))
+    ranked[:, 0] = float("inf")  # CLS always first
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return valid & (rank < n_keep[:, None])
+
+
+@dataclass(frozen=True)
+class _FlowCutStage:
+    budget: int  # features per image the LLM receives
+
+    def after_layer(self, call: VisionLayerCall) -> torch.Tensor | None:
+        if call.read_layer < 0:
+            raise ValueError("flowcut needs a single vision_feature_layer")
+        # The forced cut lands on the layer before the read layer, so the read layer already
+        # runs on the budget; a tower that reads its first layer gets that one cut on its output.
+        last = max(call.read_layer - 1, 0)
+        if call.layer > last:
+            return None
+        target = self.budget if call.keeps_cls else self.budget + 1  # tokens incl. CLS
+        scratch = call.ctx.scratch
+        ids = scratch["vision.patch_ids"]  # original token id of each current token
+        s, a = flow_scores(call)
+        flow = scratch.get("flowcut.flow")  # EMA of scores, indexed by original token id
+        if flow is None:
+            flow = torch.zeros(ids.shape[0], ids.shape[1], device=s.device)
+            current = s
+        else:
+            current = 0.5 * flow.gather(1, ids) + 0.5 * s
+        scratch["flowcut.flow"] = flow.scatter(1, ids, current)
+        rpl = last - call.layer
+        lengths = call.valid.sum(-1)
+        if rpl % 2 == 1 or bool((lengths <= target).all()):
+            return None
+        n_keep = torch.minimum(adaptive_keep(a, call.valid, target, rpl), lengths)
+        return keep_top(current, call.valid, n_keep)
+
+
+@register
+class FlowCut(Intervention):
+    """Prune vision-tower patches down to a budget, by accumulated attention flow (FlowCut)."""
+
+    name: ClassVar[str] = "flowcut"
+    hooks: ClassVar[frozenset] = frozenset({"vision"})
+
+    budget: int = Field(
+        64, ge=1, description="visual tokens per image given to the LLM (>= all patches = off)"
+    )
+
+    def contribute(self, model: ModelInfo) -> Contribution:
+        if model.family != "llava":
+            raise ValueError(
+                f"flowcut supports LLaVA-1.5 (family 'llava') only; {model.family!r} needs the "
+                "per-crop budget plus LLM-stage cut of the anyres variant, not implemented yet"
+            )
+        return Contribution(vision=_FlowCutStage(self.budget))
