@@ -31,6 +31,8 @@ def register() -> None:
 
 def merge_edits(call: AttentionCall, requests: list[dict[str, Any]]) -> dict[str, Any]:
     """Merge per-hook edit requests; head scales multiply, flags OR, anything else must agree."""
+    if len(requests) == 1 and ("col_group" in requests[0] or not _needs_columns(requests[0])):
+        return requests[0]  # the common single-hook case: nothing to merge or fill in
     merged: dict[str, Any] = {}
     for request in requests:
         for key, value in request.items():
@@ -42,10 +44,14 @@ def merge_edits(call: AttentionCall, requests: list[dict[str, Any]]) -> dict[str
                 merged[key] = merged[key] or value
             else:
                 raise ValueError(f"two interventions both set attention field {key!r}")
-    needs_image_columns = any(k in merged for k in ("image_gain", "var_rows", "want_group_mass"))
-    if needs_image_columns and "col_group" not in merged:
-        merged["col_group"] = (call.image_columns() * 3).to(torch.int8)  # 3 = image, no sinks
+    if "col_group" not in merged and _needs_columns(merged):
+        # 3 = image, no sinks; prompt-wide: the generated columns past it are group 0 (rest)
+        merged["col_group"] = (call.layout.image_mask * 3).to(torch.int8)
     return merged
+
+
+def _needs_columns(edits: dict[str, Any]) -> bool:
+    return "image_gain" in edits or "var_rows" in edits or bool(edits.get("want_group_mass"))
 
 
 def lvlm_attention(
@@ -71,9 +77,12 @@ def lvlm_attention(
         from lvlm_fix.kernels import AttentionEdits, edited_attention
 
         edits = AttentionEdits(**merge_edits(call, requests))
+        # Our hooks build the edits to the kernel's contract, so the hot loop skips re-checking
+        # it (tests hold the methods to it); public callers of edited_attention keep the checks.
         out, stats = edited_attention(
-            query, key, value, scale=scale, key_start=call.layout.key_start, edits=edits
-        )
+            query, key, value, scale=scale, key_start=call.layout.key_start, edits=edits,
+            validate=False,
+        )  # fmt: skip
     else:
         out, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs

@@ -1,6 +1,7 @@
 """The plain-torch edited attention (the kernels' oracle) against hand-built rows, a naive
 per-row loop, and the VAR / PAI / VHR invariants (specs/var.md s4, specs/vhr.md s3)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -346,6 +347,7 @@ def test_public_op_traces_in_one_graph():
         (dict(head_scale=torch.ones(2, 3)), "head_scale"),
         (dict(col_group=torch.zeros(2, 16, dtype=torch.int8), var_keep=1.5), "var_keep"),
         (dict(want_group_mass=True), "col_group"),
+        (dict(col_group=torch.zeros(2, 17, dtype=torch.int8)), "G <= K"),
     ],
     ids=[
         "col_group_dtype",
@@ -354,6 +356,7 @@ def test_public_op_traces_in_one_graph():
         "head_scale_shape",
         "keep_range",
         "mass_without_groups",
+        "col_group_wider_than_keys",
     ],
 )
 def test_bad_edits_raise_clear_errors(bad, message):
@@ -374,3 +377,18 @@ def test_bad_inputs_raise_clear_errors():
         edited_attention(
             torch.randn(2, 4, 20, 16), k, v, scale=0.3, key_start=key_start, edits=AttentionEdits()
         )
+
+
+def test_narrow_col_group_means_rest_past_its_width():
+    """col_group [B, G < K] equals the same map padded with group 0 over columns G..K."""
+    q, k, v, key_start, col_group, g = make_case(seed=23)
+    col_group[:, 11:] = 0  # the padded twin has no groups past the narrow one's width
+    full = all_edits(col_group, 2, 4, 6, g)
+    narrow = dataclasses.replace(full, col_group=col_group[:, :11].contiguous())
+    kw = dict(scale=0.3, key_start=key_start)
+    want, want_stats = edited_attention(q, k, v, edits=full, **kw)
+    got, got_stats = edited_attention(q, k, v, edits=narrow, **kw)
+    unchecked, _ = edited_attention(q, k, v, edits=narrow, validate=False, **kw)
+    assert torch.equal(got, want) and torch.equal(unchecked, want)
+    for name, value in want_stats.items():
+        assert torch.equal(got_stats[name], value)

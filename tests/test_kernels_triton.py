@@ -104,8 +104,12 @@ def edits_for(kind, col_group, B, H, Q, g):
     return AttentionEdits(col_group=col_group if needs_groups else None, **fields)
 
 
-def check(kernel, dtype, B=2, H=2, Hkv=1, Q=5, K=33, D=16, key_start=(0, 2), kind="all", seed=0):
+def check(kernel, dtype, B=2, H=2, Hkv=1, Q=5, K=33, D=16, key_start=(0, 2), kind="all", seed=0,
+          width=None):  # fmt: skip
+    """width: cut col_group to its first `width` columns (the rest are group 0)."""
     q, k, v, ks, col_group, g = make_case(B, H, Hkv, Q, K, D, key_start, dtype, seed)
+    if width is not None:
+        col_group = col_group[:, :width].contiguous()
     edits = edits_for(kind, col_group, B, H, Q, g)
     want, want_stats = ref.edited_attention(q, k, v, scale=D**-0.5, key_start=ks, edits=edits)
     fn = ta.prefill_attention if kernel == "prefill" else ta.decode_attention
@@ -176,3 +180,14 @@ def test_dispatch_and_head_dim_check():
     bad = torch.zeros(2, 2, 5, 24)
     with pytest.raises(ValueError, match="power-of-two head dim"):
         ta.prefill_attention(bad, bad, bad, scale=0.2, key_start=ks, edits=AttentionEdits())
+
+
+@in_process
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kind", ["all", "var"])
+def test_col_group_narrower_than_keys(kind, kernel):
+    """col_group covers the prompt (20 columns) and K=37 keys: later columns are group 0; "var"
+    leaves n_image out, so the kernels count image columns within the narrow map."""
+    stats, edits = check(kernel, torch.float32, Q=1 if kernel == "decode" else 5, K=37,
+                         kind=kind, seed=5, width=20)  # fmt: skip
+    assert edits.col_group.shape[1] == 20

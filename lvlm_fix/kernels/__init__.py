@@ -40,12 +40,7 @@ def _edited_attention_op(
         col_group, image_gain, gain_rows, var_rows, var_keep, var_rho, var_summ, n_image,
         head_scale, want_group_mass, want_last_row,
     )  # fmt: skip
-    if q.is_cuda:
-        # Imported here: Triton is only needed (and only present on every platform) with CUDA.
-        from .triton_attention import edited_attention_triton as impl
-    else:
-        impl = reference.edited_attention
-    out, stats = impl(q, k, v, scale=scale, key_start=key_start, edits=edits)
+    out, stats = _run(q, k, v, scale, key_start, edits, validate=False)  # checked by the caller
     empty = q.new_empty(0, dtype=torch.float32)
     return out, stats.get("group_mass", empty), stats.get("last_row", empty.clone())
 
@@ -61,17 +56,35 @@ def _(q, k, v, key_start, scale, col_group, image_gain, gain_rows, var_rows, var
     return out, mass, last
 
 
+def _run(q, k, v, scale, key_start, edits, validate):  # fmt: skip
+    if q.is_cuda:
+        # Imported here: Triton is only needed (and only present on every platform) with CUDA.
+        from .triton_attention import edited_attention_triton as impl
+    else:
+        impl = reference.edited_attention
+    return impl(q, k, v, scale=scale, key_start=key_start, edits=edits, validate=validate)
+
+
 def edited_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, scale: float, key_start: Tensor, edits: AttentionEdits
-) -> tuple[Tensor, dict[str, Tensor]]:
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float, key_start: Tensor, edits: AttentionEdits,
+    validate: bool = True,
+) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
     """q [B, H, Q, D], k/v [B, Hkv, K, D] -> out [B, Q, H, D] in q's dtype, and stats.
 
     Mask: causal with query row i at key column K - Q + i, left padding from key_start [B]
     (column j visible to row i iff key_start[b] <= j <= K - Q + i). Stats holds the requested
-    "group_mass" [B, H, Q, 4] and "last_row" [B, H, K] (fp32).
+    "group_mass" [B, H, Q, 4] and "last_row" [B, H, K] (fp32). edits.col_group [B, G] may be
+    narrower than the keys (G <= K): columns G.. are group 0.
+
+    validate=False skips the shape/dtype checks: for callers whose edits are built by code that
+    already guarantees them (the attention function's hot decode loop). Outside torch.compile the
+    kernels run directly; under it, through the custom op (same math, one graph node).
     """
-    check_inputs(q, k, v, key_start, scale)
-    check_edits(edits, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
+    if validate:
+        check_inputs(q, k, v, key_start, scale)
+        check_edits(edits, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
+    if not torch.compiler.is_compiling():  # eager: the op's dispatch would only add host time
+        return _run(q, k, v, scale, key_start, edits, validate=False)
     out, mass, last = _edited_attention_op(
         q, k, v, key_start, float(scale), edits.col_group, edits.image_gain, edits.gain_rows,
         edits.var_rows, float(edits.var_keep), float(edits.var_rho), float(edits.var_summ),

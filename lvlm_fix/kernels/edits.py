@@ -24,7 +24,8 @@ class AttentionEdits:
     """
 
     col_group: Tensor | None = None
-    """int8 [B, K]: 0 rest, 1 text sink, 2 visual sink, 3 non-sink image. Image = {2, 3}."""
+    """int8 [B, G], G <= K: 0 rest, 1 text sink, 2 visual sink, 3 non-sink image (image = {2, 3}).
+    Columns G.. are group 0, so a prompt-wide map serves every decode step without padding."""
     image_gain: Tensor | None = None
     """float32 [B, H]: PAI alpha (0 = off). Image scores s of gain_rows become s + alpha*|s|."""
     gain_rows: Tensor | None = None
@@ -58,6 +59,12 @@ class AttentionEdits:
     @property
     def needs_groups(self) -> bool:
         return self.var_on or self.want_group_mass
+
+
+def full_col_group(col_group: Tensor, K: int) -> Tensor:
+    """int8 [B, K]: col_group [B, G] with columns G.. filled with group 0 (REST)."""
+    extra = K - col_group.shape[1]
+    return torch.nn.functional.pad(col_group, (0, extra), value=REST) if extra else col_group
 
 
 def resolved_n_image(edits: AttentionEdits) -> Tensor:
@@ -108,8 +115,14 @@ def check_edits(
     """Shapes, dtypes and devices of every set field (values are not read: no host sync)."""
     if not isinstance(edits, AttentionEdits):
         raise TypeError(f"edits must be AttentionEdits, got {type(edits).__name__}")
+    # col_group may be narrower than the keys (the columns past it are group 0), never wider.
+    groups = edits.col_group
+    width = groups.shape[-1] if isinstance(groups, Tensor) and groups.dim() == 2 else K
+    if not 0 < width <= K:
+        raise ValueError(f"edits.col_group must be int8 [B={B}, G] with 0 < G <= K={K}, "
+                         f"got {_describe(groups)}")  # fmt: skip
     expected = {
-        "col_group": ((B, K), torch.int8),
+        "col_group": ((B, width), torch.int8),
         "image_gain": ((B, H), torch.float32),
         "gain_rows": ((B, Q), torch.bool),
         "var_rows": ((B, Q), torch.bool),

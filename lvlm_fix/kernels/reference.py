@@ -7,6 +7,8 @@ scale.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
@@ -18,6 +20,7 @@ from .edits import (
     AttentionEdits,
     check_edits,
     check_inputs,
+    full_col_group,
     resolved_n_image,
 )
 
@@ -85,18 +88,23 @@ def apply_var(p: Tensor, mass: Tensor, edits: AttentionEdits) -> Tensor:
 
 
 def edited_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, scale: float, key_start: Tensor, edits: AttentionEdits
-) -> tuple[Tensor, dict[str, Tensor]]:
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float, key_start: Tensor, edits: AttentionEdits,
+    validate: bool = True,
+) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
     """q [B, H, Q, D], k/v [B, Hkv, K, D] -> out [B, Q, H, D] in q's dtype, and requested stats.
 
     Mask: causal with query row i at key column K - Q + i, and left padding from key_start [B].
     Stats: "group_mass" [B, H, Q, 4] (after PAI, before VAR), "last_row" [B, H, K] (after all
-    edits but the head scale), both fp32.
+    edits but the head scale), both fp32. edits.col_group [B, G] may be narrower than the keys:
+    columns G.. are group 0. validate=False skips the shape checks (the caller made them).
     """
-    check_inputs(q, k, v, key_start, scale)
     B, H, Q, _ = q.shape
     K = k.shape[2]
-    check_edits(edits, B, H, Q, K, q.device)
+    if validate:
+        check_inputs(q, k, v, key_start, scale)
+        check_edits(edits, B, H, Q, K, q.device)
+    if edits.col_group is not None:  # from here on every column has its group
+        edits = replace(edits, col_group=full_col_group(edits.col_group, K))
     group = H // k.shape[1]
     kf = k.float().repeat_interleave(group, dim=1)  # [B, H, K, D]
     vf = v.float().repeat_interleave(group, dim=1)

@@ -19,9 +19,11 @@ DECODE_MAX_ROWS = 16  # GQA*Q packed rows up to which the decode kernel is used
 
 
 def edited_attention_triton(
-    q: Tensor, k: Tensor, v: Tensor, *, scale: float, key_start: Tensor, edits: AttentionEdits
-) -> tuple[Tensor, dict[str, Tensor]]:
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float, key_start: Tensor, edits: AttentionEdits,
+    validate: bool = True,
+) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
     """Pick the decode kernel for few packed query rows, the prefill kernel otherwise."""
-    if (q.shape[1] // k.shape[1]) * q.shape[2] <= DECODE_MAX_ROWS:
-        return decode_attention(q, k, v, scale=scale, key_start=key_start, edits=edits)
-    return prefill_attention(q, k, v, scale=scale, key_start=key_start, edits=edits)
+    kernel = decode_attention
+    if (q.shape[1] // k.shape[1]) * q.shape[2] > DECODE_MAX_ROWS:
+        kernel = prefill_attention
+    return kernel(q, k, v, scale=scale, key_start=key_start, edits=edits, validate=validate)

@@ -27,7 +27,7 @@ NEG_BIG = tl.constexpr(-1.0e30)
 def _attend_tile(
     m_i, l_i, acc, l_t, l_sv, l_u, acc_s, acc_u,  # running state of BLOCK_M rows
     q, k_ptrs, v_ptrs, group_ptrs, start_n, stride_kn, stride_vn,
-    rows, alpha, gain_row, acc_id, last_ptrs, is_last, diag, NK, qk_scale,
+    rows, alpha, gain_row, acc_id, last_ptrs, is_last, diag, NK, NG, qk_scale,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_PAI: tl.constexpr,
     NEED_GROUPS: tl.constexpr, HAS_VAR: tl.constexpr, STACKED: tl.constexpr,
     WANT_LAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -42,6 +42,7 @@ def _attend_tile(
     (those rows repeat a query row and keep only their group's columns; decode has rows to
     spare in the M >= 16 tile, so this costs no extra dot).
     WANT_LAST: rows with is_last [M] store their edited log2 scores at last_ptrs [M] + column.
+    Column groups are read for columns < NG (the col_group width); later columns are group 0.
     """
     cols = start_n + tl.arange(0, BLOCK_N)
     col_ok = cols < NK
@@ -51,7 +52,7 @@ def _attend_tile(
         k = tl.load(k_ptrs + cols[:, None] * stride_kn)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, N]
     if HAS_PAI or NEED_GROUPS:
-        group = tl.load(group_ptrs + cols, mask=col_ok, other=0)  # [N] int8
+        group = tl.load(group_ptrs + cols, mask=col_ok & (cols < NG), other=0)  # [N] int8
     if HAS_PAI:
         boost = (group[None, :] >= 2) & gain_row[:, None]
         s = tl.where(boost, s + alpha[:, None] * tl.abs(s), s)
@@ -92,15 +93,16 @@ def _attend_tile(
 
 
 @triton.jit
-def _n_image(NImage, group_ptrs, b, NK, HAS_N_IMAGE: tl.constexpr, BLOCK: tl.constexpr):
-    """VAR's epsilon count: n_image[b] if given, else the row's columns of groups 2 and 3."""
+def _n_image(NImage, group_ptrs, b, NG, HAS_N_IMAGE: tl.constexpr, BLOCK: tl.constexpr):
+    """VAR's epsilon count: n_image[b] if given, else the row's columns of groups 2 and 3
+    among its NG col_group columns."""
     if HAS_N_IMAGE:
         n = tl.load(NImage + b)
     else:
         count = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, NK, BLOCK):
+        for start in range(0, NG, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            group = tl.load(group_ptrs + cols, mask=cols < NK, other=0)
+            group = tl.load(group_ptrs + cols, mask=cols < NG, other=0)
             count += (group >= 2).to(tl.float32)
         n = tl.sum(count, 0)
     return n
@@ -162,7 +164,7 @@ def _finish_rows(
 
 @triton.jit
 def _last_row_kernel(
-    LastRow, LastStats, KeyStart, ColGroup, H, NK,
+    LastRow, LastStats, KeyStart, ColGroup, H, NK, NG,
     BLOCK_N: tl.constexpr, HAS_VAR: tl.constexpr,
 ):  # fmt: skip
     """In place: the last query row's edited log2 scores (stored by the attention kernel) become
@@ -179,7 +181,7 @@ def _last_row_kernel(
     l_i = tl.load(LastStats + bh * 4 + 1)
     p = tl.exp2(s - m) * tl.where(l_i > 0, 1.0 / tl.where(l_i > 0, l_i, 1.0), 0.0)
     if HAS_VAR:
-        group = tl.load(ColGroup + b.to(tl.int64) * NK + cols, mask=col_ok, other=0)
+        group = tl.load(ColGroup + b.to(tl.int64) * NG + cols, mask=col_ok & (cols < NG), other=0)
         f_s = tl.load(LastStats + bh * 4 + 2)
         f_u = tl.load(LastStats + bh * 4 + 3)
         p = p * tl.where((group == 1) | (group == 2), f_s, tl.where(group == 3, f_u, 1.0))
@@ -197,11 +199,15 @@ class KernelConfig:
     programs_per_sm: int = 2  # decode only: how finely the keys are split
 
 
-def check_launch(q: Tensor, k: Tensor, v: Tensor, key_start: Tensor, scale: float, edits):
-    """Shapes, dtypes and devices; the kernels also need a power-of-two head dim."""
-    check_inputs(q, k, v, key_start, scale)
+def check_launch(
+    q: Tensor, k: Tensor, v: Tensor, key_start: Tensor, scale: float, edits, validate: bool = True
+) -> None:
+    """Shapes, dtypes and devices (unless validate=False); the kernels also need a power-of-two
+    head dim, which is always checked (it is cheap and the kernels cannot run without it)."""
     B, H, Q, D = q.shape
-    check_edits(edits, B, H, Q, k.shape[2], q.device)
+    if validate:
+        check_inputs(q, k, v, key_start, scale)
+        check_edits(edits, B, H, Q, k.shape[2], q.device)
     if D < 16 or D > 256 or D & (D - 1):
         raise ValueError(f"the Triton kernels need a power-of-two head dim in [16, 256], got {D}")
 
@@ -227,6 +233,11 @@ def edit_tensors(edits: AttentionEdits, dummy: Tensor) -> dict[str, Tensor]:
         "NImage": plain(edits.n_image),  # None: the kernels count image columns themselves
         "HeadScale": plain(edits.head_scale),
     }
+
+
+def group_width(edits: AttentionEdits) -> int:
+    """NG: the col_group width the kernels read (columns past it are group 0); 0 without it."""
+    return 0 if edits.col_group is None else edits.col_group.shape[1]
 
 
 def edit_flags(q: Tensor, edits: AttentionEdits) -> dict[str, object]:
@@ -271,7 +282,7 @@ def finish_stats(res: dict[str, Tensor], key_start: Tensor, edits: AttentionEdit
         block_n = 256 if key_start.is_cuda else 16
         col_group = key_start if edits.col_group is None else edits.col_group.contiguous()
         _last_row_kernel[(B * H, triton.cdiv(K, block_n))](
-            res["LastRow"], res["LastStats"], key_start, col_group, H, K,
+            res["LastRow"], res["LastStats"], key_start, col_group, H, K, group_width(edits),
             BLOCK_N=block_n, HAS_VAR=edits.var_on,
         )  # fmt: skip
         stats["last_row"] = res["LastRow"]

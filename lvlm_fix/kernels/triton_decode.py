@@ -25,6 +25,7 @@ from .triton_common import (
     edit_tensors,
     epilogue_flags,
     finish_stats,
+    group_width,
     last_dim_contiguous,
 )
 
@@ -37,7 +38,7 @@ def _decode_split_kernel(
     Q, K, V, KeyStart, ColGroup, ImageGain, GainRows, PartM, PartL, PartAcc, LastRow,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
-    H, GQA, NQ, NK, split_len, num_splits, qk_scale,
+    H, GQA, NQ, NK, NG, split_len, num_splits, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PAI: tl.constexpr, NEED_GROUPS: tl.constexpr, HAS_VAR: tl.constexpr,
     WANT_LAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -89,8 +90,8 @@ def _decode_split_kernel(
         # Masked: causality for Q > 1 and the split's own end (the next split starts there).
         m_i, l_i, acc, l_t, l_sv, l_u, _, _ = _attend_tile(
             m_i, l_i, acc, l_t, l_sv, l_u, unused, unused,
-            q, k_ptrs, v_ptrs, ColGroup + b64 * NK, start_n, stride_kn, stride_vn,
-            rows, alpha, gain_row, acc_id, last_ptrs, is_last, NK - NQ, hi, qk_scale,
+            q, k_ptrs, v_ptrs, ColGroup + b64 * NG, start_n, stride_kn, stride_vn,
+            rows, alpha, gain_row, acc_id, last_ptrs, is_last, NK - NQ, hi, NG, qk_scale,
             BLOCK_N, True, HAS_PAI, NEED_GROUPS, HAS_VAR, True, WANT_LAST, DOT_PRECISION,
         )  # fmt: skip
 
@@ -110,7 +111,7 @@ def _decode_split_kernel(
 def _decode_combine_kernel(
     PartM, PartL, PartAcc, Out, ColGroup, VarRows, NImage, HeadScale, GroupMass, LastStats,
     stride_ob, stride_om, stride_oh,
-    H, NQ, NK, num_splits, keep, rho, summ,
+    H, NQ, NK, NG, num_splits, keep, rho, summ,
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, NEED_GROUPS: tl.constexpr,
     HAS_VAR: tl.constexpr, HAS_HEAD_SCALE: tl.constexpr, WANT_MASS: tl.constexpr,
     WANT_LAST: tl.constexpr, HAS_N_IMAGE: tl.constexpr,
@@ -150,7 +151,7 @@ def _decode_combine_kernel(
         part_u = tl.load(acc_ptrs + 2 * HEAD_DIM, mask=s_ok[:, None], other=0.0)
         acc_u = tl.sum(w[:, None] * part_u, 0, keep_dims=True)
         var_row = tl.load(VarRows + b * NQ + qi + one) != 0
-        n_img = _n_image(NImage, ColGroup + b.to(tl.int64) * NK, b, NK, HAS_N_IMAGE, 1024)
+        n_img = _n_image(NImage, ColGroup + b.to(tl.int64) * NG, b, NG, HAS_N_IMAGE, 1024)
     head_scale = tl.zeros([1], tl.float32)
     if HAS_HEAD_SCALE:
         head_scale += tl.load(HeadScale + b * H + h)
@@ -185,10 +186,10 @@ def _num_splits(B: int, n_kv: int, K: int, cfg: KernelConfig, device: torch.devi
 
 def decode_attention(
     q: Tensor, k: Tensor, v: Tensor, *, scale: float, key_start: Tensor,
-    edits: AttentionEdits, config: KernelConfig | None = None,
+    edits: AttentionEdits, config: KernelConfig | None = None, validate: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
     """Edited attention with the split-K decode kernel; same contract as the reference."""
-    check_launch(q, k, v, key_start, scale, edits)
+    check_launch(q, k, v, key_start, scale, edits, validate)
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     B, H, Q, D = q.shape
     n_kv, K = k.shape[1], k.shape[2]
@@ -211,14 +212,15 @@ def decode_attention(
         q, k, v, key_start, t["ColGroup"], t["ImageGain"], t["GainRows"],
         part_m, part_l, part_acc, res["LastRow"],
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        H, H // n_kv, Q, K, split_len, splits, scale * math.log2(math.e),
+        H, H // n_kv, Q, K, group_width(edits), split_len, splits, scale * math.log2(math.e),
         HEAD_DIM=D, BLOCK_M=max(16, triton.next_power_of_2(packed)), BLOCK_N=cfg.block_n,
         **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     _decode_combine_kernel[(B * H * Q,)](
         part_m, part_l, part_acc, out, t["ColGroup"], t["VarRows"], t["NImage"], t["HeadScale"],
         res["GroupMass"], res["LastStats"], out.stride(0), out.stride(1), out.stride(2),
-        H, Q, K, splits, float(edits.var_keep), float(edits.var_rho), float(edits.var_summ),
+        H, Q, K, group_width(edits), splits,
+        float(edits.var_keep), float(edits.var_rho), float(edits.var_summ),
         HEAD_DIM=D, BLOCK_S=MAX_SPLITS, NEED_GROUPS=flags["NEED_GROUPS"], HAS_VAR=edits.var_on,
         WANT_LAST=edits.want_last_row, **epilogue_flags(edits),
         num_warps=4 if q.is_cuda else 1,

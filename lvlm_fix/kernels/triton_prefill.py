@@ -25,6 +25,7 @@ from .triton_common import (
     edit_tensors,
     epilogue_flags,
     finish_stats,
+    group_width,
     last_dim_contiguous,
 )
 
@@ -35,7 +36,7 @@ def _prefill_kernel(
     GroupMass, LastStats, LastRow,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_om, stride_oh,
-    H, GQA, NQ, NK, qk_scale, keep, rho, summ,
+    H, GQA, NQ, NK, NG, qk_scale, keep, rho, summ,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PAI: tl.constexpr, NEED_GROUPS: tl.constexpr, HAS_VAR: tl.constexpr,
     HAS_HEAD_SCALE: tl.constexpr, WANT_MASS: tl.constexpr, WANT_LAST: tl.constexpr,
@@ -55,7 +56,7 @@ def _prefill_kernel(
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
     k_ptrs = K + b64 * stride_kb + (h // GQA) * stride_kh + offs_d[None, :]
     v_ptrs = V + b64 * stride_vb + (h // GQA) * stride_vh + offs_d[None, :]
-    group_ptrs = ColGroup + b64 * NK
+    group_ptrs = ColGroup + b64 * NG  # col_group [B, NG], NG <= NK
 
     alpha = tl.zeros([BLOCK_M], tl.float32)
     gain_row = rows < 0
@@ -90,14 +91,14 @@ def _prefill_kernel(
         m_i, l_i, acc, l_t, l_sv, l_u, acc_s, acc_u = _attend_tile(
             m_i, l_i, acc, l_t, l_sv, l_u, acc_s, acc_u,
             q, k_ptrs, v_ptrs, group_ptrs, start_n, stride_kn, stride_vn,
-            rows, alpha, gain_row, rows * 0, last_ptrs, is_last, diag, NK, qk_scale,
+            rows, alpha, gain_row, rows * 0, last_ptrs, is_last, diag, NK, NG, qk_scale,
             BLOCK_N, False, HAS_PAI, NEED_GROUPS, HAS_VAR, False, WANT_LAST, DOT_PRECISION,
         )  # fmt: skip
     for start_n in range(n_full, hi, BLOCK_N):
         m_i, l_i, acc, l_t, l_sv, l_u, acc_s, acc_u = _attend_tile(
             m_i, l_i, acc, l_t, l_sv, l_u, acc_s, acc_u,
             q, k_ptrs, v_ptrs, group_ptrs, start_n, stride_kn, stride_vn,
-            rows, alpha, gain_row, rows * 0, last_ptrs, is_last, diag, NK, qk_scale,
+            rows, alpha, gain_row, rows * 0, last_ptrs, is_last, diag, NK, NG, qk_scale,
             BLOCK_N, True, HAS_PAI, NEED_GROUPS, HAS_VAR, False, WANT_LAST, DOT_PRECISION,
         )  # fmt: skip
 
@@ -105,7 +106,7 @@ def _prefill_kernel(
     n_img = 0.0
     if HAS_VAR:
         var_row = tl.load(VarRows + b * NQ + rows, mask=row_ok, other=0) != 0
-        n_img = _n_image(NImage, group_ptrs, b, NK, HAS_N_IMAGE, 1024)
+        n_img = _n_image(NImage, group_ptrs, b, NG, HAS_N_IMAGE, 1024)
     head_scale = tl.zeros([BLOCK_M], tl.float32)
     if HAS_HEAD_SCALE:
         head_scale += tl.load(HeadScale + b * H + h)
@@ -132,10 +133,10 @@ def prefill_config(head_dim: int, dtype: torch.dtype, var_on: bool, device: torc
 
 def prefill_attention(
     q: Tensor, k: Tensor, v: Tensor, *, scale: float, key_start: Tensor,
-    edits: AttentionEdits, config: KernelConfig | None = None,
+    edits: AttentionEdits, config: KernelConfig | None = None, validate: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
     """Edited attention with the prefill kernel; same contract as reference.edited_attention."""
-    check_launch(q, k, v, key_start, scale, edits)
+    check_launch(q, k, v, key_start, scale, edits, validate)
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     B, H, Q, D = q.shape
     K = k.shape[2]
@@ -149,7 +150,8 @@ def prefill_attention(
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
         stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
         stride_ob=out.stride(0), stride_om=out.stride(1), stride_oh=out.stride(2),
-        H=H, GQA=H // k.shape[1], NQ=Q, NK=K, qk_scale=scale * math.log2(math.e),
+        H=H, GQA=H // k.shape[1], NQ=Q, NK=K, NG=group_width(edits),
+        qk_scale=scale * math.log2(math.e),
         keep=float(edits.var_keep), rho=float(edits.var_rho), summ=float(edits.var_summ),
         HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         **edit_flags(q, edits), **epilogue_flags(edits),

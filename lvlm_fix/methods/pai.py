@@ -51,7 +51,11 @@ class PAI(Intervention):
 
 @dataclass(frozen=True)
 class ImageGain:
-    """AttentionHook: PAI's gain on the last query row of edited rows."""
+    """AttentionHook: PAI's gain on the last query row of edited rows.
+
+    state "pai.gain" float [R, H] and "pai.last_row" bool [R, 1] are built on the first call and
+    re-indexed with the rows, so decode steps allocate nothing.
+    """
 
     layers: frozenset[int]
     alpha: float
@@ -60,11 +64,17 @@ class ImageGain:
         if call.layer not in self.layers:
             return None
         R, H, Q, _ = call.query.shape
-        edited = call.ctx.state["row.edited"]  # [R]
-        gain = torch.where(edited, self.alpha, 0.0).float()[:, None].expand(R, H).contiguous()
+        state = call.ctx.state
+        if "pai.gain" not in state:  # the same for every layer and step: build it once
+            edited = state["row.edited"]  # [R]
+            gain = torch.where(edited, self.alpha, 0.0).float()[:, None].expand(R, H)
+            state["pai.gain"] = gain.contiguous()  # [R, H]
+            state["pai.last_row"] = edited[:, None]  # bool [R, 1]: gain_rows of one query row
+        if Q == 1:  # decode: nothing new to build
+            return {"image_gain": state["pai.gain"], "gain_rows": state["pai.last_row"]}
         rows = torch.zeros(R, Q, dtype=torch.bool, device=call.query.device)
-        rows[:, -1] = edited
-        return {"image_gain": gain, "gain_rows": rows}
+        rows[:, -1:] = state["pai.last_row"]
+        return {"image_gain": state["pai.gain"], "gain_rows": rows}
 
     def after(self, call: AttentionCall, out: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
         return None

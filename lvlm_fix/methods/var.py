@@ -171,6 +171,10 @@ class Redistribute:
 
     A row is edited when it is an edited view's row and its sample has a visual sink in this
     layer. Eligible query rows: at prefill those after the last image column, at decode all.
+    The decode edits never change after prefill, so the first decode step builds them for every
+    layer at once (state "var.decode_groups" int8 [R, L, S], "var.decode_active" bool [R, L, 1],
+    "var.n_image" float [R]); later steps only slice them. col_group stays prompt-wide: the
+    kernel reads generated columns as group 0.
     """
 
     layers: frozenset[int]
@@ -180,9 +184,11 @@ class Redistribute:
 
     def edits(self, call: AttentionCall) -> dict[str, Any] | None:
         ctx = call.ctx
-        sinks = ctx.state.get("var.sink_mask")
-        if call.layer not in self.layers or sinks is None:
+        if call.layer not in self.layers or "var.sink_mask" not in ctx.state:
             return None
+        if ctx.phase == "decode" and call.query.shape[2] == 1:
+            return self._decode_edits(call)
+        sinks = ctx.state["var.sink_mask"]
         image = ctx.layout.image_mask  # [R, S]
         sink = sinks[:, call.layer]  # [R, S]
         active = ctx.state["row.edited"] & (sink & image).any(-1)  # [R]
@@ -190,17 +196,33 @@ class Redistribute:
         # we avoid the sync and let var_rows (all False) make the kernel a no-op.
         if ctx.phase == "prefill" and not bool(active.any()):
             return None
-        sink_group = torch.where(image, VISUAL_SINK, TEXT_SINK)
-        group = torch.where(active[:, None] & sink, sink_group, torch.where(image, IMAGE, 0))
-        extra = call.key.shape[2] - group.shape[1]  # generated columns: group 0
-        col_group = torch.nn.functional.pad(group, (0, extra)).to(torch.int8)  # [R, K]
         return {
-            "col_group": col_group,
+            "col_group": _groups(
+                sink, image, active[:, None]
+            ),  # [R, S]: generated columns are group 0
             "var_rows": self._rows(call, image, active),
             "var_keep": self.keep,
             "var_rho": self.rho,
             "var_summ": self.summ,
             "n_image": ctx.layout.n_image.float(),
+        }
+
+    def _decode_edits(self, call: AttentionCall) -> dict[str, Any]:
+        """One query row: views of the per-request tensors, built on the first decode step."""
+        state = call.ctx.state
+        if "var.decode_groups" not in state:
+            sinks, image = state["var.sink_mask"], call.ctx.layout.image_mask  # [R, L, S], [R, S]
+            active = state["row.edited"][:, None] & (sinks & image[:, None]).any(-1)  # [R, L]
+            state["var.decode_groups"] = _groups(sinks, image[:, None], active[..., None])
+            state["var.decode_active"] = active[..., None]  # [R, L, 1]: the one query row
+            state["var.n_image"] = call.ctx.layout.n_image.float()
+        return {
+            "col_group": state["var.decode_groups"][:, call.layer],  # [R, S]
+            "var_rows": state["var.decode_active"][:, call.layer],  # [R, 1]; no host sync
+            "var_keep": self.keep,
+            "var_rho": self.rho,
+            "var_summ": self.summ,
+            "n_image": state["var.n_image"],
         }
 
     def _rows(self, call: AttentionCall, image: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -215,6 +237,14 @@ class Redistribute:
 
     def after(self, call: AttentionCall, out: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
         return None
+
+
+def _groups(sink: torch.Tensor, image: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """int8 col_group: sinks of active rows are text/visual sinks, other image columns IMAGE.
+    sink [..., S], image and active broadcast to it (active has a trailing 1)."""
+    sink_group = torch.where(image, VISUAL_SINK, TEXT_SINK)
+    group = torch.where(active & sink, sink_group, torch.where(image, IMAGE, 0))
+    return group.to(torch.int8)
 
 
 def discover_sink_dims(

@@ -127,7 +127,7 @@ class Reinforce:
         scale = call.ctx.state.get("vhr.head_scale")
         if call.ctx.phase != "decode" or call.layer not in self.layers or scale is None:
             return None
-        return {"head_scale": scale[:, call.layer].contiguous()}  # [R, H]
+        return {"head_scale": scale[:, call.layer]}  # [R, H], a view (the kernel reads rows)
 
     def after(self, call: AttentionCall, out: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
         """Prefill: out [R, Q, H, D]. Choose this layer's heads and scale them in place."""
