@@ -38,7 +38,8 @@ class ForwardContext:
     phase: Phase
     num_layers: int
     # Per-forward scratch space for hooks (e.g. a vision stage's running scores); keys are
-    # prefixed with the method name. Core entries: "vision.valid", "vision.patch_ids".
+    # prefixed with the method name. Core entries: "vision.valid", "vision.patch_ids",
+    # "vision.mask" (the encoder's key-padding mask after a cut), "prune.kwargs".
     scratch: dict[str, Any] = field(default_factory=dict)
 
 
@@ -134,6 +135,10 @@ class VisionLayerCall:
     hidden_out: torch.Tensor  # [N, n, C] its output
     valid: torch.Tensor  # bool [N, n]: real tokens (False = padding after per-image cuts)
     ctx: ForwardContext
+    padded: bool = False  # some image holds fewer tokens than n (valid has False entries)
+    # The layer attention's own q, k, v projections, each [N, n, C] (before the head split),
+    # when the encoder layer has `self_attn.{q,k,v}_proj`; None otherwise.
+    projections: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 class VisionHook(Protocol):
@@ -147,6 +152,9 @@ class VisionHook(Protocol):
     budget: int
 
     def after_layer(self, call: VisionLayerCall) -> torch.Tensor | None: ...
+
+
+_PROJECTIONS = ("q", "k", "v")
 
 
 def _prune(layer: int, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
@@ -165,33 +173,60 @@ def _prune(layer: int, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tenso
     if cols is None:
         cols = torch.arange(width, device=keep.device).expand(rows, -1)
     real = cols >= ctx.layout.key_start[:, None]
-    if not bool((keep[:, -1] | ~real[:, -1]).all()):
+    kept = keep & real
+    lengths = kept.sum(-1)
+    # The only host-device sync of a cut: the sanity check, "did anything go", the new width.
+    last_lost, dropped, new_width = torch.stack(
+        [(real[:, -1] & ~keep[:, -1]).any(), (lengths < real.sum(-1)).any(), lengths.max()]
+    ).tolist()
+    if last_lost:
         raise ValueError("a prune hook dropped the last prompt token")
-    if not bool((real & ~keep).any()):
+    if not dropped:
         return None  # nothing dropped: stay on the stock path
-    order, slot = pack_kept(keep & real, left=True)
+    order, slot = pack_kept(kept, left=True, width=new_width)
     new_cols = torch.where(slot, cols.gather(1, order), -1)
     ctx.layout = ctx.layout.with_columns(layer, new_cols, ctx.num_layers)
     return gather_columns(hidden, order)
 
 
 def _pruned_kwargs(layer: int, q_len: int, kwargs: dict, ctx: ForwardContext) -> dict:
-    """Positions and mask of a layer whose cache holds only some prompt columns."""
+    """Positions and mask of a layer whose cache holds only some prompt columns.
+
+    Every layer after one cut holds the same columns, so they share one mask and one gathered
+    rotary table: built at the first layer of the cut, reused (by identity) by the rest.
+    """
     cols = ctx.layout.columns_at(layer)
-    kwargs = dict(kwargs)
     cache = kwargs.get("past_key_values")
     past = cache.get_seq_length(layer) if cache is not None and ctx.phase == "decode" else 0
+    like = kwargs.get("attention_mask")
+    like = like if torch.is_tensor(like) else None
+    rotary = kwargs.get("position_embeddings") if ctx.phase == "prefill" else None
+    # Tensors compare by identity: a forward hands every layer the same mask and rotary.
+    tensors = (cols, like, None if rotary is None else rotary[0], kwargs.get("position_ids"))
+    shared = ctx.scratch.get("prune.kwargs")  # (tensors, sizes, replaced kwargs)
+    if (
+        shared is None
+        or shared[1] != (q_len, past)
+        or any(a is not b for a, b in zip(shared[0], tensors, strict=True))
+    ):
+        shared = (tensors, (q_len, past), _pruned_inputs(cols, q_len, past, like, kwargs, ctx))
+        ctx.scratch["prune.kwargs"] = shared
+    return {**kwargs, **shared[2]}
+
+
+def _pruned_inputs(
+    cols: torch.Tensor, q_len: int, past: int, like, kwargs: dict, ctx: ForwardContext
+) -> dict:
+    """The replaced layer kwargs of one cut: mask, and at prefill the gathered positions."""
+    out = {}
     if ctx.phase == "prefill":  # the loop hands every layer the full prompt's positions
         index = cols.clamp(min=0)
         cos, sin = kwargs["position_embeddings"]
-        kwargs["position_embeddings"] = (gather_columns(cos, index), gather_columns(sin, index))
+        out["position_embeddings"] = (gather_columns(cos, index), gather_columns(sin, index))
         if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = gather_columns(kwargs["position_ids"], index)
-    like = kwargs.get("attention_mask")
-    kwargs["attention_mask"] = layer_mask(
-        cols, ctx.layout.key_start, q_len, past + q_len, like if torch.is_tensor(like) else None
-    )
-    return kwargs
+            out["position_ids"] = gather_columns(kwargs["position_ids"], index)
+    out["attention_mask"] = layer_mask(cols, ctx.layout.key_start, q_len, past + q_len, like)
+    return out
 
 
 def _layer_input(layer: int, module: torch.nn.Module, args: tuple, kwargs: dict):
@@ -218,15 +253,20 @@ def _layer_input(layer: int, module: torch.nn.Module, args: tuple, kwargs: dict)
 def _vision_input(layer: int, module: torch.nn.Module, args: tuple, kwargs: dict):
     """Later encoder layers of a cut batch: mask the padding of images that kept fewer."""
     ctx = _CURRENT.get()
-    valid = None if ctx is None else ctx.scratch.get("vision.valid")
-    if valid is None or bool(valid.all()):
+    mask = None if ctx is None else ctx.scratch.get("vision.mask")  # built at the cut
+    if mask is None:
         return None
-    hidden = args[0] if args else kwargs["hidden_states"]
-    mask = torch.zeros(valid.shape, dtype=hidden.dtype, device=hidden.device)
-    mask = mask.masked_fill(~valid, torch.finfo(hidden.dtype).min)[:, None, None, :]
     if len(args) > 1:
         return (args[0], mask, *args[2:]), kwargs
     return args, {**kwargs, "attention_mask": mask}
+
+
+def _vision_projection(name: str, module: torch.nn.Module, args: tuple, out: torch.Tensor):
+    """Keep the encoder attention's q/k/v projection [N, n, C] for this layer's vision stage,
+    so that scoring reuses them instead of computing them again."""
+    ctx = _CURRENT.get()
+    if ctx is not None and ctx.plan.vision_stages:
+        ctx.scratch[f"vision.{name}"] = out
 
 
 def _vision_output(layer: int, where: tuple[int, int, bool], module, args, kwargs, out):
@@ -236,27 +276,42 @@ def _vision_output(layer: int, where: tuple[int, int, bool], module, args, kwarg
     num_layers, read_layer, keeps_cls = where
     hidden_in = args[0] if args else kwargs["hidden_states"]
     hidden = out[0] if isinstance(out, tuple) else out
-    n_images, n = hidden.shape[:2]
-    valid = ctx.scratch.get("vision.valid")
+    scratch = ctx.scratch
+    valid = scratch.get("vision.valid")
     if valid is None:
+        n_images, n = hidden.shape[:2]
         valid = torch.ones(n_images, n, dtype=torch.bool, device=hidden.device)
-        ctx.scratch["vision.patch_ids"] = torch.arange(n, device=hidden.device).expand(n_images, -1)
-    if layer == read_layer and not bool(valid.all()):
+        scratch["vision.valid"], scratch["vision.mask"] = valid, None
+        scratch["vision.patch_ids"] = torch.arange(n, device=hidden.device).expand(n_images, -1)
+    if layer == read_layer and scratch["vision.mask"] is not None:
         raise ValueError("a vision stage must cut every image to its budget before the read layer")
     (stage,) = ctx.plan.vision_stages
+    projections = tuple(scratch.pop(f"vision.{name}", None) for name in _PROJECTIONS)
     call = VisionLayerCall(
-        layer, num_layers, read_layer, keeps_cls, module, hidden_in, hidden, valid, ctx
-    )
+        layer, num_layers, read_layer, keeps_cls, module, hidden_in, hidden, valid, ctx,
+        padded=scratch["vision.mask"] is not None,
+        projections=None if any(p is None for p in projections) else projections,
+    )  # fmt: skip
     keep = stage.after_layer(call)
-    if keep is None or bool((keep | ~valid).all()):
-        ctx.scratch["vision.valid"] = valid
+    if keep is None:
         return None
-    if not bool(keep[:, 0].all()):
+    kept = keep & valid
+    lengths = kept.sum(-1)
+    # The only host-device sync of a cut: "did anything go", the CLS check, the new widths.
+    checks = [(lengths < valid.sum(-1)).any(), (~keep[:, 0]).any(), lengths.max(), lengths.min()]
+    dropped, cls_lost, width, shortest = torch.stack(checks).tolist()
+    if not dropped:
+        return None
+    if cls_lost:
         raise ValueError("a vision stage dropped the CLS token")
-    order, slot = pack_kept(keep & valid, left=False)
-    ctx.scratch["vision.valid"] = slot
-    ctx.scratch["vision.patch_ids"] = ctx.scratch["vision.patch_ids"].gather(1, order)
+    order, slot = pack_kept(kept, left=False, width=width)
+    scratch["vision.valid"] = slot
+    scratch["vision.patch_ids"] = scratch["vision.patch_ids"].gather(1, order)
     hidden = gather_columns(hidden, order)
+    # The key-padding mask of the later layers [N, 1, 1, n'] (None: every image is full).
+    padding = torch.zeros(slot.shape, dtype=hidden.dtype, device=hidden.device)
+    padding = padding.masked_fill(~slot, torch.finfo(hidden.dtype).min)[:, None, None, :]
+    scratch["vision.mask"] = padding if shortest < width else None
     return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
 
 
@@ -290,3 +345,8 @@ def install_hook_points(
         layer.register_forward_hook(
             partial(_vision_output, index, where), with_kwargs=True, prepend=True
         )
+        attn = getattr(layer, "self_attn", None)
+        for name in _PROJECTIONS if attn is not None else ():
+            projection = getattr(attn, f"{name}_proj", None)
+            if projection is not None:
+                projection.register_forward_hook(partial(_vision_projection, name))

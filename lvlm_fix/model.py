@@ -86,7 +86,12 @@ class ImageLayout:
         return self.image_mask.sum(-1)
 
     def index_rows(self, rows: torch.Tensor) -> ImageLayout:
-        columns = tuple(None if c is None else c[rows] for c in self.columns)
+        # Layers after one cut share one tensor; keep them sharing (one index op per cut,
+        # and the pruned layers' masks stay shared too, see hooks._pruned_kwargs).
+        picked: dict[int, torch.Tensor] = {}
+        columns = tuple(
+            None if c is None else picked.setdefault(id(c), c[rows]) for c in self.columns
+        )
         return replace(
             self, image_mask=self.image_mask[rows], key_start=self.key_start[rows], columns=columns
         )

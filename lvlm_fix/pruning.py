@@ -16,21 +16,24 @@ from __future__ import annotations
 import torch
 
 
-def pack_kept(keep: torch.Tensor, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_kept(
+    keep: torch.Tensor, left: bool, width: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """keep bool [R, W] -> (order long [R, W'], slot bool [R, W']) with W' = max kept count.
 
     order[r, j] is the source column of slot j (kept columns in their original order);
     slot marks real slots. Fillers go left (`left=True`) or right; their order entry is junk.
+    Pass `width` (= the max kept count) when the caller already has it: W' is data dependent,
+    so finding it here costs a host-device sync.
     """
     lengths = keep.sum(-1)
-    width = int(lengths.max())
-    # A stable sort of 0/1 keys puts kept columns last, each group in original order.
-    ranked = torch.sort(keep.long(), dim=-1, stable=True).indices
+    width = int(lengths.max()) if width is None else width
     steps = torch.arange(width, device=keep.device)[None]
+    # A stable sort of 0/1 keys keeps each group in original order: ascending puts the kept
+    # columns last (left fillers), descending puts them first (right fillers).
+    ranked = torch.sort(keep.to(torch.uint8), dim=-1, descending=not left, stable=True).indices
     if left:
         return ranked[:, -width:], steps >= (width - lengths)[:, None]
-    # For right fillers: kept first, in order (descending stable sort of 0/1 keys).
-    ranked = torch.sort(keep.long(), dim=-1, descending=True, stable=True).indices
     return ranked[:, :width], steps < lengths[:, None]
 
 

@@ -7,8 +7,9 @@ sample is labelled "exit" iff the branches agree on > 99 % of the answer argmaxe
 branch's cross-entropy is < 1.03x the full one. Router e (fed the detached layer-e prompt
 states, as at inference) learns that label with 2-class cross-entropy; the model stays frozen.
 
-Data: the gym's training mix when the package ships one, otherwise generated shape images with
-template questions; answers are the frozen model's own greedy answers (self-distillation).
+Data (`--data`): the gym's training mix (scenes + their first question, the default), or plain
+shape images with template questions; answers are the frozen model's own greedy answers
+(self-distillation).
 """
 
 from __future__ import annotations
@@ -59,6 +60,16 @@ def generated_samples(n: int, size: int, seed: int) -> list[tuple[str, Image.Ima
         (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=color)
         samples.append((rng.choice(QUESTIONS).format(shape=rng.choice(SHAPES)), image))
     return samples
+
+
+def gym_samples(n: int, seed: int) -> list[tuple[str, Image.Image]]:
+    """The first turn of n gym training conversations, with their rendered scenes."""
+    from lvlm_fix.gym.data import category_frequencies, make_example
+    from lvlm_fix.gym.world import render
+
+    popular = category_frequencies(seed)
+    examples = [make_example(seed, i, popular) for i in range(n)]
+    return [(example.turns[0][0], render(example.scene)) for example in examples]
 
 
 @dataclass(frozen=True)
@@ -202,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True, help="checkpoint directory (frozen)")
     parser.add_argument("--out", help=f"router file (default: MODEL/{ROUTER_FILE})")
     parser.add_argument("--samples", type=int, default=256, help="generated training samples")
+    parser.add_argument("--data", choices=("gym", "shapes"), default="gym", help="training images")
     parser.add_argument("--width", type=int, default=2048, help="router hidden width")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -213,7 +225,10 @@ def main(argv: list[str] | None = None) -> None:
     processor = lvlm.processor.image_processor
     sizes = getattr(processor, "crop_size", None) or processor.size
     size = sizes.get("height") or sizes.get("shortest_edge") or 336
-    samples = generated_samples(args.samples, size, args.seed)
+    if args.data == "gym":
+        samples = gym_samples(args.samples, args.seed)
+    else:
+        samples = generated_samples(args.samples, size, args.seed)
     w1, w2 = train(
         lvlm,
         samples,

@@ -35,12 +35,13 @@ def top_image_columns(scores: torch.Tensor, image: torch.Tensor, n_keep: torch.T
 
 def attention_rows(call: AttentionCall, mode: str) -> torch.Tensor:
     """Head-mean attention probabilities each key column receives: [R, K] (fp32)."""
-    query, key = call.query.float(), call.key.float()
-    groups = query.shape[1] // key.shape[1]
-    key = key.repeat_interleave(groups, dim=1)  # GQA: each query head reads its KV head
-    if mode == "last":
-        query = query[:, :, -1:]
-    logits = query @ key.transpose(-1, -2) * call.scaling  # [R, H, Q, K]
+    query = call.query[:, :, -1:] if mode == "last" else call.query  # slice before upcasting
+    query, key = query.float(), call.key.float()
+    rows, heads, q_len, dim = query.shape
+    # GQA: query head h reads KV head h // groups; group the query heads per KV head instead
+    # of repeating the keys: [R, Hkv, groups * Q, D] @ [R, Hkv, D, K].
+    grouped = query.reshape(rows, key.shape[1], -1, dim) @ key.transpose(-1, -2)
+    logits = grouped.view(rows, heads, q_len, -1) * call.scaling  # [R, H, Q, K]
     k_len = key.shape[2]
     columns = torch.arange(k_len, device=key.device)
     padding = columns[None] < call.layout.key_start[:, None]  # [R, K]

@@ -33,22 +33,27 @@ EPS = 1e-7
 def flow_scores(call: VisionLayerCall) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token score s [N, n] (0 for CLS and padding) and CLS attention a [N, n] (fp32)."""
     attn = call.module.self_attn
-    x = call.module.layer_norm1(call.hidden_in)  # the attention's own input
-    n_images, n, _ = x.shape
+    if call.projections is not None:  # the layer's own projections (no second GEMM)
+        q, k, v = call.projections
+        q_cls = q[:, :1]
+    else:
+        x = call.module.layer_norm1(call.hidden_in)  # the attention's own input
+        q_cls, k, v = attn.q_proj(x[:, :1]), attn.k_proj(x), attn.v_proj(x)
+    n_images, n, _ = k.shape
     heads, dim = attn.num_heads, attn.head_dim
-    q_cls = (attn.q_proj(x[:, :1]) * attn.scale).view(n_images, 1, heads, dim).transpose(1, 2)
-    k = attn.k_proj(x).view(n_images, n, heads, dim).transpose(1, 2).float()
-    v = attn.v_proj(x).view(n_images, n, heads, dim).transpose(1, 2).float()  # [N, H, n, d]
-    padding = ~call.valid[:, None, None, :]
-    relation = (q_cls.float() @ k.transpose(-1, -2)).masked_fill(padding, float("-inf"))
-    semantic = (v[:, :, :1] @ v.transpose(-1, -2)).masked_fill(padding, float("-inf"))
-    a = relation.softmax(-1).mean(1)[:, 0]  # [N, n]: CLS -> token, head mean
-    b = semantic.softmax(-1).mean(1)[:, 0]  # [N, n]: CLS value -> token value (no scaling)
-    a[:, 0] = 0.0
-    b[:, 0] = 0.0
+    q_cls = (q_cls * attn.scale).view(n_images, 1, heads, dim).transpose(1, 2).float()
+    k = k.view(n_images, n, heads, dim).transpose(1, 2).float()
+    v = v.view(n_images, n, heads, dim).transpose(1, 2).float()  # [N, H, n, d]
+    # Row 0: CLS -> token attention logits; row 1: CLS value . token value (no scaling).
+    logits = torch.cat([q_cls @ k.transpose(-1, -2), v[:, :, :1] @ v.transpose(-1, -2)], 2)
+    if call.padded:  # [N, H, 2, n]; with no padding the mask would change nothing
+        logits = logits.masked_fill(~call.valid[:, None, None, :], float("-inf"))
+    probs = logits.softmax(-1).mean(1)  # [N, 2, n]: head mean
+    probs[:, :, 0] = 0.0
     value_norm = v.mean(1).abs().sum(-1)  # [N, n]: L1 norm of the head-mean value
-    s = (a / a.sum(-1, keepdim=True) + b / b.sum(-1, keepdim=True)) * value_norm
-    return s.masked_fill(~call.valid, 0.0), a
+    # Padding has probability 0 in both rows, so its score is 0 as well.
+    s = (probs / probs.sum(-1, keepdim=True)).sum(1) * value_norm
+    return s, probs[:, 0]
 
 
 def adaptive_keep(a: torch.Tensor, valid: torch.Tensor, target: int, rpl: int) -> torch.Tensor:
@@ -87,22 +92,35 @@ class _FlowCutStage:
         if call.layer > last:
             return None
         target = self.budget if call.keeps_cls else self.budget + 1  # tokens incl. CLS
-        scratch = call.ctx.scratch
-        ids = scratch["vision.patch_ids"]  # original token id of each current token
         s, a = flow_scores(call)
-        flow = scratch.get("flowcut.flow")  # EMA of scores, indexed by original token id
-        if flow is None:
-            flow = torch.zeros(ids.shape[0], ids.shape[1], device=s.device)
-            current = s
-        else:
-            current = 0.5 * flow.gather(1, ids) + 0.5 * s
-        scratch["flowcut.flow"] = flow.scatter(1, ids, current)
+        current = self._accumulate(call, s)
         rpl = last - call.layer
-        lengths = call.valid.sum(-1)
-        if rpl % 2 == 1 or bool((lengths <= target).all()):
+        # Images are packed, so the widest holds valid.shape[1] tokens: no sync needed to see
+        # that every image is within the target already.
+        if rpl % 2 == 1 or call.valid.shape[1] <= target:
             return None
+        lengths = call.valid.sum(-1)
         n_keep = torch.minimum(adaptive_keep(a, call.valid, target, rpl), lengths)
         return keep_top(current, call.valid, n_keep)
+
+    @staticmethod
+    def _accumulate(call: VisionLayerCall, s: torch.Tensor) -> torch.Tensor:
+        """EMA (0.5) of the scores, aligned with the current tokens: [N, n] (fp32)."""
+        scratch = call.ctx.scratch
+        ids = scratch["vision.patch_ids"]  # original token id of each current token
+        previous = scratch.get("flowcut.flow")  # (ids, scores) of the previous layer
+        if previous is None:
+            current = s
+        elif previous[0] is ids:  # no cut since: the same tokens in the same slots
+            current = (previous[1] + s).mul_(0.5)  # = 0.5 a + 0.5 b exactly, one op less
+        else:  # a cut: find each survivor's score through its original token id
+            n_tokens = scratch["flowcut.tokens"]
+            by_id = previous[1].new_zeros(ids.shape[0], n_tokens)
+            by_id.scatter_(1, previous[0], previous[1])
+            current = (by_id.gather(1, ids) + s).mul_(0.5)
+        scratch.setdefault("flowcut.tokens", ids.shape[1])  # tokens before any cut
+        scratch["flowcut.flow"] = (ids, current)
+        return current
 
 
 @register
