@@ -118,14 +118,19 @@ def build_rows(processor, image_token_id: int, plan: Plan, samples: list[Sample]
     prompts: list[str] = []
     images: list[list[Image.Image]] = []
     pixel_fns: list[tuple[int, object, torch.Generator]] = []
+    notes: list[dict[str, list[str]]] = []
     for sample in samples:
         generator = torch.Generator().manual_seed(view_seed(sample.seed))
         prompts.append(render_prompt(processor, sample.text, len(sample.images)))
         images.append(list(sample.images))
+        notes.append({})
         for view in plan.views:
             kept = [] if view.drop_image else list(sample.images)
             if view.image_fn is not None:
-                kept = [view.image_fn(image, generator) for image in kept]
+                applied = [view.image_fn(image, generator) for image in kept]
+                kept = [image for image, _ in applied]
+                if applied:
+                    notes[-1][view.name] = [note for _, note in applied]
             if view.pixel_fn is not None and kept:
                 pixel_fns.append((len(prompts), view.pixel_fn, generator))
             prompts.append(render_prompt(processor, sample.text, len(kept)))
@@ -139,7 +144,7 @@ def build_rows(processor, image_token_id: int, plan: Plan, samples: list[Sample]
             where = (batch.image_rows == row).nonzero().flatten()
             pixels[where] = fn(pixels[where], generator).to(pixels.dtype)
         batch = replace(batch, pixel_values=pixels)
-    return batch
+    return replace(batch, view_notes=tuple(notes))
 
 
 def view_seed(seed: int | None) -> int:
@@ -192,6 +197,7 @@ class DecodeEvent:
     tokens: torch.Tensor | None
     result: SearchResult | None = None
     prompt_tokens: tuple[int, ...] = ()  # per sample, original view, padding excluded
+    view_notes: tuple[dict[str, list[str]], ...] = ()  # per sample, see PromptBatch
 
 
 def decode(
@@ -224,7 +230,7 @@ def decode(
         else:
             tokens = step.tokens.repeat_interleave(plan.n_views, dim=1).reshape(-1, 1)
             logits = runner.forward(tokens)[:, -1]
-    yield DecodeEvent(None, search.result(state), prompt_tokens)
+    yield DecodeEvent(None, search.result(state), prompt_tokens, batch.view_notes)
 
 
 def _beam_rows(parents: torch.Tensor, n_views: int) -> torch.Tensor:

@@ -36,6 +36,7 @@ class Generation(BaseModel):
     finish_reason: str  # "stop" or "length"
     prompt_tokens: int
     config_id: str  # stable hash of the interventions used
+    views: dict[str, list[str]] = {}  # what each image-transforming view applied, per image
 
 
 class LVLM:
@@ -148,8 +149,9 @@ class LVLM:
         tokenizer = self.processor.tokenizer
         outputs = []
         result = event.result
-        rows = zip(result.tokens, result.finish_reasons, event.prompt_tokens, strict=True)
-        for ids, reason, prompt_tokens in rows:
+        notes = event.view_notes or ({},) * len(result.tokens)
+        rows = zip(result.tokens, result.finish_reasons, event.prompt_tokens, notes, strict=True)
+        for ids, reason, prompt_tokens, views in rows:
             text = tokenizer.decode(ids, skip_special_tokens=True).strip()
             for stop in params.stop:
                 if stop in text:
@@ -161,6 +163,7 @@ class LVLM:
                     finish_reason=reason,
                     prompt_tokens=prompt_tokens,
                     config_id=plan.config_id,
+                    views=views,
                 )
             )
         return outputs

@@ -128,6 +128,8 @@ class PromptBatch:
     image_sizes: torch.Tensor | None  # NeXT / OneVision only
     image_rows: torch.Tensor  # long [n_images]: the row each image belongs to
     layout: ImageLayout
+    # per sample: {view name: description per image} of views that transformed images (RITUAL)
+    view_notes: tuple[dict[str, list[str]], ...] = ()
 
     @property
     def position_ids(self) -> torch.Tensor:

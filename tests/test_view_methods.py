@@ -58,7 +58,7 @@ def captured_logits(lvlm):
 
 
 def _identity_image(image, generator):
-    return image
+    return image, "identity"
 
 
 def _identity_pixels(pixels, generator):
@@ -288,7 +288,7 @@ def test_views_have_their_own_rows_and_caches(lvlm):
     batch = build_rows(lvlm.processor, lvlm.info.image_token_id, plan, [s], lvlm.device)
     # Row 1 is the processed transformed image, row 2 the noised processed original.
     generator = torch.Generator().manual_seed(view_seed(s.seed))
-    transformed = transformed_image(s.images[0], generator)
+    transformed, _ = transformed_image(s.images[0], generator)
     expected = lvlm.processor.image_processor(transformed, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(batch.pixel_values[1:2], expected, rtol=0, atol=0)
     noised = add_diffusion_noise(batch.pixel_values[0:1], 500, generator)
@@ -367,7 +367,7 @@ def test_transformed_image_preprocesses_to_the_same_shape(lvlm):
     processor = lvlm.processor.image_processor
     base = processor(image, return_tensors="pt")["pixel_values"]
     for seed in range(12):
-        out = transformed_image(image, torch.Generator().manual_seed(seed))
+        out, _ = transformed_image(image, torch.Generator().manual_seed(seed))
         assert processor(out, return_tensors="pt")["pixel_values"].shape == base.shape
 
 
@@ -398,3 +398,13 @@ def test_views_on_llava_next(tmp_path):
     assert (n_image[:, :3] == n_image[:, :1]).all() and (n_image[:, 3] == 0).all()
     out = tokens(lvlm, specs, samples, GenerationParams(max_new_tokens=4, do_sample=True, seed=2))
     assert all(len(ids) > 0 for ids in out)
+
+
+def test_ritual_records_its_transform_per_sample(lvlm):
+    a, b = sample(5), sample(6, text="Is there a red square in the picture?")
+    [alone] = lvlm.generate([a], [{"name": "ritual"}], GREEDY)
+    together = lvlm.generate([b, a], [{"name": "ritual"}], GREEDY)
+    [note] = alone.views["ritual.transformed"]
+    assert note.split("(")[0] in TRANSFORM_KEYS
+    assert together[1].views == alone.views  # the draw does not depend on batch-mates
+    assert lvlm.generate([a], [], GREEDY)[0].views == {}

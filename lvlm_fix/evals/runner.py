@@ -172,6 +172,7 @@ def _line(task: Task, item: EvalItem, method: MethodSet, gen, seed: int, model: 
         "model": model,
         "n_tokens": len(gen.token_ids),
         "finish_reason": gen.finish_reason,
+        **({"views": gen.views} if gen.views else {}),  # e.g. RITUAL's transform and its params
     }
 
 

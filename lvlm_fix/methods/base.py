@@ -45,7 +45,8 @@ class View:
     name: str
     weight: Callable[[int], float]
     drop_image: bool = False  # text-only row (PAI-CFG, M3ID, VHR's counterfactual)
-    image_fn: Callable[[Image.Image, torch.Generator], Image.Image] | None = None
+    # image_fn returns the new image and a description of what it did (recorded in the output)
+    image_fn: Callable[[Image.Image, torch.Generator], tuple[Image.Image, str]] | None = None
     pixel_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
     prefill_only: bool = False  # dropped after prefill (VHR's counterfactual pass)
     edited: bool = True  # attention edits apply to this view's rows (PAI-CFG's uncond: False)

@@ -73,9 +73,10 @@ def random_transform(
     return _APPLY[key](image, generator)
 
 
-def transformed_image(image: Image.Image, generator: torch.Generator) -> Image.Image:
-    """`random_transform` without the description: the shape `View.image_fn` expects."""
-    return random_transform(image, generator)[0]
+def transformed_image(image: Image.Image, generator: torch.Generator) -> tuple[Image.Image, str]:
+    """`random_transform` in the shape `View.image_fn` expects: (image, description)."""
+    image, applied = random_transform(image, generator)
+    return image, str(applied)
 
 
 def _horizontal_flip(image: Image.Image, _: torch.Generator):
