@@ -17,17 +17,15 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
-    LlavaProcessor,
     PreTrainedTokenizerFast,
 )
 
 from lvlm_fix import LVLM, attention
-from lvlm_fix.tiny import CHAT_TEMPLATE, train_tokenizer
+from lvlm_fix.tiny import llava_processor, train_tokenizer
 
 # The tokenizer is trained on the benchmarks' own prompts, so they tokenize into whole words.
 CORPUS = [
@@ -105,22 +103,6 @@ def llava_config(sizes: Sizes, tokenizer: PreTrainedTokenizerFast) -> LlavaConfi
     )
 
 
-def llava_processor(sizes: Sizes, tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
-    """CLIP preprocessing (resize the short edge, centre crop) + the LLaVA-1.5 chat template."""
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": sizes.image_size},
-        crop_size={"height": sizes.image_size, "width": sizes.image_size},
-    )
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=sizes.patch_size,
-        vision_feature_select_strategy=sizes.feature_strategy,
-        chat_template=CHAT_TEMPLATE,
-        num_additional_image_tokens=1,  # CLIP's CLS token, dropped again by "default"
-    )
-
-
 def build_llava(preset: str, device: str | torch.device, dtype: torch.dtype) -> LVLM:
     """A random-weight LLaVA-1.5 of `SIZES[preset]`, created directly on `device` in `dtype`."""
     if preset not in SIZES:
@@ -136,7 +118,8 @@ def build_llava(preset: str, device: str | torch.device, dtype: torch.dtype) -> 
     model.eval()
     attention.register()
     model.set_attn_implementation({"text_config": attention.NAME, "vision_config": "sdpa"})
-    return LVLM(model, llava_processor(sizes, tokenizer), "llava", sizes.name)
+    processor = llava_processor(tokenizer, sizes.image_size, sizes.patch_size)
+    return LVLM(model, processor, "llava", sizes.name)
 
 
 def sync(device: str | torch.device) -> None:

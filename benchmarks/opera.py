@@ -27,7 +27,7 @@ from PIL import Image
 from lvlm_fix import LVLM, GenerationParams, attention
 from lvlm_fix.decoding import Sample, build_rows, decode
 from lvlm_fix.methods.opera_state import candidate_log_probs
-from lvlm_fix.search import BeamSearch, Limits, advance_beams
+from lvlm_fix.search import BeamSearch, Limits, Recording, advance_beams
 
 PROMPT = "Please describe this image in detail."
 
@@ -44,21 +44,6 @@ def timed_decode(lvlm: LVLM, interventions, params, sample, recorder=None):
         pass
     sync(lvlm.device)
     return time.perf_counter() - start, plan.search
-
-
-class Recorder:
-    def __init__(self, inner):
-        self.inner, self.width, self.state = inner, inner.width, None
-
-    def start(self, batch_size, limits, device):
-        self.state = self.inner.start(batch_size, limits, device)
-        return self.state
-
-    def step(self, scores, state, runner):
-        return self.inner.step(scores, state, runner)
-
-    def result(self, state):
-        return self.inner.result(state)
 
 
 @torch.inference_mode()
@@ -127,7 +112,7 @@ def main() -> None:
     beam, _ = timed_decode(lvlm, [], GenerationParams(num_beams=5, max_new_tokens=n), sample)
     results["beam5_ms_per_token"] = 1000 * beam / n
     opera, search = timed_decode(
-        lvlm, [{"name": "opera"}], GenerationParams(max_new_tokens=n), sample, Recorder
+        lvlm, [{"name": "opera"}], GenerationParams(max_new_tokens=n), sample, Recording
     )
     results["opera_ms_per_token"] = 1000 * opera / n
     results["opera_rollbacks"] = sum(len(s.rollbacks) for s in search.state.samples)

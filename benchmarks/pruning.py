@@ -26,7 +26,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from common import CORPUS, SIZES, Sizes, llava_config, llava_processor, sync, write_json
+from common import CORPUS, SIZES, Sizes, llava_config, sync, write_json
 from PIL import Image
 from transformers import (
     LlavaForConditionalGeneration,
@@ -39,7 +39,7 @@ from transformers import (
 from lvlm_fix import LVLM, GenerationParams, Sample, attention
 from lvlm_fix.decoding import Runner, _row_state, build_rows
 from lvlm_fix.plan import compile_plan
-from lvlm_fix.tiny import CHAT_TEMPLATE, train_tokenizer
+from lvlm_fix.tiny import CHAT_TEMPLATE, llava_processor, train_tokenizer
 
 QUESTION = "Is there a dog in the image? Answer yes or no."
 FULL = SIZES["llava-1.5-7b"]
@@ -52,7 +52,7 @@ def build(family: str, sizes: Sizes, device: str, dtype: torch.dtype) -> LVLM:
     tokenizer = train_tokenizer(CORPUS)
     tokenizer.padding_side = "left"
     config = llava_config(sizes, tokenizer)
-    processor = llava_processor(sizes, tokenizer)
+    processor = llava_processor(tokenizer, sizes.image_size, sizes.patch_size)
     model_class = LlavaForConditionalGeneration
     if family == "llava_next":
         side = sizes.image_size

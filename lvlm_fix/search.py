@@ -219,5 +219,24 @@ def advance_beams(st: _BeamState, log_probs: torch.Tensor, params: GenerationPar
     return Step(tokens=tokens, parents=parents, done=done)
 
 
+class Recording:
+    """A search that passes every call to `inner` and keeps its state for inspection afterwards
+    (e.g. OPERA's rollback log in tests and benchmarks): `replace(plan, search=Recording(...))`."""
+
+    def __init__(self, inner: Search):
+        self.inner, self.width, self.state = inner, inner.width, None
+        self.handles_views = getattr(inner, "handles_views", True)
+
+    def start(self, batch_size: int, limits: Limits, device: torch.device) -> Any:
+        self.state = self.inner.start(batch_size, limits, device)
+        return self.state
+
+    def step(self, scores: torch.Tensor, state: Any, runner: Any) -> Step:
+        return self.inner.step(scores, state, runner)
+
+    def result(self, state: Any) -> SearchResult:
+        return self.inner.result(state)
+
+
 def default_search(params: GenerationParams) -> Search:
     return BeamSearch(params) if params.num_beams > 1 else SingleSearch(params)

@@ -89,6 +89,22 @@ def train_tokenizer(corpus: list[str], vocab_size: int = 400) -> PreTrainedToken
     return fast
 
 
+def llava_processor(
+    tokenizer: PreTrainedTokenizerFast, image_size: int, patch_size: int
+) -> LlavaProcessor:
+    """LLaVA-1.5's processor: CLIP preprocessing (short-edge resize, centre crop), chat template."""
+    size = {"shortest_edge": image_size}
+    crop = {"height": image_size, "width": image_size}
+    return LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size=size, crop_size=crop),
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped again by "default"
+    )
+
+
 def _text_config(family: str, vocab: int, hidden: int, layers: int, heads: int, kv_heads: int):
     common = dict(
         vocab_size=vocab,
@@ -146,17 +162,7 @@ def build_tiny(
             image_token_id=image_token_id,
         )
         model = LlavaForConditionalGeneration(config)
-        size = {"shortest_edge": image_size}
-        crop = {"height": image_size, "width": image_size}
-        image_processor = CLIPImageProcessorPil(size=size, crop_size=crop)
-        processor = LlavaProcessor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            patch_size=patch_size,
-            vision_feature_select_strategy="default",
-            chat_template=CHAT_TEMPLATE,
-            num_additional_image_tokens=1,
-        )
+        processor = llava_processor(tokenizer, image_size, patch_size)
     elif family == "llava_next":
         config = LlavaNextConfig(
             vision_config=CLIPVisionConfig(**vision_kwargs, projection_dim=hidden),

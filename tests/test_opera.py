@@ -23,7 +23,7 @@ from lvlm_fix.methods.opera_state import (
     renormalised_row,
 )
 from lvlm_fix.model import render_prompt
-from lvlm_fix.search import Limits
+from lvlm_fix.search import Limits, Recording
 from lvlm_fix.tiny import build_tiny
 
 RED = Image.new("RGB", (32, 32), (200, 30, 30))
@@ -45,26 +45,9 @@ def lvlm(path):
     return LVLM.from_pretrained(path)
 
 
-class Recorder:
-    """Passes every call to the real search and keeps its state for inspection."""
-
-    def __init__(self, inner):
-        self.inner, self.width, self.state = inner, inner.width, None
-
-    def start(self, batch_size, limits, device):
-        self.state = self.inner.start(batch_size, limits, device)
-        return self.state
-
-    def step(self, scores, state, runner):
-        return self.inner.step(scores, state, runner)
-
-    def result(self, state):
-        return self.inner.result(state)
-
-
 def run_recorded(lvlm, spec, samples, max_new_tokens):
     plan = lvlm.plan([spec], GenerationParams(max_new_tokens=max_new_tokens))
-    recorder = Recorder(plan.search)
+    recorder = Recording(plan.search)
     plan = replace(plan, search=recorder)
     tok = lvlm.processor.tokenizer
     limits = Limits(tok.eos_token_id, tok.pad_token_id, max_new_tokens, [None] * len(samples))

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from transformers import (
-    CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -19,7 +18,7 @@ from transformers import (
 )
 
 from lvlm_fix.gym.world import CANVAS
-from lvlm_fix.tiny import CHAT_TEMPLATE
+from lvlm_fix.tiny import llava_processor
 
 
 @dataclass(frozen=True)
@@ -81,14 +80,4 @@ def build_model(
 
 
 def build_processor(tokenizer: PreTrainedTokenizerFast, cfg: GymModelConfig) -> LlavaProcessor:
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": CANVAS}, crop_size={"height": CANVAS, "width": CANVAS}
-    )
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=cfg.patch_size,
-        vision_feature_select_strategy="default",
-        chat_template=CHAT_TEMPLATE,
-        num_additional_image_tokens=1,
-    )
+    return llava_processor(tokenizer, CANVAS, cfg.patch_size)
