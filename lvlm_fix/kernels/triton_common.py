@@ -258,11 +258,11 @@ def epilogue_flags(edits: AttentionEdits) -> dict[str, object]:
     }
 
 
-def allocate_outputs(q: Tensor, K: int, edits: AttentionEdits) -> dict[str, Tensor]:
-    """out [B, Q, H, D] and the requested statistics' buffers; unrequested ones are `dummy`."""
+def allocate_outputs(q: Tensor, K: int, edits: AttentionEdits, dummy: Tensor) -> dict[str, Tensor]:
+    """out [B, Q, H, D] and the requested statistics' buffers; unrequested ones are `dummy`
+    (any tensor on the device: the kernels never touch a buffer they were not asked for)."""
     B, H, Q, D = q.shape
     f32 = {"dtype": torch.float32, "device": q.device}
-    dummy = torch.empty(0, **f32)
     return {
         "out": torch.empty(B, Q, H, D, dtype=q.dtype, device=q.device),
         "GroupMass": torch.empty(B, H, Q, 4, **f32) if edits.want_group_mass else dummy,

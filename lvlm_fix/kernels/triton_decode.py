@@ -5,6 +5,7 @@ GQA: the query heads of one KV head are packed into the M dimension and share ea
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -174,10 +175,15 @@ def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> Ke
     return KernelConfig(16, 64, 4, 3)
 
 
+@functools.cache
+def _sm_count(index: int | None) -> int:
+    """SMs of a CUDA device (a hardware constant: asking the driver per call costs host time)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_splits(B: int, n_kv: int, K: int, cfg: KernelConfig, device: torch.device):
     """(splits, split_len): about cfg.programs_per_sm programs per SM, whole tiles per split."""
-    on_gpu = device.type == "cuda"
-    n_sm = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 4
+    n_sm = _sm_count(device.index) if device.type == "cuda" else 4
     wanted = triton.cdiv(cfg.programs_per_sm * n_sm, B * n_kv)
     splits = min(MAX_SPLITS, wanted, triton.cdiv(K, cfg.block_n))
     split_len = triton.cdiv(triton.cdiv(K, max(splits, 1)), cfg.block_n) * cfg.block_n
@@ -204,7 +210,7 @@ def decode_attention(
     n_part = B * H * Q * splits
     work = torch.empty(n_part * (5 + n_acc * D), dtype=torch.float32, device=q.device)
     part_m, part_l, part_acc = work[:n_part], work[n_part : 5 * n_part], work[5 * n_part :]
-    res = allocate_outputs(q, K, edits)
+    res = allocate_outputs(q, K, edits, dummy=key_start)
     out = res["out"]
     t = edit_tensors(edits, key_start)
     flags = edit_flags(q, edits)

@@ -120,10 +120,15 @@ def _prefill_kernel(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
 
-def prefill_config(head_dim: int, dtype: torch.dtype, var_on: bool, device: torch.device):
-    """Heuristic tiles by head dim, dtype and VAR's two extra accumulators (measured on H100)."""
+def prefill_config(
+    head_dim: int, dtype: torch.dtype, var_on: bool, device: torch.device, rows: int = 64
+) -> KernelConfig:
+    """Heuristic tiles by head dim, dtype and VAR's two extra accumulators (measured on H100);
+    `rows` query rows: a decode step (few rows) gets the smallest row tile tl.dot allows."""
     if device.type != "cuda":  # TRITON_INTERPRET on CPU: small tiles, several per row
         return KernelConfig(16, 16, 1, 1)
+    if rows <= 16:
+        return KernelConfig(16, 64, 4, 2)
     if dtype == torch.float32:  # twice the shared memory per tile
         return KernelConfig(64, 32, 4, 2)
     if head_dim > 128:
@@ -140,8 +145,8 @@ def prefill_attention(
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     B, H, Q, D = q.shape
     K = k.shape[2]
-    cfg = config or prefill_config(D, q.dtype, edits.var_on, q.device)
-    res = allocate_outputs(q, K, edits)
+    cfg = config or prefill_config(D, q.dtype, edits.var_on, q.device, Q)
+    res = allocate_outputs(q, K, edits, dummy=key_start)
     out = res["out"]
     _prefill_kernel[(triton.cdiv(Q, cfg.block_m), B * H)](
         q, k, v, out, key_start, **edit_tensors(edits, key_start),
