@@ -3,8 +3,11 @@
 LLM side: a prune hook returns, at the input of decoder layer l, which of the current columns
 to keep. Rows may keep different counts, so each row's kept columns are packed to the right and
 filler columns fill the left, exactly like left padding: `key_start` stays "first real column"
-for the masks and kernels. Kept columns keep their ORIGINAL position ids (gaps). Layers >= l
-cache only the kept columns; each layer builds its own mask from its own columns.
+for the masks and kernels. Kept columns keep their ORIGINAL position ids (gaps), unless the cut
+renumbers (FlowCut's reference behaviour): then layers >= l number their kept prompt columns
+0, 1, ... and generated tokens continue from that count. Layers >= l cache only the kept
+columns; each layer builds its own mask from its own columns. The anyres vision stage's drop
+(`lvlm_fix.anyres`) is such a cut at layer 0.
 
 Vision side: a vision hook returns, after an encoder layer, which tokens of each image to keep;
 images may keep different counts, so they are packed left and padded on the right (the encoder

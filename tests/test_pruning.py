@@ -581,3 +581,16 @@ def test_flowcut_next_bad_configs(next_lvlm):
         next_lvlm.plan([{"name": "flowcut"}, {"name": "var"}])
     with pytest.raises(PlanConflict, match="'flowcut' and 'opera'"):
         next_lvlm.plan([{"name": "flowcut"}, {"name": "opera"}])
+
+
+@pytest.mark.parametrize(
+    "other", [{"name": "ritual"}, {"name": "vcd"}, {"name": "fastv", "layer": 3, "keep": 4}]
+)
+def test_flowcut_next_composes(next_lvlm, next_samples, other):
+    both = [{"name": "flowcut", "budget": 8}, other]
+    together = tokens(next_lvlm, next_samples, both)
+    assert together == [tokens(next_lvlm, [s], both)[0] for s in next_samples]
+    full = {"name": "flowcut", "budget": 1000, "keep_newlines": True}
+    assert tokens(next_lvlm, next_samples, [full, other]) == tokens(
+        next_lvlm, next_samples, [other]
+    )

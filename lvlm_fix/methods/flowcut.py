@@ -180,8 +180,9 @@ class FlowCut(Intervention):
 
     def contribute(self, model: ModelInfo) -> Contribution:
         if model.family == "llava":
-            if self.model_fields_set & _NEXT_ONLY:
-                names = sorted(self.model_fields_set & _NEXT_ONLY)
+            fields = type(self).model_fields
+            names = sorted(n for n in _NEXT_ONLY if getattr(self, n) != fields[n].default)
+            if names:  # (their defaults are fine: catalogues send every field)
                 raise ValueError(f"flowcut fields {names} apply to LLaVA-NeXT only")
             return Contribution(vision=_FlowCutStage(self.budget))
         if model.family != "llava_next":
