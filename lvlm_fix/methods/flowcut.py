@@ -133,11 +133,10 @@ class _FlowCutStage:
         elif previous[0] is ids:  # no cut since: the same tokens in the same slots
             current = (previous[1] + s).mul_(0.5)  # = 0.5 a + 0.5 b exactly, one op less
         else:  # a cut: find each survivor's score through its original token id
-            n_tokens = scratch["flowcut.tokens"]
+            n_tokens = scratch["vision.tokens"]  # tokens per image before any cut
             by_id = previous[1].new_zeros(ids.shape[0], n_tokens)
             by_id.scatter_(1, previous[0], previous[1])
             current = (by_id.gather(1, ids) + s).mul_(0.5)
-        scratch.setdefault("flowcut.tokens", ids.shape[1])  # tokens before any cut
         scratch["flowcut.flow"] = (ids, current)
         return current
 
