@@ -7,7 +7,9 @@ weight values), bf16, one image per sample, batch 1 by default (`--batch`). Per 
 - ttft_ms:    time to first token through the whole pipeline (`LVLM.generate`, one new token:
               processor, row building, prefill, first token).
 Image tokens: LLaVA-1.5 576 -> 192/128/64. LLaVA-NeXT (anyres, 672x672 -> 4 crops + base, about
-2.9k tokens) -> FastV 640/320/160; FlowCut's anyres variant is not implemented (row skipped).
+2.9k tokens) -> 640/320/160: FastV at layer 2; FlowCut with budget/2 patches per crop in the tower,
+then the budget per sample from LLM layer 2 on. Columns: llm_tokens / image_tokens = tokens entering
+LLM layer 0 (all / image), image_tokens_last = image tokens the last LLM layer sees.
 
     python benchmarks/pruning.py --out pruning.json          # GPU (H100), both 7B configs
     python benchmarks/pruning.py --batch 8 --out pruning8.json  # compute-bound regime
@@ -85,16 +87,17 @@ def build(family: str, sizes: Sizes, device: str, dtype: torch.dtype) -> LVLM:
     return LVLM(model, processor, family, f"{family}-{sizes.name}")
 
 
-def configurations(family: str, n_image: int, tiny: bool) -> list[tuple[str, list[dict]]]:
+def configurations(
+    family: str, n_image: int, n_patches: int, tiny: bool
+) -> list[tuple[str, list[dict]]]:
     """(label, interventions): unpruned, then FastV and FlowCut at each budget."""
     if family == "llava":
         budgets = [32, 16, 8] if tiny else [192, 128, 64]
-    else:
-        budgets = [n_image * b // 2880 for b in (640, 320, 160)]  # NeXT: 2880 -> 640/320/160
+    else:  # NeXT: 2880 patches (5 crops x 576, newlines aside) -> 640/320/160
+        budgets = [n_patches * b // 2880 for b in (640, 320, 160)]
     rows = [(f"unpruned {n_image}", [])]
     rows += [(f"fastv K=2 {b}", [{"name": "fastv", "layer": 2, "keep": b}]) for b in budgets]
-    if family == "llava":
-        rows += [(f"flowcut {b}", [{"name": "flowcut", "budget": b}]) for b in budgets]
+    rows += [(f"flowcut {b}", [{"name": "flowcut", "budget": b}]) for b in budgets]
     return rows
 
 
@@ -116,6 +119,7 @@ def measure(lvlm: LVLM, samples: list[Sample], interventions: list[dict], runs: 
         elapsed = time.perf_counter() - start
         if device.type == "cuda":
             peak = max(peak, torch.cuda.max_memory_allocated(device))
+        layout = runner.layout  # per-layer columns after the cuts
         del runner
         start = time.perf_counter()
         lvlm.generate(samples, interventions, GenerationParams(max_new_tokens=1))
@@ -123,9 +127,12 @@ def measure(lvlm: LVLM, samples: list[Sample], interventions: list[dict], runs: 
         if run:
             prefill.append(elapsed)
             ttft.append(time.perf_counter() - start)
+    first = layout.columns_at(0)  # anyres FlowCut drops tokens before LLM layer 0
+    last = lvlm.info.num_layers - 1
     return {
-        "llm_tokens": int(batch.attention_mask.sum()),
-        "image_tokens": int(batch.layout.n_image.sum()),
+        "llm_tokens": int(batch.attention_mask.sum() if first is None else (first >= 0).sum()),
+        "image_tokens": int(layout.at_layer(0).n_image.sum()),
+        "image_tokens_last": int(layout.at_layer(last).n_image.sum()),
         "prefill_ms": 1e3 * statistics.median(prefill),
         "ttft_ms": 1e3 * statistics.median(ttft),
         "peak_mib": peak / 2**20,
@@ -141,13 +148,16 @@ def run_family(family: str, sizes: Sizes, device: str, dtype, args) -> list[dict
     n_image = int(build_rows(lvlm.processor, lvlm.info.image_token_id,
                              compile_plan([], lvlm.info, GenerationParams()), [sample],
                              lvlm.device).layout.n_image.sum())  # fmt: skip
+    crops = 5 if family == "llava_next" else 1  # the square image: base + 2x2 sub-crops
+    n_patches = crops * (sizes.image_size // sizes.patch_size) ** 2
     results = []
     samples = [sample] * args.batch
-    for label, interventions in configurations(family, n_image, args.tiny):
+    for label, interventions in configurations(family, n_image, n_patches, args.tiny):
         row = {"model": family, "config": label, "batch": args.batch}
         row.update(measure(lvlm, samples, interventions, args.runs))
         print(
             f"{family:10s} {label:18s} tokens {row['llm_tokens']:5d}  "
+            f"image {row['image_tokens']:5d} -> {row['image_tokens_last']:5d}  "
             f"prefill {row['prefill_ms']:8.2f} ms  ttft {row['ttft_ms']:8.2f} ms  "
             f"peak {row['peak_mib']:8.0f} MiB",
             flush=True,

@@ -52,6 +52,7 @@ class Runner:
         b = self.batch
         extra = image_kwargs(self.model, b)
         ctx = self._context("prefill")
+        ctx.image_sizes = b.image_sizes  # an anyres vision stage maps the packed crops with it
         with forward_context(ctx), torch.inference_mode():
             out = self.model(
                 input_ids=b.input_ids,
@@ -76,7 +77,9 @@ class Runner:
         self.attention_mask = torch.cat([self.attention_mask, mask.to(self.attention_mask)], 1)
         positions = self.positions[:, None] + mask.long().cumsum(1)
         self.positions = positions[:, -1]
-        with forward_context(self._context("decode")), torch.inference_mode():
+        ctx = self._context("decode")
+        ctx.attention_mask = self.attention_mask  # pruned layers read generated columns here
+        with forward_context(ctx), torch.inference_mode():
             out = self.model(
                 input_ids=tokens,
                 attention_mask=self.attention_mask,
@@ -137,7 +140,8 @@ def build_rows(processor, image_token_id: int, plan: Plan, samples: list[Sample]
             images.append(kept)
     batch = encode_rows(processor, image_token_id, prompts, images, device)
     for stage in plan.vision_stages:  # a pruning vision tower emits `budget` features per image
-        batch = shrink_image_runs(batch, stage.budget, processor.tokenizer.pad_token_id or 0)
+        if stage.grid is None:  # (anyres keeps every placeholder: LLM layer 0 drops them)
+            batch = shrink_image_runs(batch, stage.budget, processor.tokenizer.pad_token_id or 0)
     if pixel_fns:
         pixels = batch.pixel_values.clone()
         for row, fn, generator in pixel_fns:

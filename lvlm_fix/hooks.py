@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 
-from lvlm_fix.model import ImageLayout, resolve
+from lvlm_fix import anyres
+from lvlm_fix.model import Family, ImageLayout, resolve
 from lvlm_fix.pruning import gather_columns, layer_mask, pack_kept
 
 if TYPE_CHECKING:
@@ -39,8 +40,12 @@ class ForwardContext:
     num_layers: int
     # Per-forward scratch space for hooks (e.g. a vision stage's running scores); keys are
     # prefixed with the method name. Core entries: "vision.valid", "vision.patch_ids",
-    # "vision.mask" (the encoder's key-padding mask after a cut), "prune.kwargs".
+    # "vision.tokens" (tokens per image before any cut), "vision.mask" (the encoder's
+    # key-padding mask after a cut), "vision.keep_columns" (anyres: the prompt columns LLM
+    # layer 0 keeps), "prune.kwargs".
     scratch: dict[str, Any] = field(default_factory=dict)
+    image_sizes: torch.Tensor | None = None  # long [n_images, 2] (NeXT) at prefill
+    attention_mask: torch.Tensor | None = None  # [R, S + generated]: the loop's mask at decode
 
 
 _CURRENT: ContextVar[ForwardContext | None] = ContextVar("lvlm_fix_forward", default=None)
@@ -114,7 +119,9 @@ class PruneHook(Protocol):
     Called at prefill at the input of every layer >= 1 with hidden [R, W, D], whose columns are
     `ctx.layout.at_layer(layer - 1)`. Returns keep bool [R, W] (None = keep all). The last
     column (the last prompt token) must be kept. The core drops the rest from the hidden states
-    and from the KV cache of layers >= `layer`, keeping original position ids.
+    and from the KV cache of layers >= `layer`. Kept columns keep their original position ids,
+    unless the hook has a true attribute `renumber`: then layers >= `layer` number their prompt
+    columns 0, 1, ... and generated tokens continue from there (see ImageLayout.renumber_from).
     """
 
     def select(
@@ -141,15 +148,28 @@ class VisionLayerCall:
     projections: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
+@dataclass(frozen=True)
+class GridRestore:
+    """How an anyres vision stage's survivors reach the LLM (see `lvlm_fix.anyres`)."""
+
+    keep_newlines: bool  # keep the packed image_newline tokens (False: drop them all)
+    renumber: bool  # the LLM numbers the kept columns compactly (else original positions)
+
+
 class VisionHook(Protocol):
     """Token pruning inside the vision tower (FlowCut). One per plan.
 
-    `budget` features per image reach the LLM (the prompt's placeholders are cut to match).
-    `after_layer` returns keep bool [N, n] over the layer's output tokens, or None; token 0
-    (CLS) must be kept. Every image must hold exactly the budget when `read_layer` runs.
+    `budget` tokens per image (per crop for anyres) survive the tower. With `grid` None the LLM
+    receives exactly those (the prompt's placeholders are cut to match). With a `GridRestore`
+    (LLaVA-NeXT) the prompt keeps every placeholder: the survivors go back into their crops' full
+    grids before the projector, transformers packs them, and LLM layer 0 keeps only the
+    placeholders of survivors. `after_layer` returns keep bool [N, n] over the layer's output
+    tokens, or None; token 0 (CLS) must be kept. Every image must hold exactly the budget when
+    `read_layer` runs.
     """
 
     budget: int
+    grid: GridRestore | None
 
     def after_layer(self, call: VisionLayerCall) -> torch.Tensor | None: ...
 
@@ -157,19 +177,30 @@ class VisionHook(Protocol):
 _PROJECTIONS = ("q", "k", "v")
 
 
-def _prune(layer: int, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
-    """Ask the prune hooks about the columns entering `layer`; compact hidden if any drop."""
-    keep = None
+def _wanted(layer: int, hidden: torch.Tensor, ctx: ForwardContext):
+    """(keep bool [R, W] or None, renumber) for the columns entering `layer`: at layer 0 the
+    anyres vision stage's survivors, at later layers the prune hooks' choices."""
+    if layer == 0:
+        keep = ctx.scratch.pop("vision.keep_columns", None)
+        return keep, keep is not None and ctx.plan.vision_stages[0].grid.renumber
+    keep, renumber = None, False
     for hook in ctx.plan.prune_hooks:
         wanted = hook.select(layer, hidden, ctx)
         if wanted is not None:
             keep = wanted if keep is None else keep & wanted
+            renumber = renumber or getattr(hook, "renumber", False)
+    return keep, renumber
+
+
+def _prune(layer: int, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
+    """Ask the prune hooks about the columns entering `layer`; compact hidden if any drop."""
+    keep, renumber = _wanted(layer, hidden, ctx)
     if keep is None:
         return None
     if keep.shape != hidden.shape[:2] or keep.dtype != torch.bool:
         raise ValueError(f"a prune hook must return bool {tuple(hidden.shape[:2])}")
     rows, width = keep.shape
-    cols = ctx.layout.columns_at(layer - 1)
+    cols = ctx.layout.columns_at(layer - 1) if layer > 0 else None
     if cols is None:
         cols = torch.arange(width, device=keep.device).expand(rows, -1)
     real = cols >= ctx.layout.key_start[:, None]
@@ -185,62 +216,91 @@ def _prune(layer: int, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tenso
         return None  # nothing dropped: stay on the stock path
     order, slot = pack_kept(kept, left=True, width=new_width)
     new_cols = torch.where(slot, cols.gather(1, order), -1)
-    ctx.layout = ctx.layout.with_columns(layer, new_cols, ctx.num_layers)
+    ctx.layout = ctx.layout.with_columns(layer, new_cols, ctx.num_layers, renumber)
     return gather_columns(hidden, order)
 
 
-def _pruned_kwargs(layer: int, q_len: int, kwargs: dict, ctx: ForwardContext) -> dict:
+def _pruned_kwargs(
+    layer: int, hidden: torch.Tensor, kwargs: dict, ctx: ForwardContext, rotary
+) -> dict:
     """Positions and mask of a layer whose cache holds only some prompt columns.
 
     Every layer after one cut holds the same columns, so they share one mask and one gathered
     rotary table: built at the first layer of the cut, reused (by identity) by the rest.
     """
     cols = ctx.layout.columns_at(layer)
+    q_len = hidden.shape[1]
     cache = kwargs.get("past_key_values")
     past = cache.get_seq_length(layer) if cache is not None and ctx.phase == "decode" else 0
     like = kwargs.get("attention_mask")
     like = like if torch.is_tensor(like) else None
-    rotary = kwargs.get("position_embeddings") if ctx.phase == "prefill" else None
+    rotary_in = kwargs.get("position_embeddings") if ctx.phase == "prefill" else None
+    renumber = ctx.layout.renumbered(layer)
     # Tensors compare by identity: a forward hands every layer the same mask and rotary.
-    tensors = (cols, like, None if rotary is None else rotary[0], kwargs.get("position_ids"))
+    tensors = (cols, like, None if rotary_in is None else rotary_in[0], kwargs.get("position_ids"))
     shared = ctx.scratch.get("prune.kwargs")  # (tensors, sizes, replaced kwargs)
     if (
         shared is None
-        or shared[1] != (q_len, past)
+        or shared[1] != (q_len, past, renumber)
         or any(a is not b for a, b in zip(shared[0], tensors, strict=True))
     ):
-        shared = (tensors, (q_len, past), _pruned_inputs(cols, q_len, past, like, kwargs, ctx))
+        out = _pruned_inputs(cols, q_len, past, like, kwargs, ctx, renumber)
+        if renumber and ctx.phase == "decode":
+            out.update(_shifted_positions(cols, hidden, kwargs, ctx, rotary))
+        shared = (tensors, (q_len, past, renumber), out)
         ctx.scratch["prune.kwargs"] = shared
     return {**kwargs, **shared[2]}
 
 
 def _pruned_inputs(
-    cols: torch.Tensor, q_len: int, past: int, like, kwargs: dict, ctx: ForwardContext
-) -> dict:
+    cols: torch.Tensor, q_len: int, past: int, like, kwargs: dict, ctx: ForwardContext,
+    renumber: bool,
+) -> dict:  # fmt: skip
     """The replaced layer kwargs of one cut: mask, and at prefill the gathered positions."""
     out = {}
     if ctx.phase == "prefill":  # the loop hands every layer the full prompt's positions
         index = cols.clamp(min=0)
+        if renumber:
+            # Row r's full table holds position p at column key_start[r] + p, so the j-th kept
+            # column (fillers first) takes position j - fillers from there.
+            fillers = (cols < 0).sum(-1, keepdim=True)
+            steps = torch.arange(cols.shape[1], device=cols.device)[None]
+            index = (ctx.layout.key_start[:, None] + steps - fillers).clamp(min=0)
         cos, sin = kwargs["position_embeddings"]
         out["position_embeddings"] = (gather_columns(cos, index), gather_columns(sin, index))
         if kwargs.get("position_ids") is not None:
             out["position_ids"] = gather_columns(kwargs["position_ids"], index)
-    out["attention_mask"] = layer_mask(cols, ctx.layout.key_start, q_len, past + q_len, like)
+    out["attention_mask"] = layer_mask(
+        cols, ctx.layout.key_start, q_len, past + q_len, like, ctx.attention_mask
+    )
     return out
 
 
-def _layer_input(layer: int, module: torch.nn.Module, args: tuple, kwargs: dict):
+def _shifted_positions(
+    cols: torch.Tensor, hidden: torch.Tensor, kwargs: dict, ctx: ForwardContext, rotary
+) -> dict:
+    """Decode positions of a renumbered layer: the loop's positions minus the prompt columns
+    this layer dropped, with the rotary table recomputed for them."""
+    if rotary is None:
+        raise ValueError("this model has no rotary embedding module to renumber positions with")
+    prompt = ctx.layout.image_mask.shape[1]
+    dropped = (prompt - ctx.layout.key_start) - (cols >= 0).sum(-1)  # long [R]
+    positions = kwargs["position_ids"] - dropped[:, None]
+    return {"position_ids": positions, "position_embeddings": rotary(hidden, positions)}
+
+
+def _layer_input(layer: int, rotary, module: torch.nn.Module, args: tuple, kwargs: dict):
     ctx = _CURRENT.get()
     if ctx is None:
         return None
     hidden = args[0] if args else kwargs["hidden_states"]
     changed = False
-    if ctx.phase == "prefill" and ctx.plan.prune_hooks and layer > 0:
+    if ctx.phase == "prefill" and (ctx.plan.prune_hooks or ctx.plan.vision_stages):
         compacted = _prune(layer, hidden, ctx)
         if compacted is not None:
             hidden, changed = compacted, True
     if ctx.layout.columns_at(layer) is not None:
-        kwargs, changed = _pruned_kwargs(layer, hidden.shape[1], kwargs, ctx), True
+        kwargs, changed = _pruned_kwargs(layer, hidden, kwargs, ctx, rotary), True
     for hook in ctx.plan.layer_input_hooks:
         hook(layer, hidden, ctx)
     if not changed:
@@ -282,6 +342,7 @@ def _vision_output(layer: int, where: tuple[int, int, bool], module, args, kwarg
         n_images, n = hidden.shape[:2]
         valid = torch.ones(n_images, n, dtype=torch.bool, device=hidden.device)
         scratch["vision.valid"], scratch["vision.mask"] = valid, None
+        scratch["vision.tokens"] = n
         scratch["vision.patch_ids"] = torch.arange(n, device=hidden.device).expand(n_images, -1)
     if layer == read_layer and scratch["vision.mask"] is not None:
         raise ValueError("a vision stage must cut every image to its budget before the read layer")
@@ -315,6 +376,33 @@ def _vision_output(layer: int, where: tuple[int, int, bool], module, args, kwarg
     return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
 
 
+def _projector_input(packer: torch.nn.Module, where: tuple[int, int, bool], module, args):
+    """anyres: put each crop's survivors back into its full grid before the projector, and
+    record which prompt columns LLM layer 0 keeps (see `lvlm_fix.anyres`)."""
+    ctx = _CURRENT.get()
+    if ctx is None or ctx.phase != "prefill" or not ctx.plan.vision_stages:
+        return None
+    grid = ctx.plan.vision_stages[0].grid
+    if grid is None:
+        return None
+    if ctx.image_sizes is None:
+        raise ValueError("an anyres vision stage needs the image sizes in the forward context")
+    features = args[0]  # [N, W, C]: the read layer's survivors of each crop, as selected
+    drop = 0 if where[2] else 1  # the "default" strategy drops CLS (token 0) before this
+    full = ctx.scratch["vision.tokens"] - drop
+    ids = ctx.scratch["vision.patch_ids"][:, drop:] - drop  # [N, W]: grid position of each
+    alive = torch.zeros(ids.shape[0], full, dtype=torch.bool, device=ids.device)
+    alive.scatter_(1, ids, True)
+    strategy = "full" if where[2] else "default"
+    packed = anyres.packed_ids(packer, ctx.image_sizes, full, strategy)
+    ctx.scratch["vision.keep_columns"] = anyres.keep_columns(
+        packed, alive, ctx.layout.image_mask, grid.keep_newlines
+    )
+    if features.shape[1] == full:
+        return None  # nothing was cut: the features are the full grids already
+    return (anyres.restore_grid(features, ids, full), *args[1:])
+
+
 def _vision_where(model: torch.nn.Module, num_layers: int) -> tuple[int, int, bool]:
     """(num_layers, the layer the LLM reads, whether it reads CLS) from the model's config."""
     feature_layer = getattr(model.config, "vision_feature_layer", -1)
@@ -325,19 +413,19 @@ def _vision_where(model: torch.nn.Module, num_layers: int) -> tuple[int, int, bo
     return num_layers, read, strategy == "full"
 
 
-def install_hook_points(
-    model: torch.nn.Module, decoder_layers: str, vision_layers: str | None = None
-) -> None:
+def install_hook_points(model: torch.nn.Module, family: Family) -> None:
     """Attach the layer-input (and pruning) hook points to every decoder layer of this model,
-    and the vision hook points to every vision-encoder layer when `vision_layers` is given.
+    the vision hook points to every vision-encoder layer, and (anyres) the projector's.
 
     The hooks hold no state: they dispatch to the plan of the current forward, if any.
     """
-    for index, layer in enumerate(resolve(model, decoder_layers)):
-        layer.register_forward_pre_hook(partial(_layer_input, index), with_kwargs=True)
-    if vision_layers is None:
-        return
-    encoder = resolve(model, vision_layers)
+    try:
+        rotary = resolve(model, family.rotary)
+    except AttributeError:
+        rotary = None  # renumbering cuts then refuse at decode
+    for index, layer in enumerate(resolve(model, family.decoder_layers)):
+        layer.register_forward_pre_hook(partial(_layer_input, index, rotary), with_kwargs=True)
+    encoder = resolve(model, family.vision_layers)
     where = _vision_where(model, len(encoder))
     for index, layer in enumerate(encoder):
         layer.register_forward_pre_hook(partial(_vision_input, index), with_kwargs=True)
@@ -350,3 +438,7 @@ def install_hook_points(
             projection = getattr(attn, f"{name}_proj", None)
             if projection is not None:
                 projection.register_forward_hook(partial(_vision_projection, name))
+    if family.packer is not None:
+        packer = resolve(model, family.packer)
+        projector = resolve(model, family.projector)
+        projector.register_forward_pre_hook(partial(_projector_input, packer, where))

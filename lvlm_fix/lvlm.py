@@ -48,7 +48,7 @@ class LVLM:
         self.family = family
         self.info: ModelInfo = model_info(model, family, name)
         spec = FAMILIES[family]
-        install_hook_points(model, spec.decoder_layers, spec.vision_layers)
+        install_hook_points(model, spec)
 
     @classmethod
     def from_pretrained(

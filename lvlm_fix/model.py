@@ -37,11 +37,15 @@ class Family:
     decoder_layers: str = "model.language_model.layers"
     vision_tower: str = "model.vision_tower"
     vision_layers: str = "model.vision_tower.encoder.layers"
+    rotary: str = "model.language_model.rotary_emb"  # recomputes positions after a renumbering cut
+    projector: str = "model.multi_modal_projector"
+    # The module whose `pack_image_features` lays out anyres crops (None: one crop per image).
+    packer: str | None = None
 
 
 FAMILIES: dict[str, Family] = {
     "llava": Family(LlavaForConditionalGeneration, LlavaProcessor),
-    "llava_next": Family(LlavaNextForConditionalGeneration, LlavaNextProcessor),
+    "llava_next": Family(LlavaNextForConditionalGeneration, LlavaNextProcessor, packer="model"),
     "llava_onevision": Family(LlavaOnevisionForConditionalGeneration, OnevisionImageProcessor),
 }
 
@@ -79,6 +83,9 @@ class ImageLayout:
     # layer's first W_l cache columns (-1 = filler, left of the real ones). Empty or None for a
     # layer = it holds every prompt column (no pruning, the default).
     columns: tuple[torch.Tensor | None, ...] = ()
+    # Layers >= renumber_from number their prompt columns 0, 1, ... (compact positions, as if
+    # the dropped tokens never existed); below it, or when None, columns keep original positions.
+    renumber_from: int | None = None
 
     @property
     def n_image(self) -> torch.Tensor:
@@ -111,11 +118,23 @@ class ImageLayout:
         image = self.image_mask.gather(1, cols.clamp(min=0)) & (cols >= 0)
         return ImageLayout(image_mask=image, key_start=(cols < 0).sum(-1))
 
-    def with_columns(self, layer: int, cols: torch.Tensor, num_layers: int) -> ImageLayout:
-        """Layers `layer`.. now hold only prompt columns `cols` (long [R, W], -1 = filler)."""
+    def with_columns(
+        self, layer: int, cols: torch.Tensor, num_layers: int, renumber: bool = False
+    ) -> ImageLayout:
+        """Layers `layer`.. now hold only prompt columns `cols` (long [R, W], -1 = filler).
+
+        `renumber`: those layers (and, once set, every later cut) use compact positions.
+        """
         columns = list(self.columns) + [None] * (num_layers - len(self.columns))
         columns[layer:] = [cols] * (num_layers - layer)
-        return replace(self, columns=tuple(columns))
+        start = self.renumber_from
+        if renumber and (start is None or layer < start):
+            start = layer
+        return replace(self, columns=tuple(columns), renumber_from=start)
+
+    def renumbered(self, layer: int) -> bool:
+        """Whether `layer` numbers its prompt columns compactly (see `renumber_from`)."""
+        return self.renumber_from is not None and layer >= self.renumber_from
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,10 @@ def compile_plan(
         (i, i.contribute(model)) for i in active
     ]
 
+    names = {i.name for i in interventions}
+    for i, c in contributions:
+        for other in sorted(c.conflicts & names):
+            raise PlanConflict(f"{i.name!r} and {other!r} cannot be combined on this model")
     searches = [(i, c.search) for i, c in contributions if c.search is not None]
     if len(searches) > 1:
         raise PlanConflict(

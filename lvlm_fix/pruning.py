@@ -3,8 +3,11 @@
 LLM side: a prune hook returns, at the input of decoder layer l, which of the current columns
 to keep. Rows may keep different counts, so each row's kept columns are packed to the right and
 filler columns fill the left, exactly like left padding: `key_start` stays "first real column"
-for the masks and kernels. Kept columns keep their ORIGINAL position ids (gaps). Layers >= l
-cache only the kept columns; each layer builds its own mask from its own columns.
+for the masks and kernels. Kept columns keep their ORIGINAL position ids (gaps), unless the cut
+renumbers (FlowCut's reference behaviour): then layers >= l number their kept prompt columns
+0, 1, ... and generated tokens continue from that count. Layers >= l cache only the kept
+columns; each layer builds its own mask from its own columns. The anyres vision stage's drop
+(`lvlm_fix.anyres`) is such a cut at layer 0.
 
 Vision side: a vision hook returns, after an encoder layer, which tokens of each image to keep;
 images may keep different counts, so they are packed left and padded on the right (the encoder
@@ -43,12 +46,15 @@ def layer_mask(
     q_len: int,
     k_len: int,
     incoming: torch.Tensor | None,
+    columns_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mask [R, 1, Q, K] of one pruned layer from its own prompt columns cols [R, W].
 
     Keys: the W prompt columns (real iff col >= the prompt's key_start), then K - W generated
-    columns, whose visibility (causality, OPERA's holes) is copied from the last K - W key
-    columns of `incoming`, transformers' mask for the unpruned layout. Causal by cache index,
+    columns, whose visibility (OPERA's holes) comes from the last K - W columns of the loop's
+    2-D mask `columns_mask` [R, S + generated] when given, else from the last K - W key columns
+    of `incoming`, transformers' mask. (transformers sizes its mask by layer 0's cache, so it
+    only fits while layer 0 is unpruned.) Causal by cache index,
     which is causal in original order because kept columns stay sorted. A query always sees
     itself, so filler rows stay finite. Bool (True = attend), or additive in `incoming`'s dtype
     when that is a float mask.
@@ -63,7 +69,9 @@ def layer_mask(
     mask = (causal[None] & (real[:, None] | (keys == query_cols)[None]))[:, None]  # [R,1,Q,K]
     generated = k_len - width
     floating = incoming is not None and incoming.is_floating_point()
-    if incoming is not None and generated > 0:
+    if columns_mask is not None and generated > 0:
+        mask[..., width:] &= columns_mask[:, None, None, -generated:].bool()
+    elif incoming is not None and generated > 0:
         seen = incoming == 0 if floating else incoming.bool()
         mask[..., width:] &= seen[..., -generated:].expand(rows, 1, q_len, generated)
     if floating:

@@ -9,11 +9,15 @@ import pytest
 import torch
 from conftest import make_image
 from safetensors.torch import save_file
-from transformers import AutoConfig, LlavaForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
+)
 
 from lvlm_fix import LVLM, GenerationParams, Sample
 from lvlm_fix.decoding import Runner, _row_state, build_rows
-from lvlm_fix.hooks import ForwardContext, forward_context
+from lvlm_fix.hooks import AttentionCall, ForwardContext, forward_context
 from lvlm_fix.methods import Contribution, Intervention, View
 from lvlm_fix.plan import PlanConflict, compile_plan
 from lvlm_fix.tiny import build_tiny
@@ -269,9 +273,11 @@ def test_bad_configs(lvlm, tmp_path):
         lvlm.plan([{"name": "fastv", "layer": 9}])
     with pytest.raises(ValueError, match="ratio"):
         lvlm.plan([{"name": "fastv", "ratio": 1.5}])
-    info = lvlm.info.__class__(**{**lvlm.info.__dict__, "family": "llava_next"})
-    with pytest.raises(ValueError, match="not implemented yet"):
+    info = lvlm.info.__class__(**{**lvlm.info.__dict__, "family": "llava_onevision"})
+    with pytest.raises(ValueError, match="no CLS token"):
         compile_plan([{"name": "flowcut"}], info, PARAMS)
+    with pytest.raises(ValueError, match="LLaVA-NeXT only"):
+        lvlm.plan([{"name": "flowcut", "llm_layer": 2}])
     small = router_file(tmp_path / "small.safetensors", 8, None)
     with pytest.raises(ValueError, match="hidden size 8"):
         lvlm.plan([{"name": "dyvte", "router": small}])
@@ -385,3 +391,206 @@ def test_flowcut_when_the_llm_reads_the_first_vision_layer(tiny_llava_path, imag
     together = tokens(small, pairs, spec)
     assert together == [tokens(small, [s], spec)[0] for s in pairs]
     assert prefill(small, pairs, spec).layout.n_image.tolist() == [8, 8]
+
+
+# LLaVA-NeXT (anyres): FlowCut per crop in the tower, then once inside the LLM.
+
+NEXT_PATCHES = 16  # per crop: 32 px crops, 8 px patches
+NEXT_LAYER = 1  # the LLM layer that scores (the default llm_layer)
+
+
+@pytest.fixture(scope="module")
+def next_lvlm(tmp_path_factory) -> LVLM:
+    path = tmp_path_factory.mktemp("deep") / "llava_next"
+    build_tiny("llava_next", path, layers=LAYERS)
+    config = AutoConfig.from_pretrained(path)
+    config.vision_config.num_hidden_layers = 6  # FlowCut needs stages before the read layer
+    torch.manual_seed(1)
+    LlavaNextForConditionalGeneration(config).save_pretrained(path)
+    return LVLM.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def next_samples() -> list[Sample]:
+    """A wide image (base + 2 sub-crops, unpadded rows) and a small one (base + 1 sub-crop)."""
+    images = [make_image((200, 20, 20), (64, 40)), make_image((20, 160, 40), (20, 20))]
+    return [Sample(q, (im,)) for q, im in zip(QUESTIONS, images, strict=True)]
+
+
+def test_flowcut_next_full_budget_equals_unpruned(next_lvlm, next_samples):
+    base = tokens(next_lvlm, next_samples)
+    spec = {"name": "flowcut", "budget": 1000, "keep_newlines": True}
+    assert tokens(next_lvlm, next_samples, [spec]) == base
+    beams = GenerationParams(max_new_tokens=5, num_beams=2)
+    assert tokens(next_lvlm, next_samples, [spec], beams) == tokens(
+        next_lvlm, next_samples, (), beams
+    )
+    runner = prefill(next_lvlm, next_samples, [spec])
+    assert all(runner.layout.columns_at(layer) is None for layer in range(LAYERS))
+    assert tokens(next_lvlm, next_samples, [{"name": "flowcut", "budget": 12}]) != base
+
+
+def test_flowcut_next_token_counts(next_lvlm, next_samples):
+    budget, crop = 12, 5
+    full = prefill(next_lvlm, next_samples).layout.n_image  # with newlines: [44, 36]
+    runner = prefill(next_lvlm, next_samples, [{"name": "flowcut", "budget": budget,
+                                               "crop_budget": crop}])  # fmt: skip
+    crops = torch.tensor([3, 2])  # base + sub-crops of each image
+    entering = runner.layout.at_layer(0).n_image  # before the LLM cut
+    assert bool((entering >= crop).all()) and bool((entering <= crops * crop).all())
+    assert bool((entering < full).all())
+    for layer in range(LAYERS):
+        n_image = runner.layout.at_layer(layer).n_image
+        cols = runner.layout.columns_at(layer)
+        assert runner.cache.layers[layer].keys.shape[2] == cols.shape[1]
+        for row in cols:
+            real = row[row >= 0]
+            assert bool((real[1:] > real[:-1]).all())  # kept columns stay in order
+        if layer <= NEXT_LAYER:
+            assert torch.equal(n_image, entering)
+        else:
+            assert n_image.tolist() == entering.clamp(max=budget).tolist()
+    default = prefill(next_lvlm, next_samples, [{"name": "flowcut", "budget": 4}])
+    assert default.layout.at_layer(NEXT_LAYER + 1).n_image.tolist() == [4, 4]
+    assert bool((default.layout.at_layer(0).n_image >= 2).all())  # crop_budget = budget // 2
+
+
+def test_flowcut_next_crop_survivors_in_raster_order(next_lvlm, next_samples):
+    """Per crop at most crop_budget survivors; the LLM gets the base image's survivors, then the
+    sub-crops' in the raster order of the stitched grid, and no newline tokens."""
+    from lvlm_fix.anyres import NEWLINE, packed_ids
+
+    crop = 5
+    spec = {"name": "flowcut", "budget": 1000, "crop_budget": crop}
+    runner = prefill(next_lvlm, [next_samples[0]], [spec])
+    plan = compile_plan([spec], next_lvlm.info, PARAMS)
+    batch = runner.batch
+    ctx = ForwardContext(plan, _row_state(plan, 1, next_lvlm.device), batch.layout, "prefill",
+                         LAYERS, image_sizes=batch.image_sizes)  # fmt: skip
+    with forward_context(ctx), torch.inference_mode():
+        next_lvlm.model.model.get_image_features(batch.pixel_values, batch.image_sizes)
+    assert ctx.scratch["vision.patch_ids"].shape == (3, 1 + crop)  # CLS + crop_budget per crop
+    ids = packed_ids(next_lvlm.model.model, batch.image_sizes, NEXT_PATCHES, "default")
+    image = batch.layout.image_mask[0]
+    kept = runner.layout.columns_at(0)[0]
+    kept_ids = ids[image.cumsum(0)[kept[image[kept]]] - 1].long()  # packed id of each kept one
+    assert not bool((ids[image.cumsum(0)[kept[image[kept]]] - 1] == NEWLINE).any())
+    base, subs = kept_ids[:crop], kept_ids[crop:]
+    assert bool((base < NEXT_PATCHES).all()) and bool((base[1:] > base[:-1]).all())
+    # The wide image's sub-crops sit side by side (1 row x 2 crops of 4 x 4 patches).
+    crop_index, patch = subs // NEXT_PATCHES - 1, subs % NEXT_PATCHES
+    raster = (patch // 4) * 8 + crop_index * 4 + patch % 4
+    assert 0 < len(subs) <= 2 * crop and bool((raster[1:] > raster[:-1]).all())
+
+
+def next_reference(lvlm, sample: Sample, runner: Runner, renumber: bool, token=None):
+    """Next-token logits [V] of the stock NeXT layers run one by one (no cache) on the tokens the
+    runner kept: layers <= NEXT_LAYER see its layer-0 columns, later layers its cut columns,
+    numbered 0.. per stage (`renumber`) or at their original positions. The tower is unpruned
+    here, so the image features are stock ones."""
+    model, next_model = lvlm.model, lvlm.model.model
+    batch = runner.batch
+    with torch.inference_mode():
+        embeds = next_model.get_input_embeddings()(batch.input_ids)
+        features = next_model.get_image_features(batch.pixel_values, batch.image_sizes)
+        embeds[batch.layout.image_mask] = torch.cat(features.pooler_output).to(embeds.dtype)
+        extra = next_model.get_input_embeddings()(torch.tensor([[token]])) if token else None
+        stages = [runner.layout.columns_at(0)[0], runner.layout.columns_at(NEXT_LAYER + 1)[0]]
+        hidden, kept = embeds[:, stages[0]], stages[0]
+        prompt = batch.input_ids.shape[1]
+        for index, layer in enumerate(next_model.language_model.layers):
+            if index == NEXT_LAYER + 1:
+                hidden, kept = hidden[:, torch.isin(kept, stages[1])], stages[1]
+            x = hidden if extra is None else torch.cat([hidden, extra], 1)
+            if renumber:
+                positions = torch.arange(x.shape[1])[None]
+            else:
+                positions = torch.cat([kept, torch.tensor([prompt])])[None, : x.shape[1]]
+            rotary = next_model.language_model.rotary_emb(x, position_ids=positions)
+            mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()[None, None]
+            x = layer(x, attention_mask=mask, position_embeddings=rotary, position_ids=positions)
+            hidden, extra = (x, None) if extra is None else (x[:, :-1], x[:, -1:])
+            last = x[:, -1:]
+        return model.lm_head(next_model.language_model.norm(last))[0, -1].float()
+
+
+@pytest.mark.parametrize("positions", ["compact", "original"])
+def test_flowcut_next_llm_cut_equals_stepwise_reference(next_lvlm, next_samples, positions):
+    """No tower cut (crop_budget = all patches): layer 0 drops the newlines, layer 2 cuts to the
+    budget; prefill and a decode step through the pruned cache match the stock layers."""
+    sample = next_samples[0]
+    spec = {"name": "flowcut", "budget": 10, "crop_budget": NEXT_PATCHES, "positions": positions}
+    runner, logits = prefill_logits(next_lvlm, [sample], [spec])
+    assert runner.layout.at_layer(NEXT_LAYER + 1).n_image.tolist() == [10]
+    renumber = positions == "compact"
+    expected = next_reference(next_lvlm, sample, runner, renumber)
+    torch.testing.assert_close(logits, expected[None], atol=1e-4, rtol=1e-4)
+    step = runner.forward(torch.tensor([[7]]))[:, -1]
+    expected = next_reference(next_lvlm, sample, runner, renumber, token=7)
+    torch.testing.assert_close(step, expected[None], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"name": "flowcut", "budget": 8},
+        {"name": "flowcut", "budget": 12, "positions": "original", "keep_newlines": True},
+    ],
+)
+def test_flowcut_next_batch_equals_alone(next_lvlm, next_samples, spec):
+    together = tokens(next_lvlm, next_samples, [spec])
+    assert together == [tokens(next_lvlm, [s], [spec])[0] for s in next_samples]
+    beams = GenerationParams(max_new_tokens=5, num_beams=2)
+    assert tokens(next_lvlm, next_samples, [spec], beams) == [
+        tokens(next_lvlm, [s], [spec], beams)[0] for s in next_samples
+    ]
+    mixed = [next_samples[0], Sample("hello there", ())]  # a row with no image at all
+    assert tokens(next_lvlm, mixed, [spec]) == [tokens(next_lvlm, [s], [spec])[0] for s in mixed]
+
+
+def test_flowcut_next_scores_follow_the_formula():
+    """The LLM-stage score on random tensors vs a per-row, per-head loop of the spec formula."""
+    from lvlm_fix.methods.flowcut_llm import visual_scores
+    from lvlm_fix.model import ImageLayout
+
+    torch.manual_seed(0)
+    rows, heads, kv_heads, k_len, dim = 2, 4, 2, 9, 8
+    query = torch.randn(rows, heads, 3, dim)
+    key, value = torch.randn(rows, kv_heads, k_len, dim), torch.randn(rows, kv_heads, k_len, dim)
+    image = torch.zeros(rows, k_len, dtype=torch.bool)
+    image[0, 2:6], image[1, 1:8] = True, True
+    layout = ImageLayout(image_mask=image, key_start=torch.tensor([0, 1]))
+    ctx = ForwardContext(None, None, layout, "prefill", LAYERS)
+    call = AttentionCall(1, query, key, value, dim**-0.5, ctx)
+    scores = visual_scores(call)
+    for r in range(rows):
+        cols = image[r].nonzero().flatten()
+        rel = torch.stack([(query[r, h, -1] @ key[r, h // 2, cols].T * dim**-0.5).softmax(-1)
+                           for h in range(heads)]).mean(0)  # fmt: skip
+        sem = torch.stack([(value[r, h, -1] @ value[r, h, cols].T * dim**-0.5).softmax(-1)
+                           for h in range(kv_heads)]).mean(0)  # fmt: skip
+        norm = value[r, :, cols].mean(0).abs().sum(-1)
+        expected = (rel / rel.sum() + sem / sem.sum()) * norm
+        torch.testing.assert_close(scores[r, cols], expected)
+
+
+def test_flowcut_next_bad_configs(next_lvlm):
+    with pytest.raises(ValueError, match="llm_layer=3"):
+        next_lvlm.plan([{"name": "flowcut", "llm_layer": 3}])
+    with pytest.raises(PlanConflict, match="'flowcut' and 'var'"):
+        next_lvlm.plan([{"name": "flowcut"}, {"name": "var"}])
+    with pytest.raises(PlanConflict, match="'flowcut' and 'opera'"):
+        next_lvlm.plan([{"name": "flowcut"}, {"name": "opera"}])
+
+
+@pytest.mark.parametrize(
+    "other", [{"name": "ritual"}, {"name": "vcd"}, {"name": "fastv", "layer": 3, "keep": 4}]
+)
+def test_flowcut_next_composes(next_lvlm, next_samples, other):
+    both = [{"name": "flowcut", "budget": 8}, other]
+    together = tokens(next_lvlm, next_samples, both)
+    assert together == [tokens(next_lvlm, [s], both)[0] for s in next_samples]
+    full = {"name": "flowcut", "budget": 1000, "keep_newlines": True}
+    assert tokens(next_lvlm, next_samples, [full, other]) == tokens(
+        next_lvlm, next_samples, [other]
+    )

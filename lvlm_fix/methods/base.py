@@ -64,6 +64,7 @@ class Contribution:
     search: Search | None = None
     vision: VisionHook | None = None  # vision-tower token pruning (one per plan)
     prune: PruneHook | None = None  # LLM token pruning at decoder-layer inputs
+    conflicts: frozenset[str] = frozenset()  # names it cannot run with on this model (+ class's)
 
 
 class Intervention(BaseModel):

@@ -1,4 +1,5 @@
-"""FlowCut (arXiv 2505.19536), LLaVA-1.5 form: prune patches inside the CLIP vision tower.
+"""FlowCut (arXiv 2505.19536): prune patches inside the CLIP vision tower (LLaVA-1.5), plus
+one cut inside the LLM for LLaVA-NeXT's anyres images.
 
 After each encoder layer before the one the LLM reads (`read_layer`), every patch gets a score
 from that layer's attention: (CLS->patch attention + CLS-value->value similarity, each
@@ -12,19 +13,36 @@ Survivors stay in raster order; nothing is merged.
 Deviation from upstream (on purpose): the adaptive count is per image, not the max over the
 batch, so an image's kept set never depends on its batch-mates. The entropy log gets an epsilon.
 The CLS row is a side computation from the layer's own projections (any attention kernel).
+
+LLaVA-NeXT (anyres), as the reference does it:
+1. The tower stage above runs on every crop (the base image and each sub-crop are separate
+   images in the tower), each cut to `crop_budget` patches (default budget // 2).
+2. The LLM gets the base image's survivors, then the sub-crop survivors in the raster order of
+   the unpadded crop grid, without image_newline tokens (`keep_newlines` keeps them). Done in
+   the core with transformers' own packing (`lvlm_fix.anyres`): the survivors go back into
+   their full grids before the projector, transformers packs them, and LLM layer 0 drops the
+   placeholders of pruned patches and newlines, so the LLM never sees them.
+3. Inside the LLM (`flowcut_llm`): layer `llm_layer`'s attention scores the visual tokens from
+   the last prompt token; layers > `llm_layer` keep exactly `budget` of them per row (~2.5T -> T).
+Positions follow the reference by default ("compact"): the LLM numbers the kept prompt tokens
+0, 1, ... as if the dropped ones never existed, layers > `llm_layer` renumber again after the
+second cut, and decoding continues from each layer's own count. "original" keeps every token's
+position (gaps), like FastV. Per-row counts and left padding are handled by the core (the
+reference requires batch 1 or right padding).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 
-from lvlm_fix.hooks import VisionLayerCall
+from lvlm_fix.hooks import GridRestore, VisionLayerCall
 from lvlm_fix.methods.base import Contribution, Intervention, register
+from lvlm_fix.methods.flowcut_llm import FlowCutLLMHook
 from lvlm_fix.model import ModelInfo
 
 EPS = 1e-7
@@ -81,7 +99,8 @@ def keep_top(score: torch.Tensor, valid: torch.Tensor, n_keep: torch.Tensor) -> 
 
 @dataclass(frozen=True)
 class _FlowCutStage:
-    budget: int  # features per image the LLM receives
+    budget: int  # tokens per image (per crop for anyres) that survive the tower
+    grid: GridRestore | None = None  # anyres: how the survivors reach the LLM
 
     def after_layer(self, call: VisionLayerCall) -> torch.Tensor | None:
         if call.read_layer < 0:
@@ -114,13 +133,15 @@ class _FlowCutStage:
         elif previous[0] is ids:  # no cut since: the same tokens in the same slots
             current = (previous[1] + s).mul_(0.5)  # = 0.5 a + 0.5 b exactly, one op less
         else:  # a cut: find each survivor's score through its original token id
-            n_tokens = scratch["flowcut.tokens"]
+            n_tokens = scratch["vision.tokens"]  # tokens per image before any cut
             by_id = previous[1].new_zeros(ids.shape[0], n_tokens)
             by_id.scatter_(1, previous[0], previous[1])
             current = (by_id.gather(1, ids) + s).mul_(0.5)
-        scratch.setdefault("flowcut.tokens", ids.shape[1])  # tokens before any cut
         scratch["flowcut.flow"] = (ids, current)
         return current
+
+
+_NEXT_ONLY = frozenset({"crop_budget", "llm_layer", "keep_newlines", "positions"})
 
 
 @register
@@ -128,16 +149,58 @@ class FlowCut(Intervention):
     """Prune vision-tower patches down to a budget, by accumulated attention flow (FlowCut)."""
 
     name: ClassVar[str] = "flowcut"
-    hooks: ClassVar[frozenset] = frozenset({"vision"})
+    hooks: ClassVar[frozenset] = frozenset({"vision", "attention", "prune"})
 
     budget: int = Field(
-        64, ge=1, description="visual tokens per image given to the LLM (>= all patches = off)"
+        64,
+        ge=1,
+        description="visual tokens given to the LLM: per image (LLaVA-1.5), per sample after "
+        "LLM layer llm_layer (LLaVA-NeXT); >= all visual tokens = off",
+    )
+    crop_budget: int | None = Field(
+        None,
+        ge=1,
+        description="LLaVA-NeXT: patches each crop keeps in the vision tower (None = budget // 2;"
+        " >= patches per crop = no tower cut)",
+    )
+    llm_layer: int = Field(
+        1, ge=0, description="LLaVA-NeXT: the LLM layer whose attention scores the visual tokens"
+    )
+    keep_newlines: bool = Field(
+        False,
+        description="LLaVA-NeXT: keep image_newline tokens (False = the reference, dropped; True "
+        "with budgets >= all tokens = the unpruned model)",
+    )
+    positions: Literal["compact", "original"] = Field(
+        "compact",
+        description="LLaVA-NeXT: 'compact' renumbers positions after each cut (the reference); "
+        "'original' keeps each token's position, like FastV",
     )
 
     def contribute(self, model: ModelInfo) -> Contribution:
-        if model.family != "llava":
+        if model.family == "llava":
+            fields = type(self).model_fields
+            names = sorted(n for n in _NEXT_ONLY if getattr(self, n) != fields[n].default)
+            if names:  # (their defaults are fine: catalogues send every field)
+                raise ValueError(f"flowcut fields {names} apply to LLaVA-NeXT only")
+            return Contribution(vision=_FlowCutStage(self.budget))
+        if model.family != "llava_next":
             raise ValueError(
-                f"flowcut supports LLaVA-1.5 (family 'llava') only; {model.family!r} needs the "
-                "per-crop budget plus LLM-stage cut of the anyres variant, not implemented yet"
+                f"flowcut supports LLaVA-1.5 and LLaVA-NeXT, not {model.family!r}: its vision "
+                "scores come from the CLS token's attention, and OneVision's SigLIP tower has no "
+                "CLS token (nor is there a reference FlowCut for it)"
             )
-        return Contribution(vision=_FlowCutStage(self.budget))
+        if self.llm_layer + 1 >= model.num_layers:
+            raise ValueError(
+                f"flowcut llm_layer={self.llm_layer} must be below {model.num_layers - 1} "
+                f"(the cut applies to the layers after it, of {model.num_layers})"
+            )
+        renumber = self.positions == "compact"
+        crop = self.crop_budget or max(self.budget // 2, 1)
+        stage = _FlowCutStage(crop, GridRestore(self.keep_newlines, renumber))
+        hook = FlowCutLLMHook(self.llm_layer, self.budget, renumber)
+        # OPERA's attention row and VAR's sink masks live in the unpruned prompt's columns.
+        return Contribution(vision=stage, attention=hook, prune=hook, conflicts=_PER_LAYER)
+
+
+_PER_LAYER = frozenset({"opera", "var"})
