@@ -94,6 +94,10 @@ CASES = {  # name: (kernel, B, Q, K, key_start, KV heads)
     "decode-B1-K1200": ("decode", 1, 1, 1200, (0,), H),
     "decode-B4-K1200-ragged": ("decode", 4, 1, 1200, (0, 7, 21, 48), H),
     "decode-B2-K900-gqa8": ("decode", 2, 1, 900, (0, 10), 4),
+    # eager decode steps run the row-tiled kernel with one query row
+    "rowtiled-decode-B1-K640": ("prefill", 1, 1, 640, (0,), H),
+    "rowtiled-decode-B4-K1200-ragged": ("prefill", 4, 1, 1200, (0, 7, 21, 48), H),
+    "rowtiled-decode-B2-K900-gqa8": ("prefill", 2, 1, 900, (0, 10), 4),
 }
 
 
@@ -115,24 +119,25 @@ def test_llava_shapes(case, dtype, edit_set):
 
 
 def test_decode_step_captures_in_a_cuda_graph():
-    """The public op runs inside a CUDA graph (no host sync) and replays with new inputs."""
+    """The public op runs inside a CUDA graph (no host sync; the split-K kernel) and replays
+    with new inputs."""
     B, K = 4, 700
     q, k, v, ks, col_group, g = llava_case(B, 1, K, (0, 3, 9, 30), torch.bfloat16, seed=1)
     edits = all_edits(col_group, ks, B, 1, K, g)
 
-    def step():
-        return edited_attention(q, k, v, scale=D**-0.5, key_start=ks, edits=edits)
+    def split_k():  # what the public op runs under capture
+        return ta.decode_attention(q, k, v, scale=D**-0.5, key_start=ks, edits=edits)
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        step()  # compile the kernels outside the capture
+        split_k()  # compile the kernels outside the capture
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out, stats = step()
+        out, stats = edited_attention(q, k, v, scale=D**-0.5, key_start=ks, edits=edits)
     q.copy_(torch.randn(q.shape, device="cuda", generator=g).to(q.dtype))
     graph.replay()
-    want, want_stats = step()
+    want, want_stats = split_k()
     torch.testing.assert_close(out, want, atol=0, rtol=0)
     torch.testing.assert_close(stats["last_row"], want_stats["last_row"], atol=0, rtol=0)
