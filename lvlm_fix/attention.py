@@ -15,6 +15,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from lvlm_fix.hooks import AttentionCall, current
+from lvlm_fix.kernels import AttentionEdits, edited_attention
 
 NAME = "lvlm_fix"
 
@@ -74,8 +75,6 @@ def lvlm_attention(
     call = AttentionCall(module.layer_idx, query, key, value, scale, ctx)
     requests = [r for hook in ctx.plan.attention_hooks if (r := hook.edits(call))]
     if requests:
-        from lvlm_fix.kernels import AttentionEdits, edited_attention
-
         edits = AttentionEdits(**merge_edits(call, requests))
         # Our hooks build the edits to the kernel's contract, so the hot loop skips re-checking
         # it (tests hold the methods to it); public callers of edited_attention keep the checks.

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
@@ -79,7 +79,7 @@ class AttentionCall:
     scaling: float
     ctx: ForwardContext
 
-    @property
+    @cached_property
     def layout(self) -> ImageLayout:
         """The image layout of this layer's keys (differs from ctx.layout after pruning)."""
         return self.ctx.layout.at_layer(self.layer)

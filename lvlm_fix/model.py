@@ -114,7 +114,7 @@ class ImageLayout:
         """
         cols = self.columns_at(layer)
         if cols is None:
-            return replace(self, columns=())
+            return replace(self, columns=()) if self.columns else self
         image = self.image_mask.gather(1, cols.clamp(min=0)) & (cols >= 0)
         return ImageLayout(image_mask=image, key_start=(cols < 0).sum(-1))
 

@@ -166,6 +166,7 @@ def _decode_combine_kernel(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty))
 
 
+@functools.cache
 def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> KernelConfig:
     """Heuristic tiles for the split kernel (block_m follows the packed rows; H100-measured)."""
     if device.type != "cuda":

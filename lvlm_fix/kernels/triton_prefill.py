@@ -5,6 +5,7 @@ epilogue, and the requested statistics. Same contract as reference.edited_attent
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -120,6 +121,7 @@ def _prefill_kernel(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
 
+@functools.cache
 def prefill_config(
     head_dim: int, dtype: torch.dtype, var_on: bool, device: torch.device, rows: int = 64
 ) -> KernelConfig:
