@@ -46,17 +46,16 @@ def layer_mask(
     q_len: int,
     k_len: int,
     incoming: torch.Tensor | None,
-    columns_mask: torch.Tensor | None = None,
+    loop_mask: torch.Tensor | None,
 ) -> torch.Tensor:
     """Mask [R, 1, Q, K] of one pruned layer from its own prompt columns cols [R, W].
 
     Keys: the W prompt columns (real iff col >= the prompt's key_start), then K - W generated
-    columns, whose visibility (OPERA's holes) comes from the last K - W columns of the loop's
-    2-D mask `columns_mask` [R, S + generated] when given, else from the last K - W key columns
-    of `incoming`, transformers' mask. (transformers sizes its mask by layer 0's cache, so it
-    only fits while layer 0 is unpruned.) Causal by cache index,
-    which is causal in original order because kept columns stay sorted. A query always sees
-    itself, so filler rows stay finite. Bool (True = attend), or additive in `incoming`'s dtype
+    columns, whose visibility (OPERA's holes) comes from the last K - W columns of the decode
+    loop's 2-D mask `loop_mask` [R, S + generated] (transformers' own mask is sized by layer 0's
+    cache, which a layer-0 cut shortens). Causal by cache index, which is causal in original
+    order because kept columns stay sorted. A query always sees itself, so filler rows stay
+    finite. Bool (True = attend), or additive in the dtype of `incoming` (transformers' mask)
     when that is a float mask.
     """
     rows, width = cols.shape
@@ -68,13 +67,11 @@ def layer_mask(
     causal = keys <= query_cols  # [Q, K]
     mask = (causal[None] & (real[:, None] | (keys == query_cols)[None]))[:, None]  # [R,1,Q,K]
     generated = k_len - width
-    floating = incoming is not None and incoming.is_floating_point()
-    if columns_mask is not None and generated > 0:
-        mask[..., width:] &= columns_mask[:, None, None, -generated:].bool()
-    elif incoming is not None and generated > 0:
-        seen = incoming == 0 if floating else incoming.bool()
-        mask[..., width:] &= seen[..., -generated:].expand(rows, 1, q_len, generated)
-    if floating:
+    if generated > 0:
+        if loop_mask is None:
+            raise ValueError("a pruned layer with generated columns needs the loop's 2-D mask")
+        mask[..., width:] &= loop_mask[:, None, None, -generated:].bool()
+    if incoming is not None and incoming.is_floating_point():
         return torch.zeros(mask.shape, dtype=incoming.dtype, device=device).masked_fill(
             ~mask, torch.finfo(incoming.dtype).min
         )

@@ -142,6 +142,8 @@ class _FlowCutStage:
 
 
 _NEXT_ONLY = frozenset({"crop_budget", "llm_layer", "keep_newlines", "positions"})
+# On LLaVA-NeXT: OPERA's attention row and VAR's sink masks live in the unpruned prompt's columns.
+_NEXT_CONFLICTS = frozenset({"opera", "var"})
 
 
 @register
@@ -199,8 +201,4 @@ class FlowCut(Intervention):
         crop = self.crop_budget or max(self.budget // 2, 1)
         stage = _FlowCutStage(crop, GridRestore(self.keep_newlines, renumber))
         hook = FlowCutLLMHook(self.llm_layer, self.budget, renumber)
-        # OPERA's attention row and VAR's sink masks live in the unpruned prompt's columns.
-        return Contribution(vision=stage, attention=hook, prune=hook, conflicts=_PER_LAYER)
-
-
-_PER_LAYER = frozenset({"opera", "var"})
+        return Contribution(vision=stage, attention=hook, prune=hook, conflicts=_NEXT_CONFLICTS)
