@@ -320,7 +320,8 @@ def test_custom_op_fake_and_schema():
 
     q, k, v, key_start, col_group, g = make_case(seed=17)
     e = all_edits(col_group, 2, 4, 6, g)
-    args = (q, k, v, key_start, 0.3, e.col_group, e.image_gain, e.gain_rows, e.var_rows,
+    end = torch.tensor([14])  # a static cache filled up to column 14 of 16
+    args = (q, k, v, key_start, end, 0.3, e.col_group, e.image_gain, e.gain_rows, e.var_rows,
             e.var_keep, e.var_rho, e.var_summ, e.n_image, e.head_scale, True, False)  # fmt: skip
     torch.library.opcheck(_edited_attention_op, args)
 
@@ -392,3 +393,24 @@ def test_narrow_col_group_means_rest_past_its_width():
     assert torch.equal(got, want) and torch.equal(unchecked, want)
     for name, value in want_stats.items():
         assert torch.equal(got_stats[name], value)
+
+
+@pytest.mark.parametrize("Q", [1, 3])
+def test_key_end_ignores_a_static_cache_tail(Q):
+    """Keys [.., K, ..] with key_end E equal the first E keys alone: the empty tail of a static
+    cache (huge values here) gets no weight, and the last row's probabilities there are 0."""
+    q, k, v, key_start, col_group, g = make_case(Q=Q, K=16, seed=29)
+    E = 11
+    edits = all_edits(col_group[:, :E].contiguous(), 2, 4, Q, g)
+    kw = dict(scale=0.3, key_start=key_start, edits=edits)
+    want, want_stats = edited_attention(q, k[:, :, :E], v[:, :, :E], **kw)
+    k[:, :, E:], v[:, :, E:] = 1e4, -1e4
+    end = torch.tensor([E])
+    got, got_stats = edited_attention(q, k, v, key_end=end, **kw)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_stats["group_mass"], want_stats["group_mass"])
+    last = got_stats["last_row"]
+    torch.testing.assert_close(last[..., :E], want_stats["last_row"])
+    assert torch.equal(last[..., E:], torch.zeros_like(last[..., E:]))
+    with pytest.raises(ValueError, match="key_end"):
+        edited_attention(q, k, v, key_end=torch.tensor(E), **kw)

@@ -194,3 +194,24 @@ def test_col_group_narrower_than_keys(kind, kernel):
     stats, edits = check(kernel, torch.float32, Q=1 if kernel == "decode" else 5, K=37,
                          kind=kind, seed=5, width=20)  # fmt: skip
     assert edits.col_group.shape[1] == 20
+
+
+@in_process
+@pytest.mark.parametrize("kind", ["all", "none"])
+def test_decode_key_end(kind):
+    """A static cache: K=40 key slots of which the first 29 are filled. The split-K kernel with
+    key_end equals the reference on the filled keys alone (the tail holds NaN)."""
+    B, H, Hkv, K, E, D = 2, 4, 2, 40, 29, 16
+    q, k, v, ks, col_group, g = make_case(B, H, Hkv, 1, K, D, (0, 3), torch.float16, seed=6)
+    edits = edits_for(kind, col_group[:, :E].contiguous(), B, H, 1, g)
+    kw = dict(scale=D**-0.5, key_start=ks, edits=edits)
+    want, want_stats = ref.edited_attention(q, k[:, :, :E], v[:, :, :E], **kw)
+    k[:, :, E:], v[:, :, E:] = float("nan"), float("nan")
+    got, got_stats = ta.edited_attention_triton(q, k, v, key_end=torch.tensor([E]), **kw)
+    atol, rtol, stat_atol = TOL[torch.float16]
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
+    for name, value in want_stats.items():
+        got_value = got_stats[name][..., :E] if name == "last_row" else got_stats[name]
+        torch.testing.assert_close(got_value, value, atol=stat_atol, rtol=1e-3)
+    if kind == "all":
+        assert torch.equal(got_stats["last_row"][..., E:], torch.zeros(B, H, K - E))

@@ -22,6 +22,7 @@ def _edited_attention_op(
     k: Tensor,
     v: Tensor,
     key_start: Tensor,
+    key_end: Tensor | None,
     scale: float,
     col_group: Tensor | None,
     image_gain: Tensor | None,
@@ -40,14 +41,14 @@ def _edited_attention_op(
         col_group, image_gain, gain_rows, var_rows, var_keep, var_rho, var_summ, n_image,
         head_scale, want_group_mass, want_last_row,
     )  # fmt: skip
-    out, stats = _run(q, k, v, scale, key_start, edits, validate=False)  # checked by the caller
+    out, stats = _run(q, k, v, scale, key_start, key_end, edits, validate=False)  # checked
     empty = q.new_empty(0, dtype=torch.float32)
     return out, stats.get("group_mass", empty), stats.get("last_row", empty.clone())
 
 
 @_edited_attention_op.register_fake
-def _(q, k, v, key_start, scale, col_group, image_gain, gain_rows, var_rows, var_keep, var_rho,
-      var_summ, n_image, head_scale, want_group_mass, want_last_row):  # fmt: skip
+def _(q, k, v, key_start, key_end, scale, col_group, image_gain, gain_rows, var_rows, var_keep,
+      var_rho, var_summ, n_image, head_scale, want_group_mass, want_last_row):  # fmt: skip
     B, H, Q, D = q.shape
     f32 = torch.float32
     out = q.new_empty(B, Q, H, D)
@@ -56,39 +57,43 @@ def _(q, k, v, key_start, scale, col_group, image_gain, gain_rows, var_rows, var
     return out, mass, last
 
 
-def _run(q, k, v, scale, key_start, edits, validate):  # fmt: skip
+def _run(q, k, v, scale, key_start, key_end, edits, validate):  # fmt: skip
     if q.is_cuda:
         # Imported here: Triton is only needed (and only present on every platform) with CUDA.
         from .triton_attention import edited_attention_triton as impl
     else:
         impl = reference.edited_attention
-    return impl(q, k, v, scale=scale, key_start=key_start, edits=edits, validate=validate)
+    return impl(
+        q, k, v, scale=scale, key_start=key_start, edits=edits, key_end=key_end, validate=validate
+    )
 
 
 def edited_attention(
     q: Tensor, k: Tensor, v: Tensor, *, scale: float, key_start: Tensor, edits: AttentionEdits,
-    validate: bool = True,
+    key_end: Tensor | None = None, validate: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
     """q [B, H, Q, D], k/v [B, Hkv, K, D] -> out [B, Q, H, D] in q's dtype, and stats.
 
-    Mask: causal with query row i at key column K - Q + i, left padding from key_start [B]
-    (column j visible to row i iff key_start[b] <= j <= K - Q + i). Stats holds the requested
-    "group_mass" [B, H, Q, 4] and "last_row" [B, H, K] (fp32). edits.col_group [B, G] may be
-    narrower than the keys (G <= K): columns G.. are group 0.
+    Mask: causal with query row i at key column E - Q + i, left padding from key_start [B]
+    (column j visible to row i iff key_start[b] <= j <= E - Q + i). E is K, or key_end [1]
+    for a static cache whose columns from key_end on are still empty (a captured decode step).
+    Stats holds the requested "group_mass" [B, H, Q, 4] and "last_row" [B, H, K] (fp32).
+    edits.col_group [B, G] may be narrower than the keys (G <= K): columns G.. are group 0.
 
     validate=False skips the shape/dtype checks: for callers whose edits are built by code that
     already guarantees them (the attention function's hot decode loop). Outside torch.compile the
     kernels run directly; under it, through the custom op (same math, one graph node).
     """
     if validate:
-        check_inputs(q, k, v, key_start, scale)
+        check_inputs(q, k, v, key_start, scale, key_end)
         check_edits(edits, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
     if not torch.compiler.is_compiling():  # eager: the op's dispatch would only add host time
-        return _run(q, k, v, scale, key_start, edits, validate=False)
+        return _run(q, k, v, scale, key_start, key_end, edits, validate=False)
     out, mass, last = _edited_attention_op(
-        q, k, v, key_start, float(scale), edits.col_group, edits.image_gain, edits.gain_rows,
-        edits.var_rows, float(edits.var_keep), float(edits.var_rho), float(edits.var_summ),
-        edits.n_image, edits.head_scale, edits.want_group_mass, edits.want_last_row,
+        q, k, v, key_start, key_end, float(scale), edits.col_group, edits.image_gain,
+        edits.gain_rows, edits.var_rows, float(edits.var_keep), float(edits.var_rho),
+        float(edits.var_summ), edits.n_image, edits.head_scale, edits.want_group_mass,
+        edits.want_last_row,
     )  # fmt: skip
     stats = {}
     if edits.want_group_mass:

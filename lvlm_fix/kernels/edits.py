@@ -75,8 +75,10 @@ def resolved_n_image(edits: AttentionEdits) -> Tensor:
     return (edits.col_group >= VISUAL_SINK).sum(-1, dtype=torch.float32)
 
 
-def check_inputs(q: Tensor, k: Tensor, v: Tensor, key_start: Tensor, scale: float) -> None:
-    """Shapes and dtypes of q [B, H, Q, D], k/v [B, Hkv, K, D], key_start [B]."""
+def check_inputs(
+    q: Tensor, k: Tensor, v: Tensor, key_start: Tensor, scale: float, key_end: Tensor | None = None
+) -> None:
+    """Shapes and dtypes of q [B, H, Q, D], k/v [B, Hkv, K, D], key_start [B], key_end [1]."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-d tensor, got {_describe(t)}")
@@ -107,6 +109,11 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, key_start: Tensor, scale: floa
         raise ValueError(f"key_start must be int32/int64 [B={B}], got {_describe(key_start)}")
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale}")
+    if key_end is not None:
+        if key_end.shape != (1,) or key_end.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"key_end must be int32/int64 [1], got {_describe(key_end)}")
+        if key_end.device != q.device:
+            raise ValueError(f"key_end is on {key_end.device}, attention runs on {q.device}")
 
 
 def check_edits(

@@ -25,11 +25,13 @@ from .edits import (
 )
 
 
-def visibility(key_start: Tensor, Q: int, K: int) -> Tensor:
-    """bool [B, 1, Q, K]: column j is visible to query row i iff key_start[b] <= j <= K - Q + i."""
+def visibility(key_start: Tensor, Q: int, K: int, key_end: Tensor | None = None) -> Tensor:
+    """bool [B, 1, Q, K]: column j is visible to query row i iff key_start[b] <= j <= E - Q + i,
+    with E = key_end (the filled columns of a static cache) or K."""
     cols = torch.arange(K, device=key_start.device)
     rows = torch.arange(Q, device=key_start.device)
-    causal = cols[None, :] <= (K - Q + rows)[:, None]  # [Q, K]
+    end = K if key_end is None else key_end  # [1] broadcasts like the int
+    causal = cols[None, :] <= (end - Q + rows)[:, None]  # [Q, K]
     unpadded = cols[None, :] >= key_start[:, None]  # [B, K]
     return (causal[None] & unpadded[:, None, :])[:, None]
 
@@ -89,11 +91,12 @@ def apply_var(p: Tensor, mass: Tensor, edits: AttentionEdits) -> Tensor:
 
 def edited_attention(
     q: Tensor, k: Tensor, v: Tensor, *, scale: float, key_start: Tensor, edits: AttentionEdits,
-    validate: bool = True,
+    key_end: Tensor | None = None, validate: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
     """q [B, H, Q, D], k/v [B, Hkv, K, D] -> out [B, Q, H, D] in q's dtype, and requested stats.
 
-    Mask: causal with query row i at key column K - Q + i, and left padding from key_start [B].
+    Mask: causal with query row i at key column E - Q + i, and left padding from key_start [B];
+    E = key_end [1] when given (a static cache: columns >= E are empty), else K.
     Stats: "group_mass" [B, H, Q, 4] (after PAI, before VAR), "last_row" [B, H, K] (after all
     edits but the head scale), both fp32. edits.col_group [B, G] may be narrower than the keys:
     columns G.. are group 0. validate=False skips the shape checks (the caller made them).
@@ -101,7 +104,7 @@ def edited_attention(
     B, H, Q, _ = q.shape
     K = k.shape[2]
     if validate:
-        check_inputs(q, k, v, key_start, scale)
+        check_inputs(q, k, v, key_start, scale, key_end)
         check_edits(edits, B, H, Q, K, q.device)
     if edits.col_group is not None:  # from here on every column has its group
         edits = replace(edits, col_group=full_col_group(edits.col_group, K))
@@ -109,7 +112,7 @@ def edited_attention(
     kf = k.float().repeat_interleave(group, dim=1)  # [B, H, K, D]
     vf = v.float().repeat_interleave(group, dim=1)
     s = scale * (q.float() @ kf.transpose(-1, -2))  # [B, H, Q, K]
-    visible = visibility(key_start, Q, K)
+    visible = visibility(key_start, Q, K, key_end)
     if edits.pai_on:
         s = pai_gain(s, visible, edits)
     p = masked_softmax(s, visible)  # [B, H, Q, K] fp32
@@ -122,7 +125,7 @@ def edited_attention(
         if edits.var_on:
             p = apply_var(p, mass, edits)
     if edits.want_last_row:
-        stats["last_row"] = p[:, :, -1, :].clone()
+        stats["last_row"] = p[:, :, -1, :].clone()  # columns >= key_end are 0
     out = p @ vf  # [B, H, Q, D]
     if edits.head_scale is not None:
         out = out * edits.head_scale[:, :, None, None]

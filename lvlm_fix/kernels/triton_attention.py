@@ -28,9 +28,15 @@ DECODE_MAX_ROWS = 16  # GQA*Q packed rows up to which the decode kernel is used
 
 def edited_attention_triton(
     q: Tensor, k: Tensor, v: Tensor, *, scale: float, key_start: Tensor, edits: AttentionEdits,
-    validate: bool = True,
+    key_end: Tensor | None = None, validate: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
-    """Split-K for few packed query rows under CUDA-graph capture, one launch otherwise."""
+    """Split-K for a static cache's decode step (`key_end` given: the step runs in a CUDA
+    graph) or few packed query rows under capture; one row-tiled launch otherwise."""
+    if key_end is not None:
+        return decode_attention(
+            q, k, v, scale=scale, key_start=key_start, edits=edits, key_end=key_end,
+            validate=validate,
+        )  # fmt: skip
     kernel = prefill_attention
     packed = (q.shape[1] // k.shape[1]) * q.shape[2]
     if packed <= DECODE_MAX_ROWS and q.is_cuda and torch.cuda.is_current_stream_capturing():

@@ -164,18 +164,21 @@ def _finish_rows(
 
 @triton.jit
 def _last_row_kernel(
-    LastRow, LastStats, KeyStart, ColGroup, H, NK, NG,
-    BLOCK_N: tl.constexpr, HAS_VAR: tl.constexpr,
+    LastRow, LastStats, KeyStart, KeyEnd, ColGroup, H, NK, NG,
+    BLOCK_N: tl.constexpr, HAS_VAR: tl.constexpr, HAS_END: tl.constexpr,
 ):  # fmt: skip
     """In place: the last query row's edited log2 scores (stored by the attention kernel) become
     its final probabilities, from the row's running max and sum (m, l) and VAR factors.
-    Columns left of key_start were never written and become 0. Grid (B*H, key tiles)."""
+    Columns left of key_start (and from KeyEnd[0] on) were never written and become 0.
+    Grid (B*H, key tiles)."""
     bh = tl.program_id(0)
     b = bh // H
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < NK
     ptrs = LastRow + bh.to(tl.int64) * NK + cols
     visible = (cols >= tl.load(KeyStart + b)) & col_ok
+    if HAS_END:
+        visible = visible & (cols < tl.load(KeyEnd))
     s = tl.load(ptrs, mask=visible, other=float("-inf"))
     m = tl.load(LastStats + bh * 4 + 0)
     l_i = tl.load(LastStats + bh * 4 + 1)
@@ -200,13 +203,14 @@ class KernelConfig:
 
 
 def check_launch(
-    q: Tensor, k: Tensor, v: Tensor, key_start: Tensor, scale: float, edits, validate: bool = True
-) -> None:
+    q: Tensor, k: Tensor, v: Tensor, key_start: Tensor, scale: float, edits, validate: bool = True,
+    key_end: Tensor | None = None,
+) -> None:  # fmt: skip
     """Shapes, dtypes and devices (unless validate=False); the kernels also need a power-of-two
     head dim, which is always checked (it is cheap and the kernels cannot run without it)."""
     B, H, Q, D = q.shape
     if validate:
-        check_inputs(q, k, v, key_start, scale)
+        check_inputs(q, k, v, key_start, scale, key_end)
         check_edits(edits, B, H, Q, k.shape[2], q.device)
     if D < 16 or D > 256 or D & (D - 1):
         raise ValueError(f"the Triton kernels need a power-of-two head dim in [16, 256], got {D}")
@@ -272,7 +276,9 @@ def allocate_outputs(q: Tensor, K: int, edits: AttentionEdits, dummy: Tensor) ->
     }
 
 
-def finish_stats(res: dict[str, Tensor], key_start: Tensor, edits: AttentionEdits):
+def finish_stats(
+    res: dict[str, Tensor], key_start: Tensor, edits: AttentionEdits, key_end: Tensor | None = None
+):
     """Turn the last row's stored scores into probabilities; collect the statistics dict."""
     stats = {}
     if edits.want_group_mass:
@@ -282,8 +288,9 @@ def finish_stats(res: dict[str, Tensor], key_start: Tensor, edits: AttentionEdit
         block_n = 256 if key_start.is_cuda else 16
         col_group = key_start if edits.col_group is None else edits.col_group.contiguous()
         _last_row_kernel[(B * H, triton.cdiv(K, block_n))](
-            res["LastRow"], res["LastStats"], key_start, col_group, H, K, group_width(edits),
-            BLOCK_N=block_n, HAS_VAR=edits.var_on,
+            res["LastRow"], res["LastStats"], key_start,
+            key_start if key_end is None else key_end, col_group, H, K, group_width(edits),
+            BLOCK_N=block_n, HAS_VAR=edits.var_on, HAS_END=key_end is not None,
         )  # fmt: skip
         stats["last_row"] = res["LastRow"]
     return stats

@@ -36,19 +36,21 @@ MAX_ROWS = 64  # packed rows (VAR's 3 x GQA x Q) one decode program holds
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, KeyStart, ColGroup, ImageGain, GainRows, PartM, PartL, PartAcc, LastRow,
+    Q, K, V, KeyStart, KeyEnd, ColGroup, ImageGain, GainRows, PartM, PartL, PartAcc, LastRow,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     H, GQA, NQ, NK, NG, split_len, num_splits, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PAI: tl.constexpr, NEED_GROUPS: tl.constexpr, HAS_VAR: tl.constexpr,
-    WANT_LAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WANT_LAST: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_END: tl.constexpr,
 ):  # fmt: skip
     """Grid (B*Hkv, splits). The GQA*Q query rows of one KV head share each K/V tile; with VAR
     they appear three times (acc_id 0 all columns, 1 sinks, 2 non-sink image) in the M rows.
 
     Partials per (row, split): PartM [R, S] running max, PartL [R, S, 4] sums (all, text sink,
     visual sink, non-sink image), PartAcc [R, S, NACC, D] outputs (all, sink, image), R = B*H*Q.
+    HAS_END: the keys end at KeyEnd[0] <= NK (a static cache); splits past it store empty
+    partials.
     """
     bk = tl.program_id(0)
     split = tl.program_id(1)
@@ -85,14 +87,17 @@ def _decode_split_kernel(
     is_last = row_ok & (acc_id == 0) & (rows == NQ - 1)
     last_ptrs = LastRow + (b * H + h).to(tl.int64) * NK
 
+    end = NK
+    if HAS_END:
+        end = tl.load(KeyEnd).to(tl.int32)
     lo = tl.maximum(split * split_len, tl.load(KeyStart + b).to(tl.int32))
-    hi = tl.minimum((split + 1) * split_len, NK)
+    hi = tl.minimum((split + 1) * split_len, end)
     for start_n in range(lo, hi, BLOCK_N):
         # Masked: causality for Q > 1 and the split's own end (the next split starts there).
         m_i, l_i, acc, l_t, l_sv, l_u, _, _ = _attend_tile(
             m_i, l_i, acc, l_t, l_sv, l_u, unused, unused,
             q, k_ptrs, v_ptrs, ColGroup + b64 * NG, start_n, stride_kn, stride_vn,
-            rows, alpha, gain_row, acc_id, last_ptrs, is_last, NK - NQ, hi, NG, qk_scale,
+            rows, alpha, gain_row, acc_id, last_ptrs, is_last, end - NQ, hi, NG, qk_scale,
             BLOCK_N, True, HAS_PAI, NEED_GROUPS, HAS_VAR, True, WANT_LAST, DOT_PRECISION,
         )  # fmt: skip
 
@@ -193,10 +198,11 @@ def _num_splits(B: int, n_kv: int, K: int, cfg: KernelConfig, device: torch.devi
 
 def decode_attention(
     q: Tensor, k: Tensor, v: Tensor, *, scale: float, key_start: Tensor,
-    edits: AttentionEdits, config: KernelConfig | None = None, validate: bool = True,
+    edits: AttentionEdits, key_end: Tensor | None = None, config: KernelConfig | None = None,
+    validate: bool = True,
 ) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
     """Edited attention with the split-K decode kernel; same contract as the reference."""
-    check_launch(q, k, v, key_start, scale, edits, validate)
+    check_launch(q, k, v, key_start, scale, edits, validate, key_end)
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     B, H, Q, D = q.shape
     n_kv, K = k.shape[1], k.shape[2]
@@ -216,12 +222,13 @@ def decode_attention(
     t = edit_tensors(edits, key_start)
     flags = edit_flags(q, edits)
     _decode_split_kernel[(B * n_kv, splits)](
-        q, k, v, key_start, t["ColGroup"], t["ImageGain"], t["GainRows"],
+        q, k, v, key_start, key_start if key_end is None else key_end,
+        t["ColGroup"], t["ImageGain"], t["GainRows"],
         part_m, part_l, part_acc, res["LastRow"],
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         H, H // n_kv, Q, K, group_width(edits), split_len, splits, scale * math.log2(math.e),
         HEAD_DIM=D, BLOCK_M=max(16, triton.next_power_of_2(packed)), BLOCK_N=cfg.block_n,
-        **flags, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **flags, HAS_END=key_end is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     _decode_combine_kernel[(B * H * Q,)](
         part_m, part_l, part_acc, out, t["ColGroup"], t["VarRows"], t["NImage"], t["HeadScale"],
@@ -232,4 +239,4 @@ def decode_attention(
         WANT_LAST=edits.want_last_row, **epilogue_flags(edits),
         num_warps=4 if q.is_cuda else 1,
     )  # fmt: skip
-    return out, finish_stats(res, key_start, edits)
+    return out, finish_stats(res, key_start, edits, key_end)
