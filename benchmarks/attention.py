@@ -11,7 +11,9 @@ random weights in bf16: speed does not depend on the weights. Two parts, one run
    (do_bench, launch overhead included). On CUDA it also runs the kernels' own benchmark table
    (benchmarks/attention_kernels.py: CUDA-graph timings, ragged batches) into "kernel_graph".
 2. End to end: `LVLM.generate` tokens/s with no intervention, VAR, VHR, PAI and VAR+VHR+PAI, on our
-   engine and on the eager path the reference repositories use: transformers' eager attention,
+   engine (decode steps replayed from a CUDA graph over a static cache, the default on a GPU),
+   on our engine with eager steps (`static_decode=False`; none and VAR+VHR+PAI only), and on the
+   eager path the reference repositories use: transformers' eager attention over a DynamicCache,
    and for the methods our plain-torch oracle (materialised fp32 probabilities) on every layer.
 
 Random weights have no massive activations, so VAR gets a low `tau` here to find sinks.
@@ -137,25 +139,31 @@ def bench_e2e(lvlm: LVLM, samples, settings, new_tokens: int, device, rounds: in
     which other work on a shared machine inflates at random: the best round is the least
     disturbed measurement, the median shows the spread.
     """
-    engines = (("ours", attention.NAME, attention.NAME), ("eager", "eager", ORACLE))
-    cases = [(engine, plain if not interventions else edited, method, interventions)
-             for engine, plain, edited in engines
-             for method, interventions in settings.items()]  # fmt: skip
+    # (engine, attention for plain layers, for edited layers, static decode, methods)
+    engines = (
+        ("ours", attention.NAME, attention.NAME, None, settings),
+        ("ours-eager-steps", attention.NAME, attention.NAME, False, ("none", "var+vhr+pai")),
+        ("eager", "eager", ORACLE, False, settings),
+    )
+    cases = [(engine, plain if not settings[method] else edited, static, method, settings[method])
+             for engine, plain, edited, static, methods in engines
+             for method in methods]  # fmt: skip
 
-    def use(impl: str) -> None:
+    def use(impl: str, static: bool | None) -> None:
         lvlm.model.set_attn_implementation({"text_config": impl, "vision_config": "sdpa"})
+        lvlm.static_decode = static
 
-    for _, impl, _, interventions in cases:  # warm-up at full length
-        use(impl)
+    for _, impl, static, _, interventions in cases:  # warm-up at full length
+        use(impl, static)
         timed_generate(lvlm, samples, interventions, new_tokens, device)
     runs: dict[tuple[str, str], list[tuple[float, float, int]]] = {}
     for _ in range(rounds):
-        for engine, impl, method, interventions in cases:
-            use(impl)
+        for engine, impl, static, method, interventions in cases:
+            use(impl, static)
             prefill, _ = timed_generate(lvlm, samples, interventions, 1, device)
             total, generated = timed_generate(lvlm, samples, interventions, new_tokens, device)
             runs.setdefault((engine, method), []).append((prefill, total, generated))
-    use(attention.NAME)
+    use(attention.NAME, None)
     rows = []
     for (engine, method), timings in runs.items():
         rates = sorted((g - len(samples)) / (t - p) for p, t, g in timings)
@@ -186,11 +194,11 @@ def print_tables(result: dict) -> None:
         f"{result['rounds']} interleaved rounds (decode tok/s; ratios of the best rounds)"
     )
     best = {(r["engine"], r["method"]): r["decode_tokens_per_s_best"] for r in result["e2e"]}
-    print(f"{'engine':6} {'method':12} {'prefill s':>9} {'best':>7} {'median':>7} "
+    print(f"{'engine':16} {'method':12} {'prefill s':>9} {'best':>7} {'median':>7} "
           f"{'vs ours none':>12} {'vs eager same':>13}")  # fmt: skip
     for r in result["e2e"]:
         rate = r["decode_tokens_per_s_best"]
-        print(f"{r['engine']:6} {r['method']:12} {r['prefill_s']:9.3f} {rate:7.1f} "
+        print(f"{r['engine']:16} {r['method']:12} {r['prefill_s']:9.3f} {rate:7.1f} "
               f"{r['decode_tokens_per_s_median']:7.1f} {rate / best[('ours', 'none')]:12.2f} "
               f"{rate / best[('eager', r['method'])]:13.2f}")  # fmt: skip
 

@@ -80,7 +80,7 @@ def lvlm_attention(
         # it (tests hold the methods to it); public callers of edited_attention keep the checks.
         out, stats = edited_attention(
             query, key, value, scale=scale, key_start=call.layout.key_start, edits=edits,
-            validate=False,
+            key_end=ctx.key_end, validate=False,
         )  # fmt: skip
     else:
         out, _ = sdpa_attention_forward(

@@ -21,6 +21,7 @@ from lvlm_fix.methods.base import RowState
 from lvlm_fix.model import PromptBatch, encode_rows, render_prompt, shrink_image_runs
 from lvlm_fix.plan import Plan
 from lvlm_fix.search import Limits, SearchResult
+from lvlm_fix.static_decode import StaticDecode, static_eligible
 
 
 @dataclass(frozen=True)
@@ -33,9 +34,17 @@ class Sample:
 
 
 class Runner:
-    """Model forward + KV cache + per-row state for one request (rows as described above)."""
+    """Model forward + KV cache + per-row state for one request (rows as described above).
 
-    def __init__(self, model, batch: PromptBatch, plan: Plan, state: RowState, num_layers: int):
+    static_steps > 0: plain one-token steps (up to that many) run over a static cache, captured
+    as a CUDA graph on a GPU (see static_decode.py); anything else (selecting rows, cropping,
+    several tokens) hands the cache back to a DynamicCache and goes on eagerly.
+    """
+
+    def __init__(
+        self, model, batch: PromptBatch, plan: Plan, state: RowState, num_layers: int,
+        static_steps: int = 0,
+    ):  # fmt: skip
         self.model, self.plan, self.state = model, plan, state
         self.batch = batch
         self.layout = batch.layout
@@ -43,6 +52,8 @@ class Runner:
         self.cache = DynamicCache(config=model.config.get_text_config())
         self.attention_mask = batch.attention_mask
         self.positions = batch.position_ids[:, -1]  # long [R]: position of the last column
+        self.static_steps = static_steps
+        self.static: StaticDecode | None = None
 
     def _context(self, phase: Phase) -> ForwardContext:
         return ForwardContext(self.plan, self.state, self.layout, phase, self.num_layers)
@@ -73,10 +84,23 @@ class Runner:
         mask [R, n] (default all ones) marks columns that are real; 0 columns are holes that no
         query ever sees and that take no position (OPERA replays rows of unequal length).
         """
+        plain = mask is None and tokens.shape[1] == 1
+        if not plain:
+            self._leave_static()
         mask = self.attention_mask.new_ones(tokens.shape) if mask is None else mask
         self.attention_mask = torch.cat([self.attention_mask, mask.to(self.attention_mask)], 1)
         positions = self.positions[:, None] + mask.long().cumsum(1)
         self.positions = positions[:, -1]
+        if plain and self.static_steps > 0:
+            if self.static is None:
+                prompt = self.attention_mask[:, :-1]
+                self.static = StaticDecode(
+                    self.model, self.cache, prompt, self.static_steps, self._context("decode"),
+                    capture=tokens.is_cuda,
+                )  # fmt: skip
+                self.cache = self.static.cache
+            with torch.inference_mode():
+                return self.static.step(tokens, positions)
         ctx = self._context("decode")
         ctx.attention_mask = self.attention_mask  # pruned layers read generated columns here
         with forward_context(ctx), torch.inference_mode():
@@ -91,6 +115,7 @@ class Runner:
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep/duplicate/reorder rows (long [R']): cache, mask, positions, layout and state."""
+        self._leave_static()
         self.cache.reorder_cache(rows)
         self.attention_mask = self.attention_mask[rows]
         self.positions = self.positions[rows]
@@ -99,12 +124,19 @@ class Runner:
 
     def crop(self, length: int) -> None:
         """Forget every cache column from `length` on (OPERA's rollback)."""
+        self._leave_static()
         removed = self.attention_mask[:, length:].sum(-1)  # real columns only: holes take none
         # transformers 5: negative = remove. Every layer loses the same trailing (generated)
         # columns, pruned layers included: they hold fewer prompt columns, not fewer generated.
         self.cache.crop(length - self.attention_mask.shape[1])
         self.attention_mask = self.attention_mask[:, :length]
         self.positions = self.positions - removed
+
+    def _leave_static(self) -> None:
+        """From here on, eager steps over a DynamicCache of the filled columns."""
+        if self.static is not None:
+            self.cache = self.static.dynamic_cache()
+            self.static, self.static_steps = None, 0
 
 
 def image_kwargs(model, batch: PromptBatch) -> dict:
@@ -205,9 +237,14 @@ class DecodeEvent:
 
 
 def decode(
-    model, processor, info, plan: Plan, samples: list[Sample], limits: Limits
-) -> Iterator[DecodeEvent]:
-    """Run one request: prefill, then one event per step, then the final result."""
+    model, processor, info, plan: Plan, samples: list[Sample], limits: Limits,
+    static: bool | None = None,
+) -> Iterator[DecodeEvent]:  # fmt: skip
+    """Run one request: prefill, then one event per step, then the final result.
+
+    static: decode steps over a static cache (see static_decode.py) where the request allows;
+    None = on a GPU only (there the steps replay a CUDA graph), True = also on CPU (no graph).
+    """
     device = model.device
     batch = build_rows(processor, info.image_token_id, plan, samples, device)
     rows_per_sample = len(plan.views) + 1
@@ -215,6 +252,9 @@ def decode(
     runner = Runner(model, batch, plan, _row_state(plan, len(samples), device), info.num_layers)
     search = plan.search
     logits = runner.prefill()
+    wanted = device.type == "cuda" if static is None else static
+    if wanted and limits.max_new_tokens > 1 and static_eligible(model, runner.layout, search.width):
+        runner.static_steps = limits.max_new_tokens
     rows = _after_prefill_rows(plan, len(samples), search.width, device)
     runner.select_rows(rows)
     logits = logits[rows]

@@ -46,6 +46,9 @@ class ForwardContext:
     scratch: dict[str, Any] = field(default_factory=dict)
     image_sizes: torch.Tensor | None = None  # long [n_images, 2] (NeXT) at prefill
     attention_mask: torch.Tensor | None = None  # [R, S + generated]: the loop's mask at decode
+    # A static cache's decode step (see static_decode.py): long [1], the cache columns filled
+    # so far, this step's included. The keys past it are empty; the query sits at key_end - 1.
+    key_end: torch.Tensor | None = None
 
 
 _CURRENT: ContextVar[ForwardContext | None] = ContextVar("lvlm_fix_forward", default=None)
@@ -69,7 +72,8 @@ class AttentionCall:
     """One attention call of one decoder layer, as hooks see it.
 
     query [R, H, Q, D] (after RoPE), key/value [R, Hkv, K, D] (the whole cache, this step
-    included). Query row i sits at key column K - Q + i.
+    included; with a static cache, its empty columns too). Query row i sits at key column
+    E - Q + i, E = ctx.key_end or K.
     """
 
     layer: int
@@ -88,7 +92,9 @@ class AttentionCall:
     def query_columns(self) -> torch.Tensor:
         """Key column of each query row: long [Q]."""
         q_len, k_len = self.query.shape[2], self.key.shape[2]
-        return torch.arange(k_len - q_len, k_len, device=self.query.device)
+        columns = torch.arange(k_len - q_len, k_len, device=self.query.device)
+        end = self.ctx.key_end
+        return columns if end is None else columns - k_len + end
 
     def image_columns(self) -> torch.Tensor:
         """bool [R, K]: prompt image tokens, padded with False over generated columns."""

@@ -40,9 +40,15 @@ class Generation(BaseModel):
 
 
 class LVLM:
-    """A loaded LLaVA-family model with the hook points our interventions use."""
+    """A loaded LLaVA-family model with the hook points our interventions use.
 
-    def __init__(self, model, processor, family: str, name: str):
+    static_decode: run decode steps over a static KV cache where a request allows it (greedy or
+    sampling, no pruning): None = on a GPU, where each step replays a CUDA graph; True = also
+    on CPU (no graph); False = never.
+    """
+
+    def __init__(self, model, processor, family: str, name: str, static_decode: bool | None = None):
+        self.static_decode = static_decode
         self.model = model
         self.processor = processor
         self.family = family
@@ -57,13 +63,14 @@ class LVLM:
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
+        static_decode: bool | None = None,
     ) -> LVLM:
         """Load a llava-hf style checkpoint (a local path; the hub only if online)."""
         path = name_or_path or default_model_path()
         attention.register()
         model, processor, family = load_model(path, device, dtype)
         model.set_attn_implementation({"text_config": attention.NAME, "vision_config": "sdpa"})
-        lvlm = cls(model, processor, family, str(name_or_path or "gym"))
+        lvlm = cls(model, processor, family, str(name_or_path or "gym"), static_decode)
         lvlm.info = replace(lvlm.info, path=str(path))
         return lvlm
 
@@ -91,7 +98,8 @@ class LVLM:
             generators=[_generator(s.seed, self.device) for s in samples],
             stop_hit=_stop_checker(tokenizer, params.stop) if params.stop else None,
         )
-        for event in decode(self.model, self.processor, self.info, plan, samples, limits):
+        info, static = self.info, self.static_decode
+        for event in decode(self.model, self.processor, info, plan, samples, limits, static):
             yield event, plan
 
     def generate(
