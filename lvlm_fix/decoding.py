@@ -21,7 +21,7 @@ from lvlm_fix.methods.base import RowState
 from lvlm_fix.model import PromptBatch, encode_rows, render_prompt, shrink_image_runs
 from lvlm_fix.plan import Plan
 from lvlm_fix.search import Limits, SearchResult
-from lvlm_fix.static_decode import StaticDecode, static_eligible
+from lvlm_fix.static_decode import StaticDecode, static_eligible, wants_static
 
 
 @dataclass(frozen=True)
@@ -242,8 +242,9 @@ def decode(
 ) -> Iterator[DecodeEvent]:  # fmt: skip
     """Run one request: prefill, then one event per step, then the final result.
 
-    static: decode steps over a static cache (see static_decode.py) where the request allows;
-    None = on a GPU only (there the steps replay a CUDA graph), True = also on CPU (no graph).
+    static: decode steps over a static cache where the request allows (static_decode.py);
+    None = on a GPU, for requests long enough to earn a CUDA graph back; True = always, on CPU
+    too (no graph there); False = never.
     """
     device = model.device
     batch = build_rows(processor, info.image_token_id, plan, samples, device)
@@ -252,8 +253,8 @@ def decode(
     runner = Runner(model, batch, plan, _row_state(plan, len(samples), device), info.num_layers)
     search = plan.search
     logits = runner.prefill()
-    wanted = device.type == "cuda" if static is None else static
-    if wanted and limits.max_new_tokens > 1 and static_eligible(model, runner.layout, search.width):
+    wanted = wants_static(static, device, limits.max_new_tokens)
+    if wanted and static_eligible(model, plan, runner.layout):
         runner.static_steps = limits.max_new_tokens
     rows = _after_prefill_rows(plan, len(samples), search.width, device)
     runner.select_rows(rows)

@@ -104,7 +104,13 @@ class AttentionCall:
 
 
 class AttentionHook(Protocol):
-    """An intervention's view of attention: edits before the kernel, a look after it."""
+    """An intervention's view of attention: edits before the kernel, a look after it.
+
+    With static decode (a GPU, greedy or sampling), a decode step's hooks run for the first
+    step and once more while the step is captured as a CUDA graph; later steps replay the
+    graph. So at decode they may only run tensor ops on tensors that stay where they are, or
+    their Contribution sets graph_safe=False.
+    """
 
     def edits(self, call: AttentionCall) -> dict[str, Any] | None:
         """Fields of `kernels.AttentionEdits` to set for this call (None = nothing here)."""

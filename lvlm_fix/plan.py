@@ -39,6 +39,7 @@ class Plan:
     search: Search
     config_id: str
     prune_hooks: tuple[Any, ...] = ()  # `hooks.PruneHook`s (LLM token pruning)
+    graph_safe: bool = True  # decode steps may replay a CUDA graph (see Contribution.graph_safe)
 
     @property
     def n_views(self) -> int:
@@ -118,4 +119,5 @@ def compile_plan(
         search=search,
         config_id=config_hash(interventions),
         prune_hooks=tuple(c.prune for _, c in contributions if c.prune),
+        graph_safe=all(c.graph_safe for _, c in contributions),
     )

@@ -17,10 +17,19 @@ how the tests check them.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from transformers import DynamicCache, StaticCache
 
 from lvlm_fix.hooks import ForwardContext, forward_context
+
+log = logging.getLogger(__name__)
+
+# By default a request captures a graph only when it may run this many steps: a capture costs
+# about as much host time as a few eager steps (measured in BENCHMARKS.md), which short answers
+# (POPE's "Yes"/"No") would never earn back.
+MIN_GRAPH_STEPS = 8
 
 
 class StaticDecode:
@@ -64,11 +73,30 @@ class StaticDecode:
         else:
             logits = self._forward()
             if self.capture:  # after one eager step: kernels compiled, hooks' tensors built
-                self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):
-                    self.logits = self._forward()
+                self._capture()
         self.filled += 1
         return logits.float().clone()  # the next replay overwrites the graph's buffer
+
+    def _capture(self) -> None:
+        """Record one step. Not torch.cuda.graph: its synchronize and empty_cache would cost
+        more host time than the capture. thread_local: other requests' threads may use the GPU
+        meanwhile (PyTorch's side streams never synchronize implicitly with them)."""
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream(self.tokens.device)
+        stream.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(stream):
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    logits = self._forward()
+                finally:
+                    graph.capture_end()
+        except RuntimeError as error:  # e.g. a hook that syncs with the host: stay eager
+            log.warning("decode step capture failed, running steps eagerly: %s", error)
+            self.capture = False
+            return
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph, self.logits = graph, logits
 
     def _forward(self) -> torch.Tensor:
         with forward_context(self.context):
@@ -90,10 +118,19 @@ class StaticDecode:
         return cache
 
 
-def static_eligible(model, layout, width: int) -> bool:
-    """Whether a request's decode steps can run static: one row per sample and view (no beams),
-    every layer holding every prompt column (no pruning) and full attention in every layer."""
+def wants_static(static: bool | None, device: torch.device, steps: int) -> bool:
+    """static None: on a GPU, for requests of MIN_GRAPH_STEPS steps or more; True: whenever
+    there is a step to take (on CPU, no graph); False: never."""
+    if static is None:
+        return device.type == "cuda" and steps >= MIN_GRAPH_STEPS
+    return static and steps > 1
+
+
+def static_eligible(model, plan, layout) -> bool:
+    """Whether a request's decode steps can run static: graph-safe hooks, one row per sample
+    and view (no beams), every layer holding every prompt column (no pruning) and full
+    attention in every layer."""
     text = model.config.get_text_config()
     full = all(kind == "full_attention" for kind in getattr(text, "layer_types", None) or ())
     pruned = any(c is not None for c in layout.columns)
-    return width == 1 and full and not pruned
+    return plan.graph_safe and plan.search.width == 1 and full and not pruned

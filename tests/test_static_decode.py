@@ -84,12 +84,13 @@ def test_leaving_static_steps_keeps_the_cache(lvlms, samples):
         ([{"name": "ritual"}], GenerationParams(max_new_tokens=10, do_sample=True, seed=3)),
         ([{"name": "fastv", "layer": 2, "keep": 4}], GenerationParams(max_new_tokens=10)),
         ([VAR_TINY], GenerationParams(max_new_tokens=10, num_beams=2)),
+        ([{"name": "opera", "num_beams": 1}], GenerationParams(max_new_tokens=10)),
     ],
-    ids=["greedy-var+vhr+pai", "sampling-ritual", "fastv-pruned", "beams"],
+    ids=["greedy-var+vhr+pai", "sampling-ritual", "fastv-pruned", "beams", "opera-one-beam"],
 )
 def test_generate_with_static_decode_equals_eager(tiny_paths, images, interventions, params):
-    """End to end, batch of two with different images: the same tokens either way (pruned and
-    beam requests stay on the dynamic cache)."""
+    """End to end, batch of two with different images: the same tokens either way (pruned,
+    beam and OPERA requests stay on the dynamic cache)."""
     batch = [Sample(q, (im,)) for q, im in zip(QUESTIONS, images, strict=True)]
     outs = []
     for static in (False, True):
@@ -112,3 +113,21 @@ def test_cuda_graph_steps_equal_eager_steps(tiny_paths, samples, methods):
         want, got = dynamic.forward(step), static.forward(step)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert static.static.graph is not None
+
+
+def test_which_requests_run_static(lvlms):
+    """Static steps need graph-safe hooks, one beam and unpruned layers."""
+    from lvlm_fix.model import ImageLayout
+    from lvlm_fix.static_decode import static_eligible, wants_static
+
+    lvlm = lvlms["llava"]
+    layout = ImageLayout(torch.zeros(1, 4, dtype=torch.bool), torch.zeros(1, dtype=torch.long))
+    pruned = ImageLayout(layout.image_mask, layout.key_start, (None, torch.zeros(1, 2)))
+    assert static_eligible(lvlm.model, lvlm.plan(ALL_THREE), layout)
+    assert not static_eligible(lvlm.model, lvlm.plan(ALL_THREE), pruned)
+    assert not static_eligible(lvlm.model, lvlm.plan([], GenerationParams(num_beams=2)), layout)
+    assert not static_eligible(lvlm.model, lvlm.plan([{"name": "opera", "num_beams": 1}]), layout)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert not wants_static(None, cpu, 64) and wants_static(True, cpu, 2)
+    assert wants_static(None, gpu, 64) and not wants_static(None, gpu, 2)
+    assert not wants_static(False, gpu, 64) and not wants_static(True, cpu, 1)

@@ -65,6 +65,10 @@ class Contribution:
     vision: VisionHook | None = None  # vision-tower token pruning (one per plan)
     prune: PruneHook | None = None  # LLM token pruning at decoder-layer inputs
     conflicts: frozenset[str] = frozenset()  # names it cannot run with on this model (+ class's)
+    # Its decode-time hooks only run tensor ops on tensors that stay put (no host reads, no
+    # per-step Python state), so a decode step may be captured once as a CUDA graph and replayed
+    # (static_decode.py). False keeps the request's steps eager (OPERA's per-step recorder).
+    graph_safe: bool = True
 
 
 class Intervention(BaseModel):

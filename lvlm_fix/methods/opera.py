@@ -76,7 +76,8 @@ class Opera(Intervention):
     )
 
     def contribute(self, model: ModelInfo) -> Contribution:
-        return Contribution(search=OperaSearch(self), attention=LastRowHook())
+        # graph_safe=False: the recorder appends each step's attention row in Python
+        return Contribution(search=OperaSearch(self), attention=LastRowHook(), graph_safe=False)
 
 
 @dataclass
