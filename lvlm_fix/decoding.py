@@ -21,7 +21,7 @@ from lvlm_fix.methods.base import RowState
 from lvlm_fix.model import PromptBatch, encode_rows, render_prompt, shrink_image_runs
 from lvlm_fix.plan import Plan
 from lvlm_fix.search import Limits, SearchResult
-from lvlm_fix.static_decode import StaticDecode, static_eligible, wants_static
+from lvlm_fix.static_decode import StaticDecode, fits_in_memory, static_eligible, wants_static
 
 
 @dataclass(frozen=True)
@@ -91,14 +91,9 @@ class Runner:
         self.attention_mask = torch.cat([self.attention_mask, mask.to(self.attention_mask)], 1)
         positions = self.positions[:, None] + mask.long().cumsum(1)
         self.positions = positions[:, -1]
-        if plain and self.static_steps > 0:
-            if self.static is None:
-                prompt = self.attention_mask[:, :-1]
-                self.static = StaticDecode(
-                    self.model, self.cache, prompt, self.static_steps, self._context("decode"),
-                    capture=tokens.is_cuda,
-                )  # fmt: skip
-                self.cache = self.static.cache
+        if plain and self.static is None and self.static_steps > 0:
+            self._enter_static(capture=tokens.is_cuda)
+        if plain and self.static is not None:
             with torch.inference_mode():
                 return self.static.step(tokens, positions)
         ctx = self._context("decode")
@@ -131,6 +126,16 @@ class Runner:
         self.cache.crop(length - self.attention_mask.shape[1])
         self.attention_mask = self.attention_mask[:, :length]
         self.positions = self.positions - removed
+
+    def _enter_static(self, capture: bool) -> None:
+        """Move the cache into a static one sized for the remaining steps, if it fits."""
+        if not fits_in_memory(self.cache, self.static_steps):
+            self.static_steps = 0
+            return
+        prompt = self.attention_mask[:, :-1]  # the columns before this step's
+        ctx = self._context("decode")
+        self.static = StaticDecode(self.model, self.cache, prompt, self.static_steps, ctx, capture)
+        self.cache = self.static.cache
 
     def _leave_static(self) -> None:
         """From here on, eager steps over a DynamicCache of the filled columns."""

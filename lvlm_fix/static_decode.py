@@ -118,6 +118,21 @@ class StaticDecode:
         return cache
 
 
+def fits_in_memory(cache: DynamicCache, steps: int) -> bool:
+    """Whether a static cache for `steps` more columns takes at most half the free GPU memory
+    (it is allocated up front, for the longest generation the request allows)."""
+    layers = cache.layers
+    if not layers or not layers[0].keys.is_cuda:
+        return True
+    needed = 0
+    for layer in layers:
+        for held in (layer.keys, layer.values):  # [R, Hkv, columns, D]
+            per_column = held.numel() // held.shape[2] * held.element_size()
+            needed += per_column * (held.shape[2] + steps)
+    free, _ = torch.cuda.mem_get_info(layers[0].keys.device)
+    return needed <= free // 2
+
+
 def wants_static(static: bool | None, device: torch.device, steps: int) -> bool:
     """static None: on a GPU, for requests of MIN_GRAPH_STEPS steps or more; True: whenever
     there is a step to take (on CPU, no graph); False: never."""
