@@ -21,6 +21,7 @@ import logging
 
 import torch
 from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import get_layer_types_and_kwargs
 
 from lvlm_fix.hooks import ForwardContext, forward_context
 
@@ -145,7 +146,7 @@ def static_eligible(model, plan, layout) -> bool:
     """Whether a request's decode steps can run static: graph-safe hooks, one row per sample
     and view (no beams), every layer holding every prompt column (no pruning) and full
     attention in every layer."""
-    text = model.config.get_text_config()
-    full = all(kind == "full_attention" for kind in getattr(text, "layer_types", None) or ())
+    layer_types, _ = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
+    full = all(kind == "full_attention" for kind in layer_types)  # what StaticCache would build
     pruned = any(c is not None for c in layout.columns)
     return plan.graph_safe and plan.search.width == 1 and full and not pruned
