@@ -21,7 +21,7 @@ from lvlm_fix.methods.base import RowState
 from lvlm_fix.model import PromptBatch, encode_rows, render_prompt, shrink_image_runs
 from lvlm_fix.plan import Plan
 from lvlm_fix.search import Limits, SearchResult
-from lvlm_fix.static_decode import StaticDecode, fits_in_memory, static_eligible, wants_static
+from lvlm_fix.static_decode import StaticDecode, fits_in_memory, static_steps
 
 
 @dataclass(frozen=True)
@@ -258,9 +258,8 @@ def decode(
     runner = Runner(model, batch, plan, _row_state(plan, len(samples), device), info.num_layers)
     search = plan.search
     logits = runner.prefill()
-    wanted = wants_static(static, device, limits.max_new_tokens)
-    if wanted and static_eligible(model, plan, runner.layout):
-        runner.static_steps = limits.max_new_tokens
+    steps = limits.max_new_tokens
+    runner.static_steps = static_steps(static, device, model, plan, runner.layout, steps)
     rows = _after_prefill_rows(plan, len(samples), search.width, device)
     runner.select_rows(rows)
     logits = logits[rows]

@@ -91,10 +91,9 @@ class AttentionCall:
     @property
     def query_columns(self) -> torch.Tensor:
         """Key column of each query row: long [Q]."""
-        q_len, k_len = self.query.shape[2], self.key.shape[2]
-        columns = torch.arange(k_len - q_len, k_len, device=self.query.device)
-        end = self.ctx.key_end
-        return columns if end is None else columns - k_len + end
+        q_len = self.query.shape[2]
+        end = self.key.shape[2] if self.ctx.key_end is None else self.ctx.key_end
+        return end - q_len + torch.arange(q_len, device=self.query.device)
 
     def image_columns(self) -> torch.Tensor:
         """bool [R, K]: prompt image tokens, padded with False over generated columns."""

@@ -76,7 +76,7 @@ class StaticDecode:
             if self.capture:  # after one eager step: kernels compiled, hooks' tensors built
                 self._capture()
         self.filled += 1
-        return logits.float().clone()  # the next replay overwrites the graph's buffer
+        return logits.to(torch.float32, copy=True)  # the next replay overwrites the buffer
 
     def _capture(self) -> None:
         """Record one step. Not torch.cuda.graph: its synchronize and empty_cache would cost
@@ -134,19 +134,22 @@ def fits_in_memory(cache: DynamicCache, steps: int) -> bool:
     return needed <= free // 2
 
 
-def wants_static(static: bool | None, device: torch.device, steps: int) -> bool:
-    """static None: on a GPU, for requests of MIN_GRAPH_STEPS steps or more; True: whenever
-    there is a step to take (on CPU, no graph); False: never."""
+def static_steps(
+    static: bool | None, device: torch.device, model, plan, layout, max_new_tokens: int
+) -> int:
+    """How many decode steps of a request may run static (0 = none), after its prefill.
+
+    static None: on a GPU, for requests of MIN_GRAPH_STEPS tokens or more; True: whenever
+    there is a step to take (on CPU without a graph); False: never. And the request must
+    allow it: graph-safe hooks, one row per sample and view (no beams), every layer holding
+    every prompt column (no pruning) and full attention in every layer.
+    """
     if static is None:
-        return device.type == "cuda" and steps >= MIN_GRAPH_STEPS
-    return static and steps > 1
-
-
-def static_eligible(model, plan, layout) -> bool:
-    """Whether a request's decode steps can run static: graph-safe hooks, one row per sample
-    and view (no beams), every layer holding every prompt column (no pruning) and full
-    attention in every layer."""
+        wanted = device.type == "cuda" and max_new_tokens >= MIN_GRAPH_STEPS
+    else:
+        wanted = static and max_new_tokens > 1
     layer_types, _ = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
     full = all(kind == "full_attention" for kind in layer_types)  # what StaticCache would build
     pruned = any(c is not None for c in layout.columns)
-    return plan.graph_safe and plan.search.width == 1 and full and not pruned
+    allowed = plan.graph_safe and plan.search.width == 1 and full and not pruned
+    return max_new_tokens if wanted and allowed else 0

@@ -118,16 +118,21 @@ def test_cuda_graph_steps_equal_eager_steps(tiny_paths, samples, methods):
 def test_which_requests_run_static(lvlms):
     """Static steps need graph-safe hooks, one beam and unpruned layers."""
     from lvlm_fix.model import ImageLayout
-    from lvlm_fix.static_decode import static_eligible, wants_static
+    from lvlm_fix.static_decode import static_steps
 
     lvlm = lvlms["llava"]
     layout = ImageLayout(torch.zeros(1, 4, dtype=torch.bool), torch.zeros(1, dtype=torch.long))
     pruned = ImageLayout(layout.image_mask, layout.key_start, (None, torch.zeros(1, 2)))
-    assert static_eligible(lvlm.model, lvlm.plan(ALL_THREE), layout)
-    assert not static_eligible(lvlm.model, lvlm.plan(ALL_THREE), pruned)
-    assert not static_eligible(lvlm.model, lvlm.plan([], GenerationParams(num_beams=2)), layout)
-    assert not static_eligible(lvlm.model, lvlm.plan([{"name": "opera", "num_beams": 1}]), layout)
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert not wants_static(None, cpu, 64) and wants_static(True, cpu, 2)
-    assert wants_static(None, gpu, 64) and not wants_static(None, gpu, 2)
-    assert not wants_static(False, gpu, 64) and not wants_static(True, cpu, 1)
+    all_three = lvlm.plan(ALL_THREE)
+
+    def steps(static, device=cpu, plan=all_three, at=layout, tokens=64):
+        return static_steps(static, device, lvlm.model, plan, at, tokens)
+
+    assert steps(True) == 64
+    assert steps(True, at=pruned) == 0
+    assert steps(True, plan=lvlm.plan([], GenerationParams(num_beams=2))) == 0
+    assert steps(True, plan=lvlm.plan([{"name": "opera", "num_beams": 1}])) == 0
+    assert steps(None) == 0 and steps(True, tokens=2) == 2
+    assert steps(None, gpu) == 64 and steps(None, gpu, tokens=2) == 0
+    assert steps(False, gpu) == 0 and steps(True, tokens=1) == 0
