@@ -39,7 +39,8 @@ from transformers import (
 )
 
 from lvlm_fix import LVLM, GenerationParams, Sample, attention
-from lvlm_fix.decoding import Runner, _row_state, build_rows
+from lvlm_fix.decoding import Runner, build_rows
+from lvlm_fix.methods.base import RowState
 from lvlm_fix.plan import compile_plan
 from lvlm_fix.tiny import CHAT_TEMPLATE, llava_processor, train_tokenizer
 
@@ -106,7 +107,7 @@ def measure(lvlm: LVLM, samples: list[Sample], interventions: list[dict], runs: 
     device = lvlm.device
     plan = compile_plan(interventions, lvlm.info, GenerationParams(max_new_tokens=1))
     batch = build_rows(lvlm.processor, lvlm.info.image_token_id, plan, samples, device)
-    state = _row_state(plan, len(samples), device)
+    state = RowState.start(plan.views, len(samples), device)
     prefill, ttft, peak = [], [], 0
     for run in range(runs + 1):  # the first run warms up
         runner = Runner(lvlm.model, batch, plan, state, lvlm.info.num_layers)

@@ -29,7 +29,8 @@ from common import build_llava, sync, write_json  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from lvlm_fix import Sample  # noqa: E402
-from lvlm_fix.decoding import Runner, _after_prefill_rows, _row_state, build_rows  # noqa: E402
+from lvlm_fix.decoding import Runner, _after_prefill_rows, build_rows  # noqa: E402
+from lvlm_fix.methods.base import RowState  # noqa: E402
 
 QUESTION = "Please help me describe the image in detail."
 
@@ -37,7 +38,7 @@ QUESTION = "Please help me describe the image in detail."
 def runner_for(lvlm, samples, interventions, static_steps: int) -> Runner:
     plan = lvlm.plan(interventions)
     batch = build_rows(lvlm.processor, lvlm.info.image_token_id, plan, samples, lvlm.device)
-    state = _row_state(plan, len(samples), lvlm.device)
+    state = RowState.start(plan.views, len(samples), lvlm.device)
     runner = Runner(lvlm.model, batch, plan, state, lvlm.info.num_layers, static_steps)
     with torch.inference_mode():
         runner.prefill()

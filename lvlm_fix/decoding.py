@@ -210,19 +210,6 @@ def combine_views(logits: torch.Tensor, plan: Plan, step: int, groups: int) -> t
     return scores
 
 
-def _row_state(plan: Plan, n_samples: int, device) -> RowState:
-    views = len(plan.views) + 1
-    view_of_row = torch.arange(views, device=device).repeat(n_samples)
-    edited = torch.tensor([True] + [v.edited for v in plan.views], device=device)
-    return RowState(
-        {
-            "row.view": view_of_row,
-            "row.edited": edited[view_of_row],
-            "row.sample": torch.arange(n_samples, device=device).repeat_interleave(views),
-        }
-    )
-
-
 def _after_prefill_rows(plan: Plan, n_samples: int, width: int, device) -> torch.Tensor:
     """Drop prefill-only views, then repeat each sample's kept rows once per beam."""
     views = len(plan.views) + 1
@@ -255,7 +242,9 @@ def decode(
     batch = build_rows(processor, info.image_token_id, plan, samples, device)
     rows_per_sample = len(plan.views) + 1
     prompt_tokens = tuple(batch.attention_mask[::rows_per_sample].sum(-1).tolist())
-    runner = Runner(model, batch, plan, _row_state(plan, len(samples), device), info.num_layers)
+    runner = Runner(
+        model, batch, plan, RowState.start(plan.views, len(samples), device), info.num_layers
+    )
     search = plan.search
     logits = runner.prefill()
     steps = limits.max_new_tokens

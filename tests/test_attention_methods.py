@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from lvlm_fix import LVLM, GenerationParams, Sample
-from lvlm_fix.decoding import Runner, _row_state, build_rows
+from lvlm_fix.decoding import Runner, build_rows
 from lvlm_fix.hooks import AttentionCall
 from lvlm_fix.methods import Contribution, Intervention
+from lvlm_fix.methods.base import RowState
 from lvlm_fix.methods.var import VAR, discover_sink_dims, resolve_sink_dims
 from lvlm_fix.methods.vhr import reinforced_layers, select_heads
 from lvlm_fix.model import FAMILIES, ModelInfo, resolve
@@ -69,7 +70,7 @@ def prefill(lvlm: LVLM, samples, interventions) -> tuple[Runner, torch.Tensor]:
     """Build the rows and run the prefill forward; returns the runner (its state) and logits."""
     plan = lvlm.plan(interventions)
     batch = build_rows(lvlm.processor, lvlm.info.image_token_id, plan, samples, lvlm.device)
-    state = _row_state(plan, len(samples), lvlm.device)
+    state = RowState.start(plan.views, len(samples), lvlm.device)
     runner = Runner(lvlm.model, batch, plan, state, lvlm.info.num_layers)
     return runner, runner.prefill()
 

@@ -12,8 +12,8 @@ from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
 from lvlm_fix import LVLM, GenerationParams
-from lvlm_fix.decoding import Runner, Sample, _row_state, build_rows, decode
-from lvlm_fix.methods import parse_intervention
+from lvlm_fix.decoding import Runner, Sample, build_rows, decode
+from lvlm_fix.methods import RowState, parse_intervention
 from lvlm_fix.methods.opera_state import (
     ROW_KEY,
     adjusted_logits,
@@ -149,7 +149,8 @@ def test_captured_row_matches_eager_through_reorder_crop_and_replay(lvlm, path):
     eager = LlavaForConditionalGeneration.from_pretrained(path, attn_implementation="eager")
     plan = lvlm.plan([{"name": "opera"}], GenerationParams())
     batch = build_rows(lvlm.processor, lvlm.info.image_token_id, plan, SAMPLES, "cpu")
-    runner = Runner(lvlm.model, batch, plan, _row_state(plan, 2, "cpu"), lvlm.info.num_layers)
+    state = RowState.start(plan.views, 2, "cpu")
+    runner = Runner(lvlm.model, batch, plan, state, lvlm.info.num_layers)
     runner.prefill()
     S = batch.input_ids.shape[1]
     runner.select_rows(torch.tensor([0, 0, 1, 1]))  # two beams per sample

@@ -16,9 +16,10 @@ from transformers import (
 )
 
 from lvlm_fix import LVLM, GenerationParams, Sample
-from lvlm_fix.decoding import Runner, _row_state, build_rows
+from lvlm_fix.decoding import Runner, build_rows
 from lvlm_fix.hooks import AttentionCall, ForwardContext, forward_context
 from lvlm_fix.methods import Contribution, Intervention, View
+from lvlm_fix.methods.base import RowState
 from lvlm_fix.plan import PlanConflict, compile_plan
 from lvlm_fix.tiny import build_tiny
 
@@ -53,7 +54,7 @@ def prefill_logits(lvlm, samples, interventions=()) -> tuple[Runner, torch.Tenso
     """A runner after prefill (for looking at its cache and layout) and its logits [R, V]."""
     plan = compile_plan(list(interventions), lvlm.info, PARAMS)
     batch = build_rows(lvlm.processor, lvlm.info.image_token_id, plan, samples, lvlm.device)
-    state = _row_state(plan, len(samples), lvlm.device)
+    state = RowState.start(plan.views, len(samples), lvlm.device)
     runner = Runner(lvlm.model, batch, plan, state, lvlm.info.num_layers)
     return runner, runner.prefill()
 
@@ -142,8 +143,8 @@ def flowcut_tower(lvlm, samples, budget: int) -> tuple[torch.Tensor, torch.Tenso
     """Run only the vision tower under a FlowCut plan: (features [N, T, C], kept patch ids)."""
     plan = compile_plan([{"name": "flowcut", "budget": budget}], lvlm.info, PARAMS)
     batch = build_rows(lvlm.processor, lvlm.info.image_token_id, plan, samples, lvlm.device)
-    ctx = ForwardContext(plan, _row_state(plan, len(samples), lvlm.device), batch.layout,
-                         "prefill", lvlm.info.num_layers)  # fmt: skip
+    state = RowState.start(plan.views, len(samples), lvlm.device)
+    ctx = ForwardContext(plan, state, batch.layout, "prefill", lvlm.info.num_layers)
     with forward_context(ctx), torch.inference_mode():
         out = lvlm.model.model.get_image_features(
             batch.pixel_values, vision_feature_layer=-2, vision_feature_select_strategy="default"
@@ -465,8 +466,9 @@ def test_flowcut_next_crop_survivors_in_raster_order(next_lvlm, next_samples):
     runner = prefill(next_lvlm, [next_samples[0]], [spec])
     plan = compile_plan([spec], next_lvlm.info, PARAMS)
     batch = runner.batch
-    ctx = ForwardContext(plan, _row_state(plan, 1, next_lvlm.device), batch.layout, "prefill",
-                         LAYERS, image_sizes=batch.image_sizes)  # fmt: skip
+    state = RowState.start(plan.views, 1, next_lvlm.device)
+    ctx = ForwardContext(plan, state, batch.layout, "prefill", LAYERS,
+                         image_sizes=batch.image_sizes)  # fmt: skip
     with forward_context(ctx), torch.inference_mode():
         next_lvlm.model.model.get_image_features(batch.pixel_values, batch.image_sizes)
     assert ctx.scratch["vision.patch_ids"].shape == (3, 1 + crop)  # CLS + crop_budget per crop

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lvlm_fix import LVLM, GenerationParams, Sample
-from lvlm_fix.decoding import Runner, _after_prefill_rows, _row_state, build_rows
+from lvlm_fix.decoding import Runner, _after_prefill_rows, build_rows
+from lvlm_fix.methods.base import RowState
 
 VAR_TINY = {"name": "var", "sink_dims": list(range(8)), "tau": 2.0}
 ALL_THREE = [VAR_TINY, {"name": "vhr"}, {"name": "pai", "alpha": 1.0}]
@@ -31,7 +32,7 @@ def samples(images) -> list[Sample]:
 def runner_after_prefill(lvlm: LVLM, samples, interventions, static_steps: int) -> Runner:
     plan = lvlm.plan(interventions)
     batch = build_rows(lvlm.processor, lvlm.info.image_token_id, plan, samples, lvlm.device)
-    state = _row_state(plan, len(samples), lvlm.device)
+    state = RowState.start(plan.views, len(samples), lvlm.device)
     runner = Runner(lvlm.model, batch, plan, state, lvlm.info.num_layers, static_steps)
     runner.prefill()
     runner.select_rows(_after_prefill_rows(plan, len(samples), 1, lvlm.device))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -139,6 +139,21 @@ class RowState:
     """
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, views: Sequence[View], n_samples: int, device) -> RowState:
+        """The prefill rows' built-in entries: each sample's original view, then `views`.
+        "row.view" (0 = original), "row.edited" (attention edits apply), "row.sample"."""
+        per_sample = len(views) + 1
+        view_of_row = torch.arange(per_sample, device=device).repeat(n_samples)
+        edited = torch.tensor([True] + [v.edited for v in views], device=device)
+        return cls(
+            {
+                "row.view": view_of_row,
+                "row.edited": edited[view_of_row],
+                "row.sample": torch.arange(n_samples, device=device).repeat_interleave(per_sample),
+            }
+        )
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.tensors[key]

@@ -123,14 +123,7 @@ def teacher_forced(lvlm: LVLM, batch, answer_len: int, exit_after: int | None):
     plan = compile_plan([], lvlm.info, GenerationParams())
     if exit_after is not None:
         plan = replace(plan, prune_hooks=(_ForcedExit(exit_after + 1),))
-    rows = batch.input_ids.shape[0]
-    state = RowState(
-        {
-            "row.view": torch.zeros(rows, dtype=torch.long, device=lvlm.device),
-            "row.edited": torch.ones(rows, dtype=torch.bool, device=lvlm.device),
-            "row.sample": torch.arange(rows, device=lvlm.device),
-        }
-    )
+    state = RowState.start((), batch.input_ids.shape[0], lvlm.device)
     ctx = ForwardContext(plan, state, batch.layout, "prefill", lvlm.info.num_layers)
     with forward_context(ctx), torch.no_grad():
         out = lvlm.model(
