@@ -25,6 +25,7 @@ from common import SIZES, build_llava, sync, write_json
 from PIL import Image
 
 from lvlm_fix import LVLM, GenerationParams, attention
+from lvlm_fix.compat import cache_kwargs, output_cache
 from lvlm_fix.decoding import Sample, build_rows, decode
 from lvlm_fix.methods.opera_state import candidate_log_probs
 from lvlm_fix.search import BeamSearch, Limits, Recording, advance_beams
@@ -59,20 +60,20 @@ def naive_opera(lvlm: LVLM, sample: Sample, new_tokens: int, K: int = 5, C: int 
     sync(lvlm.device)
     start = time.perf_counter()
     out = model(**_inputs(batch), use_cache=True, output_attentions=True)
-    cache, mask = out.past_key_values, batch.attention_mask.repeat(K, 1)
+    cache, mask = output_cache(out), batch.attention_mask.repeat(K, 1)
     cache.reorder_cache(torch.zeros(K, dtype=torch.long, device=lvlm.device))
     tokens = None
     for _ in range(new_tokens):
         if tokens is not None:  # the reference's "main" forward of the chosen tokens
             mask = torch.cat([mask, mask.new_ones(K, 1)], 1)
-            out = model(input_ids=tokens, attention_mask=mask, past_key_values=cache,
+            out = model(input_ids=tokens, attention_mask=mask, **cache_kwargs(cache),
                         use_cache=True, output_attentions=True)  # fmt: skip
         logits = out.logits[:, -1].float().expand(K, -1)  # the prefill has one row
         cand_z, cand_ids = logits.topk(C, -1)
         cand_mask = torch.cat([mask, mask.new_ones(K, 1)], 1)
         for c in range(C):  # one candidate at a time, cache cropped back after each
             cand = model(input_ids=cand_ids[:, c : c + 1], attention_mask=cand_mask,
-                         past_key_values=cache, use_cache=True, output_attentions=True)  # fmt: skip
+                         **cache_kwargs(cache), use_cache=True, output_attentions=True)  # fmt: skip
             row = cand.attentions[-1][:, :, -1].float().max(1).values  # what the penalty reads
             del row
             cache.crop(-1)

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
+from lvlm_fix.compat import cache_kwargs
 from lvlm_fix.hooks import ForwardContext, Phase, forward_context
 from lvlm_fix.methods.base import RowState
 from lvlm_fix.model import PromptBatch, encode_rows, render_prompt, shrink_image_runs
@@ -70,7 +71,7 @@ class Runner:
                 attention_mask=b.attention_mask,
                 position_ids=b.position_ids,
                 pixel_values=b.pixel_values,
-                past_key_values=self.cache,
+                **cache_kwargs(self.cache),
                 use_cache=True,
                 logits_to_keep=1,
                 **extra,
@@ -103,7 +104,7 @@ class Runner:
                 input_ids=tokens,
                 attention_mask=self.attention_mask,
                 position_ids=positions,
-                past_key_values=self.cache,
+                **cache_kwargs(self.cache),
                 use_cache=True,
             )
         return out.logits.float()

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import torch
 
 from lvlm_fix import anyres
+from lvlm_fix.compat import layer_cache
 from lvlm_fix.model import Family, ImageLayout, resolve
 from lvlm_fix.pruning import gather_columns, layer_mask, pack_kept
 
@@ -241,7 +242,7 @@ def _pruned_kwargs(
     """
     cols = ctx.layout.columns_at(layer)
     q_len = hidden.shape[1]
-    cache = kwargs.get("past_key_values")
+    cache = layer_cache(kwargs)
     past = cache.get_seq_length(layer) if cache is not None and ctx.phase == "decode" else 0
     like = kwargs.get("attention_mask")
     like = like if torch.is_tensor(like) else None

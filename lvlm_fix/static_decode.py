@@ -23,6 +23,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import get_layer_types_and_kwargs
 
+from lvlm_fix.compat import cache_kwargs
 from lvlm_fix.hooks import ForwardContext, forward_context
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class StaticDecode:
                 input_ids=self.tokens,
                 attention_mask=self.mask,  # 4-D: transformers passes it to the layers as is
                 position_ids=self.positions,
-                past_key_values=self.cache,
+                **cache_kwargs(self.cache),
                 use_cache=True,
             )
         return out.logits
