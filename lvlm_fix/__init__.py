@@ -6,6 +6,8 @@ from lvlm_fix.methods import REGISTRY as INTERVENTIONS
 from lvlm_fix.methods import Intervention, parse_intervention
 from lvlm_fix.params import GenerationParams
 
+__version__ = "0.2.0"  # the one place the version is written (pyproject reads it)
+
 
 def load(name_or_path: str | None = None, **kwargs) -> LVLM:
     """Shorthand for `LVLM.from_pretrained`."""
@@ -13,6 +15,7 @@ def load(name_or_path: str | None = None, **kwargs) -> LVLM:
 
 
 __all__ = [
+    "__version__",
     "INTERVENTIONS",
     "LVLM",
     "Generation",

@@ -211,16 +211,13 @@ def _run_method(task, method, pool, store, config, params) -> MethodRun:
 
 
 def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     import torch
     import transformers
 
-    try:
-        ours = version("lvlm-fix")
-    except PackageNotFoundError:  # running from a source tree without installing
-        ours = "source"
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "lvlm_fix": ours}
+    import lvlm_fix
+
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    return {**versions, "lvlm_fix": lvlm_fix.__version__}
 
 
 def _check_resumable(store, methods: Sequence[MethodSet]) -> None:
