@@ -12,7 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from lvlm_fix.evals.bootstrap import SampleSet
 from lvlm_fix.evals.chair import (
+    ChairCaption,
     ChairConfig,
     evaluate_chair,
     load_ground_truth,
@@ -21,7 +25,25 @@ from lvlm_fix.evals.chair import (
 )
 from lvlm_fix.evals.chair_words import WordExtractor, drop_incomplete_sentence
 from lvlm_fix.evals.report import method_metrics
-from lvlm_fix.evals.runner import EvalItem, check_keys, subset_order
+from lvlm_fix.evals.runner import EvalItem, TaskScore, check_keys, subset_order
+
+
+def _chair_s(sums: np.ndarray) -> np.ndarray:
+    return 100.0 * sums[..., 0] / sums[..., 3]
+
+
+def _chair_i(sums: np.ndarray) -> np.ndarray:
+    """Ratio of sums over mentions, 0 without mentions (as evaluate_chair)."""
+    mentions = sums[..., 2]
+    return np.where(mentions > 0, 100.0 * sums[..., 1] / np.where(mentions > 0, mentions, 1), 0.0)
+
+
+def chair_sample_set(captions: list[ChairCaption]) -> SampleSet:
+    """Per image: [hallucinated caption, hallucinated mentions, mentions, 1] for the bootstrap."""
+    counts = np.array(
+        [[c.chair_s, len(c.hallucinated), len(c.words), 1] for c in captions], dtype=float
+    )
+    return SampleSet("chair", counts, {"chair/chair_s": _chair_s, "chair/chair_i": _chair_i})
 
 
 @dataclass(frozen=True)
@@ -45,10 +67,12 @@ class ChairTask:
         scored = score_caption(item.fields["image_id"], caption, gt, self.extractor)
         return {"objects": scored.node_words, "hallucinated": [n for _, n in scored.hallucinated]}
 
-    def score(self, lines: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, float]]:
+    def score(self, lines: list[dict[str, Any]]) -> TaskScore:
         captions = [(ln["image_id"], ln["answer"]) for ln in lines]
         result = evaluate_chair(captions, self.ground_truth, self.extractor, self.chair)
-        return result.summary.model_dump(), method_metrics(chair=result.summary)
+        summary = result.summary
+        samples = [chair_sample_set(result.captions)]
+        return TaskScore(summary.model_dump(), method_metrics(chair=summary), samples)
 
 
 def _coco_images(instances: Sequence[Path]) -> dict[int, str]:

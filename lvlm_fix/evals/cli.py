@@ -9,6 +9,12 @@ comes first. Examples:
         --method vhr=vhr:alpha=2 --method "var+vhr=var;vhr:alpha=2"
     lvlm-fix eval chair --instances instances_val2014.json --images val2014 --out runs/chair \\
         --limit 500 --method ritual
+    lvlm-fix eval pope --protocol vlmevalkit --data POPE.tsv --images pope_images --out runs/vk
+
+`--protocol lmms-eval|vlmevalkit` asks and scores as that toolkit does (evals/protocols.py);
+`--parser` and `--prompt-suffix` choose among the official protocol's variants and are an error
+with another protocol. Every row gets its difference to the baseline with a paired bootstrap
+interval (`--bootstrap N` resamples, 0 = none).
 """
 
 from __future__ import annotations
@@ -18,11 +24,13 @@ import sys
 from pathlib import Path
 
 from lvlm_fix.cli import CAPTION_PROMPT, parse_intervention_arg
+from lvlm_fix.evals.bootstrap import DEFAULT_RESAMPLES
 from lvlm_fix.evals.pool import DTYPES, ModelSpec
 from lvlm_fix.evals.pope import PARSERS, PROMPT_SUFFIXES
+from lvlm_fix.evals.protocols import MAX_NEW_TOKENS, PROTOCOLS
 from lvlm_fix.evals.runner import BASELINE, MethodSet
 
-DEFAULT_MAX_NEW_TOKENS = {"pope": 16, "chair": 64}
+CHAIR_MAX_NEW_TOKENS = 64
 
 
 def parse_method_arg(text: str) -> MethodSet:
@@ -48,7 +56,9 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", choices=DTYPES)
     parser.add_argument("--out", required=True, type=Path, help="results folder (resumable)")
-    parser.add_argument("--images", required=True, type=Path, help="image folder")
+    parser.add_argument(
+        "--images", required=True, type=Path, help="image folder (embedded images are written here)"
+    )
     parser.add_argument(
         "--method",
         action="append",
@@ -63,12 +73,38 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         "--subset", type=Path, default=None, help="reuse the samples of a subset.json"
     )
     parser.add_argument("--seed", type=int, default=0, help="global seed (per-sample seeds)")
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="POPE 16, CHAIR 64")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="POPE: official 16, lmms-eval 128, vlmevalkit 2048; CHAIR 64",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=DEFAULT_RESAMPLES,
+        metavar="N",
+        help="paired bootstrap resamples for the intervals vs baseline (0: none; seed: --seed)",
+    )
     pope = parser.add_argument_group("POPE")
-    pope.add_argument("--data", action="append", default=[], type=Path, help="question file")
-    pope.add_argument("--prompt-suffix", default="one_word", choices=list(PROMPT_SUFFIXES))
-    pope.add_argument("--parser", default="official", choices=list(PARSERS))
+    pope.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        type=Path,
+        help="question file: POPE JSON/JSONL, VLMEvalKit POPE.tsv or an lmms-lab/POPE JSON export",
+    )
+    pope.add_argument(
+        "--protocol",
+        default="official",
+        choices=PROTOCOLS,
+        help="whose prompt, answer reading and metric definitions to use",
+    )
+    pope.add_argument(
+        "--prompt-suffix", default=None, choices=list(PROMPT_SUFFIXES), help="official: one_word"
+    )
+    pope.add_argument("--parser", default=None, choices=list(PARSERS), help="official: official")
     chair = parser.add_argument_group("CHAIR")
     chair.add_argument("--instances", action="append", default=[], type=Path)
     chair.add_argument("--captions", action="append", default=[], type=Path)
@@ -98,17 +134,36 @@ def _chair_prompt(args: argparse.Namespace) -> str:
     return args.prompt if args.prompt is not None else CAPTION_PROMPT
 
 
+def _pope_settings(args: argparse.Namespace):
+    """PopeSettings; --parser/--prompt-suffix only go with the official protocol."""
+    from lvlm_fix.evals.pope import PopeSettings
+
+    official = {"prompt_suffix": args.prompt_suffix, "parser": args.parser}
+    given = {name: value for name, value in official.items() if value is not None}
+    if args.protocol != "official" and given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise ValueError(
+            f"{flags}: options of --protocol official; --protocol {args.protocol} fixes its own "
+            "prompt and answer reading"
+        )
+    return PopeSettings(protocol=args.protocol, **given)
+
+
+def _default_max_new_tokens(args: argparse.Namespace) -> int:
+    if args.benchmark == "pope":
+        return MAX_NEW_TOKENS[args.protocol]
+    return CHAIR_MAX_NEW_TOKENS
+
+
 def build_task(args: argparse.Namespace, max_new_tokens: int):
     """The PopeTask or ChairTask the arguments describe (ValueError on bad input)."""
     from lvlm_fix.evals.runner import load_subset_keys
 
     keys = None if args.subset is None else load_subset_keys(args.subset)
     if args.benchmark == "pope":
-        from lvlm_fix.evals.pope import PopeSettings
         from lvlm_fix.evals.pope_task import build_pope_task
 
-        settings = PopeSettings(prompt_suffix=args.prompt_suffix, parser=args.parser)
-        return build_pope_task(args.data, args.images, settings, args.limit, keys)
+        return build_pope_task(args.data, args.images, _pope_settings(args), args.limit, keys)
     from lvlm_fix.evals.chair import ChairConfig
     from lvlm_fix.evals.chair_task import build_chair_task
 
@@ -126,7 +181,7 @@ def eval_main(args: argparse.Namespace) -> int:
     """Run `lvlm-fix eval`; 0 on success, 2 on bad input (with a message on stderr)."""
     from lvlm_fix.evals.runner import RunConfig, run_eval
 
-    max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS[args.benchmark]
+    max_new_tokens = args.max_new_tokens or _default_max_new_tokens(args)
     try:
         if args.max_new_tokens is not None and args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -143,6 +198,7 @@ def eval_main(args: argparse.Namespace) -> int:
             workers=args.workers,
             address=args.address,
             progress=not args.no_progress,
+            bootstrap=args.bootstrap,
         )
         methods = [MethodSet(BASELINE), *args.method]
         metrics = run_eval(task, methods, config)

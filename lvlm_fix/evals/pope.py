@@ -10,6 +10,8 @@ The runner that drives a model calls into this file; nothing here touches a mode
   label-dependent: its substring test differs for yes- and no-labelled questions).
 * Answers are joined to questions on `question_id`, never on order: the released files do not
   agree on the order of yes/no questions.
+* `PopeSettings.protocol` switches to lmms-eval's or VLMEvalKit's prompt, reading and metric
+  definitions (protocols.py); the suffix and parser options belong to the official protocol.
 """
 
 from __future__ import annotations
@@ -21,7 +23,17 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from lvlm_fix.evals.protocols import (
+    ProtocolName,
+    count_columns,
+    pope_rates,
+    protocol_prompt,
+    read_lmms_eval,
+    read_vlmevalkit,
+)
 
 # Named prompt suffixes. "one_word" is what VCD appends (and the default here); "none" sends the
 # bare question, as RITUAL's released script and OPERA-style setups do.
@@ -37,6 +49,9 @@ class PopeSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    protocol: ProtocolName = Field(
+        "official", description='"official", "lmms-eval" or "vlmevalkit" (protocols.py).'
+    )
     prompt_suffix: str = Field(
         "one_word",
         description='Preset name from PROMPT_SUFFIXES; "none" sends the bare question.',
@@ -53,13 +68,33 @@ class PopeSettings(BaseModel):
             raise ValueError(f"unknown prompt_suffix {name!r}; choose one of {choices}")
         return name
 
+    @model_validator(mode="after")
+    def _official_options(self) -> PopeSettings:
+        """lmms-eval and VLMEvalKit fix their own prompt and reading: no suffix/parser choice."""
+        chosen = self.prompt_suffix != "one_word" or self.parser != "official"
+        if self.protocol != "official" and chosen:
+            raise ValueError(
+                f"prompt_suffix and parser are options of the official protocol; protocol "
+                f"{self.protocol!r} fixes its own prompt and answer reading"
+            )
+        return self
+
     @property
     def suffix_text(self) -> str:
-        return PROMPT_SUFFIXES[self.prompt_suffix]
+        """The literal text after the question ("" for VLMEvalKit, which sends it bare)."""
+        return protocol_prompt(self.protocol, "", PROMPT_SUFFIXES[self.prompt_suffix])
 
     def prompt(self, question_text: str) -> str:
         """The user turn sent to the model (the chat template is applied by the runner)."""
-        return question_text + self.suffix_text
+        return protocol_prompt(self.protocol, question_text, PROMPT_SUFFIXES[self.prompt_suffix])
+
+    def read(self, answer: str, label: int) -> int:
+        """1 (yes), 0 (no), or -1 (neither: only lmms-eval and VLMEvalKit have that case)."""
+        if self.protocol == "lmms-eval":
+            return read_lmms_eval(answer)
+        if self.protocol == "vlmevalkit":
+            return read_vlmevalkit(answer)
+        return parse_answer(answer, self.parser, label)
 
 
 class PopeQuestion(BaseModel):
@@ -83,7 +118,7 @@ class PopePrediction(BaseModel):
     text: str
     label: int = Field(ge=0, le=1)
     answer: str
-    pred: int = Field(ge=0, le=1, description="1 = the answer counts as yes.")
+    pred: int = Field(ge=-1, le=1, description="1 yes, 0 no, -1 read as neither.")
 
 
 class PopeMetrics(BaseModel):
@@ -95,12 +130,13 @@ class PopeMetrics(BaseModel):
     fp: int
     tn: int
     fn: int
+    other: int = Field(0, description="Answers read as neither yes nor no (toolkit protocols).")
     n: int
     acc: float
     precision: float = Field(description="0 when nothing was predicted yes (TP+FP = 0).")
     recall: float = Field(description="0 when there are no yes labels (TP+FN = 0).")
     f1: float = Field(description="2TP/(2TP+FP+FN); 0 when that denominator is 0.")
-    yes_ratio: float
+    yes_ratio: float = Field(description="Share of yes answers; lmms-eval: of yes LABELS.")
 
 
 class PopeSummary(BaseModel):
@@ -117,7 +153,7 @@ class PopeSummary(BaseModel):
 # --------------------------------------------------------------------------- loading
 
 
-def _records(text: str, source: str) -> list[dict]:
+def read_records(text: str, source: str) -> list[dict]:
     """Parse a JSON array or JSONL (one object per non-blank line)."""
     text = text.replace("\r", "")
     if text.lstrip().startswith("["):
@@ -140,7 +176,7 @@ def load_questions(path: str | Path) -> list[PopeQuestion]:
     """Read a POPE question file (JSONL or JSON array) in file order."""
     path = Path(path)
     questions, seen = [], set()
-    for rec in _records(path.read_text(encoding="utf-8"), str(path)):
+    for rec in read_records(path.read_text(encoding="utf-8"), str(path)):
         missing = {"question_id", "image", "text", "label"} - rec.keys()
         if missing:
             raise ValueError(f"{path}: record {rec!r} lacks {sorted(missing)}")
@@ -164,7 +200,7 @@ def load_answers(path: str | Path, field: str = "answer") -> dict[int, str]:
     """
     path = Path(path)
     answers: dict[int, str] = {}
-    for rec in _records(path.read_text(encoding="utf-8"), str(path)):
+    for rec in read_records(path.read_text(encoding="utf-8"), str(path)):
         if "question_id" not in rec or field not in rec:
             raise ValueError(f"{path}: record {rec!r} lacks 'question_id' or {field!r}")
         qid = int(rec["question_id"])
@@ -232,45 +268,45 @@ def parse_answer(answer: str, parser: ParserName, label: int) -> int:
 # --------------------------------------------------------------------------- metrics
 
 
-def _ratio(num: int, den: int) -> float:
-    return num / den if den else 0.0
-
-
-def pope_metrics(labels: Sequence[int], preds: Sequence[int]) -> PopeMetrics:
-    """Confusion counts and rates; yes (1) is the positive class."""
+def pope_counts(labels: Sequence[int], preds: Sequence[int]) -> np.ndarray:
+    """(N, 6) per-question count columns (protocols.COUNT_COLUMNS), for sums and resampling."""
     if len(labels) != len(preds):
         raise ValueError(f"{len(labels)} labels but {len(preds)} predictions")
     if not labels:
         raise ValueError("cannot compute POPE metrics over zero questions")
-    if any(x not in (0, 1) for x in (*labels, *preds)):
-        raise ValueError("labels and predictions must be 0 or 1")
-    tp = sum(1 for y, p in zip(labels, preds, strict=True) if y == 1 and p == 1)
-    fp = sum(1 for y, p in zip(labels, preds, strict=True) if y == 0 and p == 1)
-    tn = sum(1 for y, p in zip(labels, preds, strict=True) if y == 0 and p == 0)
-    fn = len(labels) - tp - fp - tn
-    n = len(labels)
-    return PopeMetrics(
-        tp=tp,
-        fp=fp,
-        tn=tn,
-        fn=fn,
-        n=n,
-        acc=(tp + tn) / n,
-        precision=_ratio(tp, tp + fp),
-        recall=_ratio(tp, tp + fn),
-        # 2TP/(2TP+FP+FN) equals 2PR/(P+R) and needs only one guard.
-        f1=_ratio(2 * tp, 2 * tp + fp + fn),
-        yes_ratio=(tp + fp) / n,
-    )
+    if any(y not in (0, 1) for y in labels) or any(p not in (-1, 0, 1) for p in preds):
+        raise ValueError("labels must be 0 or 1 and predictions 0, 1 or -1 (neither)")
+    rows = [count_columns(y, p) for y, p in zip(labels, preds, strict=True)]
+    return np.array(rows, dtype=np.int64)
+
+
+def metrics_from_counts(counts: np.ndarray, protocol: ProtocolName = "official") -> PopeMetrics:
+    """PopeMetrics from summed count columns (shape (6,)) under `protocol`'s definitions."""
+    tp, fp, tn, fn, other_pos, other_neg = (int(c) for c in counts)
+    rates = {name: float(value) for name, value in pope_rates(protocol, counts).items()}
+    other = other_pos + other_neg
+    return PopeMetrics(tp=tp, fp=fp, tn=tn, fn=fn, other=other, n=int(counts.sum()), **rates)
+
+
+def pope_metrics(
+    labels: Sequence[int], preds: Sequence[int], protocol: ProtocolName = "official"
+) -> PopeMetrics:
+    """Confusion counts and rates; yes (1) is the positive class, -1 = read as neither."""
+    return metrics_from_counts(pope_counts(labels, preds).sum(axis=0), protocol)
 
 
 def score(
-    questions: Sequence[PopeQuestion], answers: Mapping[int, str], parser: ParserName = "official"
+    questions: Sequence[PopeQuestion],
+    answers: Mapping[int, str],
+    settings: PopeSettings | ParserName = "official",
 ) -> tuple[list[PopePrediction], PopeMetrics]:
-    """Join answers to questions on question_id, parse them and compute the metrics.
+    """Join answers to questions on question_id, read them and compute the metrics.
 
-    Every question needs exactly one answer and every answer a question; otherwise ValueError.
+    `settings` may be just a parser name (the official protocol). Every question needs exactly
+    one answer and every answer a question; otherwise ValueError.
     """
+    if isinstance(settings, str):
+        settings = PopeSettings(parser=settings)
     qids = {q.question_id for q in questions}
     if len(qids) != len(questions):
         raise ValueError("questions contain duplicate question_id values")
@@ -285,11 +321,12 @@ def score(
         PopePrediction(
             **q.model_dump(),
             answer=answers[q.question_id],
-            pred=parse_answer(answers[q.question_id], parser, q.label),
+            pred=settings.read(answers[q.question_id], q.label),
         )
         for q in questions
     ]
-    return rows, pope_metrics([r.label for r in rows], [r.pred for r in rows])
+    labels, preds = [r.label for r in rows], [r.pred for r in rows]
+    return rows, pope_metrics(labels, preds, settings.protocol)
 
 
 def summarize(
@@ -298,8 +335,8 @@ def summarize(
     answers: Mapping[int, str],
     settings: PopeSettings,
 ) -> tuple[list[PopePrediction], PopeSummary]:
-    """`score` with the settings' parser, packaged with the settings for metrics.json."""
-    rows, metrics = score(questions, answers, settings.parser)
+    """`score` with the settings, packaged with the settings for metrics.json."""
+    rows, metrics = score(questions, answers, settings)
     summary = PopeSummary(
         split=split, settings=settings, suffix_text=settings.suffix_text, metrics=metrics
     )

@@ -1,8 +1,10 @@
 """POPE for the runner: question files -> EvalItems, answers -> predictions -> per-split metrics.
 
-Several question files are several splits; a split is named after its file ("coco_pope_random.json"
--> "coco_pope_random"). `limit` keeps N questions per split, chosen by a hash of their key (not
-file order, which groups questions by image), and then asked in file order.
+Question files give splits (pope_sources.py): a POPE file is one split named after it
+("coco_pope_random.json" -> "coco_pope_random"); a VLMEvalKit TSV or an lmms-eval export gives one
+per category. `limit` keeps N questions per split, chosen by a hash of their key (not file order,
+which groups questions by image), and then asked in file order. Under the lmms-eval and
+VLMEvalKit protocols an "overall" entry pools all splits, as those tools report it.
 """
 
 from __future__ import annotations
@@ -12,17 +14,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lvlm_fix.evals.pope import PopeQuestion, PopeSettings, load_questions, parse_answer, summarize
+import numpy as np
+
+from lvlm_fix.evals.bootstrap import MetricFn, SampleSet
+from lvlm_fix.evals.pope import (
+    PopeMetrics,
+    PopeQuestion,
+    PopeSettings,
+    metrics_from_counts,
+    pope_counts,
+    summarize,
+)
+from lvlm_fix.evals.pope_sources import load_splits
+from lvlm_fix.evals.protocols import POOLED_SPLIT, REPORTS_POOLED, ProtocolName, pope_rates
 from lvlm_fix.evals.report import method_metrics
-from lvlm_fix.evals.runner import EvalItem, check_keys, subset_order
+from lvlm_fix.evals.runner import EvalItem, TaskScore, check_keys, subset_order
+
+BOOTSTRAPPED = ("acc", "f1")  # the POPE metrics that get a difference-to-baseline interval
 
 
-def split_name(path: str | Path) -> str:
-    name = Path(path).name
-    for ext in (".jsonl", ".json"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
+def _rate(protocol: ProtocolName, name: str) -> MetricFn:
+    return lambda counts: pope_rates(protocol, counts)[name]
+
+
+def _sample_set(split: str, counts: np.ndarray, protocol: ProtocolName) -> SampleSet:
+    metrics = {f"pope/{split}/{name}": _rate(protocol, name) for name in BOOTSTRAPPED}
+    return SampleSet(split, counts, metrics)
 
 
 @dataclass(frozen=True)
@@ -35,6 +52,7 @@ class PopeTask:
 
     def settings(self) -> dict[str, Any]:
         return {
+            "protocol": self.pope.protocol,
             "prompt_suffix": self.pope.prompt_suffix,
             "suffix_text": self.pope.suffix_text,
             "parser": self.pope.parser,
@@ -42,17 +60,24 @@ class PopeTask:
         }
 
     def record(self, item: EvalItem, answer: str) -> dict[str, Any]:
-        return {"pred": parse_answer(answer, self.pope.parser, item.fields["label"])}
+        return {"pred": self.pope.read(answer, item.fields["label"])}
 
-    def score(self, lines: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, float]]:
-        """Metrics per split, recomputed from the raw answers with the current parser."""
-        details, metrics = {}, {}
+    def score(self, lines: list[dict[str, Any]]) -> TaskScore:
+        """Metrics per split, recomputed from the raw answers with the current settings."""
+        metrics: dict[str, PopeMetrics] = {}
+        samples = []
         for split, questions in self.splits.items():
             answers = {ln["question_id"]: ln["answer"] for ln in lines if ln["split"] == split}
-            _, summary = summarize(split, questions, answers, self.pope)
-            details[split] = summary.metrics.model_dump()
+            rows, summary = summarize(split, questions, answers, self.pope)
             metrics[split] = summary.metrics
-        return details, method_metrics(pope=metrics)
+            counts = pope_counts([r.label for r in rows], [r.pred for r in rows])
+            samples.append(_sample_set(split, counts, self.pope.protocol))
+        if self.pope.protocol in REPORTS_POOLED and len(self.splits) > 1:
+            pooled = np.concatenate([s.counts for s in samples])
+            metrics[POOLED_SPLIT] = metrics_from_counts(pooled.sum(axis=0), self.pope.protocol)
+            samples.append(_sample_set(POOLED_SPLIT, pooled, self.pope.protocol))
+        details = {split: m.model_dump() for split, m in metrics.items()}
+        return TaskScore(details, method_metrics(pope=metrics), samples)
 
 
 def _subset(
@@ -79,20 +104,20 @@ def build_pope_task(
     `keys` (from another run's subset.json) keeps exactly those questions, `limit` N per split.
     """
     image_root = Path(images)
-    if not image_root.is_dir():
-        raise ValueError(f"image folder {str(image_root)!r} does not exist")
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
     splits: dict[str, list[PopeQuestion]] = {}
     for path in data:
-        if not Path(path).is_file():
-            raise ValueError(f"POPE question file {str(path)!r} does not exist")
-        name = split_name(path)
-        if name in splits:
-            raise ValueError(f"two question files give the same split name {name!r}")
-        splits[name] = _subset(name, load_questions(path), limit, keys)
+        for name, questions in load_splits(path, image_root).items():
+            if name == POOLED_SPLIT:
+                raise ValueError(f"split name {name!r} is reserved for the pooled metrics")
+            if name in splits:
+                raise ValueError(f"two question files give the same split name {name!r}")
+            splits[name] = _subset(name, questions, limit, keys)
     if not splits:
         raise ValueError("POPE needs at least one --data question file")
+    if not image_root.is_dir():
+        raise ValueError(f"image folder {str(image_root)!r} does not exist")
     items: list[EvalItem] = []
     for split, questions in splits.items():
         for q in questions:

@@ -4,6 +4,9 @@ A method row carries a flat metrics dict so that it reads and writes as plain JS
     "pope/<split>/<name>"  name in acc, precision, recall, f1, yes_ratio (fractions in [0, 1])
     "chair/<name>"         name in chair_s, chair_i, recall (already x100), length (units)
 `method_metrics` builds that dict from PopeMetrics / ChairSummary objects.
+
+A row's `deltas` (same keys, evals/bootstrap.py) add a "Δ vs baseline [95% interval]" column
+for POPE accuracy and F1 and for CHAIR_s and CHAIR_i; "~" marks a difference within noise.
 """
 
 from __future__ import annotations
@@ -13,14 +16,19 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lvlm_fix.evals.bootstrap import Delta
 from lvlm_fix.evals.chair import ChairSummary
 from lvlm_fix.evals.pope import PopeMetrics
+from lvlm_fix.evals.protocols import POOLED_SPLIT
 
 POPE_COLUMNS = (("acc", "Acc"), ("precision", "Prec"), ("recall", "Rec"), ("f1", "F1"),
                 ("yes_ratio", "Yes"))  # fmt: skip
 CHAIR_COLUMNS = (("chair_s", "C_S ↓"), ("chair_i", "C_I ↓"), ("recall", "Recall ↑"),
                  ("length", "Len"))  # fmt: skip
 _SPLIT_ORDER = ("random", "popular", "adversarial")
+POPE_DELTAS = (("acc", "ΔAcc"), ("f1", "ΔF1"))
+CHAIR_DELTAS = (("chair_s", "ΔC_S"), ("chair_i", "ΔC_I"))
+NOISE_MARK = "~"
 
 
 class MethodRow(BaseModel):
@@ -31,6 +39,9 @@ class MethodRow(BaseModel):
     name: str = Field(min_length=1, description='Shown in the tables, e.g. "greedy", "vcd".')
     config_hash: str = Field(description="Hash of the plan/config that produced the numbers.")
     metrics: dict[str, float] = Field(description="Flat keys, see the module docstring.")
+    deltas: dict[str, Delta] = Field(
+        default_factory=dict, description="Difference to the baseline per metric key, if any."
+    )
 
 
 def method_metrics(
@@ -63,16 +74,19 @@ def _check(rows: Sequence[MethodRow]) -> None:
             )
             if not ok:
                 raise ValueError(f"method {row.name!r}: unknown metric key {key!r}")
+        unreported = sorted(row.deltas.keys() - row.metrics.keys())
+        if unreported:
+            raise ValueError(f"method {row.name!r}: deltas for unreported metrics {unreported}")
 
 
 def pope_splits(rows: Sequence[MethodRow]) -> list[str]:
     """Splits present in any row, ordered dataset first, then random/popular/adversarial."""
     splits = {k.split("/")[1] for r in rows for k in r.metrics if k.startswith("pope/")}
 
-    def order(split: str) -> tuple[str, int, str]:
+    def order(split: str) -> tuple[bool, str, int, str]:
         dataset, _, kind = split.rpartition("_")
         rank = _SPLIT_ORDER.index(kind) if kind in _SPLIT_ORDER else len(_SPLIT_ORDER)
-        return (dataset, rank, split)
+        return (split == POOLED_SPLIT, dataset, rank, split)  # the pooled split last
 
     return sorted(splits, key=order)
 
@@ -88,28 +102,61 @@ def _table(header: list[str], body: list[list[str]]) -> list[str]:
     return lines
 
 
-def markdown_report(rows: Sequence[MethodRow], title: str = "Evaluation") -> str:
-    """POPE: one table per split (values in %, 2 decimals). CHAIR: one table (1 decimal)."""
+def _delta_cell(delta: Delta | None, scale: float, digits: int) -> str:
+    """ "+1.50 [-0.50, +3.50] ~" in the table's unit; "–" for the baseline itself."""
+    if delta is None:
+        return "–"
+    d, lo, hi = (scale * v for v in (delta.diff, delta.lo, delta.hi))
+    mark = f" {NOISE_MARK}" if delta.within_noise else ""
+    return f"{d:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]{mark}"
+
+
+def _section(rows, prefix, columns, deltas, scale: float, digits: int) -> list[str]:
+    """One table: a row per method, metric columns, then Δ columns if any row has deltas."""
+    keys = [f"{prefix}{k}" for k, _ in deltas]
+    shown = [(k, label) for k, (_, label) in zip(keys, deltas, strict=True)
+             if any(k in r.deltas for r in rows)]  # fmt: skip
+    header = ["Method", "Config"] + [label for _, label in columns]
+    header += [f"{label} [95% CI]" for _, label in shown]
+    body = []
+    for r in rows:
+        vals = [r.metrics.get(f"{prefix}{k}") for k, _ in columns]
+        cells = ["–" if v is None else f"{scale * v:.{digits}f}" for v in vals]
+        cells += [_delta_cell(r.deltas.get(k), scale, digits) for k, _ in shown]
+        body.append([r.name, f"`{r.config_hash}`", *cells])
+    return _table(header, body) + [""]
+
+
+def _noise_note(unit: str, resamples: int | None) -> list[str]:
+    times = f"{resamples} " if resamples else ""
+    return [
+        f"Δ: difference to the baseline, with a paired bootstrap 95% interval ({times}resamples "
+        f"of the {unit}, the same resample for both rows). {NOISE_MARK} marks a difference whose "
+        "interval contains 0: within noise.",
+        "",
+    ]
+
+
+def markdown_report(
+    rows: Sequence[MethodRow], title: str = "Evaluation", resamples: int | None = None
+) -> str:
+    """POPE: one table per split (values in %, 2 decimals). CHAIR: one table (1 decimal).
+
+    `resamples` is only quoted in the note under tables that show differences.
+    """
     _check(rows)
+    has_deltas = any(r.deltas for r in rows)
     lines = [f"# {title}", ""]
     for split in pope_splits(rows):
         lines += [f"## POPE: {split}", ""]
-        header = ["Method", "Config"] + [label for _, label in POPE_COLUMNS]
-        body = []
-        for r in rows:
-            vals = [r.metrics.get(f"pope/{split}/{k}") for k, _ in POPE_COLUMNS]
-            cells = ["–" if v is None else f"{100 * v:.2f}" for v in vals]
-            body.append([r.name, f"`{r.config_hash}`", *cells])
-        lines += _table(header, body) + [""]
+        lines += _section(rows, f"pope/{split}/", POPE_COLUMNS, POPE_DELTAS, 100.0, 2)
+        if has_deltas:
+            lines += _noise_note("questions of this split", resamples)
     if _has_chair(rows):
         lines += ["## CHAIR", ""]
-        header = ["Method", "Config"] + [label for _, label in CHAIR_COLUMNS]
-        body = []
-        for r in rows:
-            vals = [r.metrics.get(f"chair/{k}") for k, _ in CHAIR_COLUMNS]
-            cells = ["–" if v is None else f"{v:.1f}" for v in vals]
-            body.append([r.name, f"`{r.config_hash}`", *cells])
-        lines += _table(header, body) + [""]
+        lines += _section(rows, "chair/", CHAIR_COLUMNS, CHAIR_DELTAS, 1.0, 1)
+        if has_deltas:
+            lines += _noise_note("images", resamples)
     return "\n".join(lines)
 
 
@@ -162,12 +209,16 @@ def plot_methods(rows: Sequence[MethodRow], path: str | Path) -> Path:
 
 
 def write_report(
-    rows: Sequence[MethodRow], out_dir: str | Path, title: str = "Evaluation"
+    rows: Sequence[MethodRow],
+    out_dir: str | Path,
+    title: str = "Evaluation",
+    resamples: int | None = None,
 ) -> tuple[Path, Path]:
     """Write `report.md` and `report.png` into out_dir; return both paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     png = plot_methods(rows, out_dir / "report.png")
     md = out_dir / "report.md"
-    md.write_text(markdown_report(rows, title) + f"\n![methods]({png.name})\n", encoding="utf-8")
+    text = markdown_report(rows, title, resamples) + f"\n![methods]({png.name})\n"
+    md.write_text(text, encoding="utf-8")
     return md, png

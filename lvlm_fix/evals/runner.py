@@ -3,7 +3,9 @@
 out_dir/
     subset.json        which samples (and generation settings) this directory is for
     predictions.jsonl  one line per (method row, sample), appended as batches finish
-    metrics.json       versions, seeds, settings, per-method metrics, wall time and tokens/s
+    metrics.json       versions, seeds, settings, per-method metrics, wall time and tokens/s,
+                       and each row's differences to the baseline with paired bootstrap
+                       intervals (evals/bootstrap.py)
     report.md/.png     the comparison table and plot (evals/report.py)
 
 Resuming: lines already in predictions.jsonl are kept and their samples skipped, so a killed run
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from lvlm_fix.evals.bootstrap import DEFAULT_RESAMPLES, LEVEL, SampleSet, compare_rows
 from lvlm_fix.evals.pool import ModelSpec, WorkUnit, make_pool
 from lvlm_fix.evals.report import MethodRow, write_report
 from lvlm_fix.methods import parse_intervention
@@ -58,6 +61,15 @@ class EvalItem:
     fields: dict[str, Any] = field(default_factory=dict)  # recorded on the prediction line
 
 
+@dataclass(frozen=True)
+class TaskScore:
+    """A method row scored: what metrics.json, the report and the bootstrap need."""
+
+    details: dict[str, Any]  # metrics.json's "metrics" entry of the row
+    metrics: dict[str, float]  # flat MethodRow.metrics
+    samples: list[SampleSet]  # per-sample counts, in task.items order, for the intervals
+
+
 class Task(Protocol):
     """What a benchmark (pope_task.py, chair_task.py) provides to the runner."""
 
@@ -68,7 +80,7 @@ class Task(Protocol):
 
     def record(self, item: EvalItem, answer: str) -> dict[str, Any]: ...
 
-    def score(self, lines: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, float]]: ...
+    def score(self, lines: list[dict[str, Any]]) -> TaskScore: ...
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,7 @@ class RunConfig:
     workers: int = 1
     address: str | None = None
     progress: bool = True
+    bootstrap: int = DEFAULT_RESAMPLES  # resamples per interval; 0 = no intervals
 
 
 def sample_seed(seed: int, key: str) -> int:
@@ -231,7 +244,7 @@ def _check_resumable(store, methods: Sequence[MethodSet]) -> None:
             )
 
 
-def _score_method(task: Task, method: MethodSet, store) -> tuple[dict, dict[str, float]]:
+def _score_method(task: Task, method: MethodSet, store) -> TaskScore:
     lines = store.for_method(method.name)
     by_key = {line["key"]: line for line in lines}
     ordered = [by_key[item.key] for item in task.items if item.key in by_key]
@@ -251,6 +264,8 @@ def run_eval(task: Task, methods: Sequence[MethodSet], config: RunConfig) -> dic
     check_methods(methods)
     if config.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {config.batch_size}")
+    if config.bootstrap < 0:
+        raise ValueError(f"--bootstrap must be >= 0, got {config.bootstrap}")
     if not task.items:
         raise ValueError("no samples to evaluate")
     config.out_dir.mkdir(parents=True, exist_ok=True)
@@ -270,20 +285,43 @@ def run_eval(task: Task, methods: Sequence[MethodSet], config: RunConfig) -> dic
     return _write_outputs(task, methods, config, store, runs, wall_s)
 
 
+def _deltas(scores: dict[str, TaskScore], config: RunConfig) -> dict[str, dict]:
+    """Each row's Deltas against the baseline row (none without one or with --bootstrap 0)."""
+    if BASELINE not in scores or config.bootstrap == 0:
+        return {name: {} for name in scores}
+    base, resamples, seed = scores[BASELINE].samples, config.bootstrap, config.seed
+    return {
+        name: {} if name == BASELINE else compare_rows(base, s.samples, resamples, seed)
+        for name, s in scores.items()
+    }
+
+
 def _write_outputs(task, methods, config, store, runs, wall_s: float) -> dict[str, Any]:
+    scores = {method.name: _score_method(task, method, store) for method in methods}
+    deltas = _deltas(scores, config)
     rows, per_method = [], {}
     for method in methods:
-        details, flat = _score_method(task, method, store)
-        run = runs[method.name]
+        run, score = runs[method.name], scores[method.name]
         per_method[method.name] = {
             "config_id": method.config_id,
             "interventions": method.specs,
-            "metrics": details,
+            "metrics": score.details,
+            "vs_baseline": {
+                key: {**d.model_dump(), "within_noise": d.within_noise}
+                for key, d in deltas[method.name].items()
+            },
             "generated_this_run": run.generated,
             "wall_s": round(run.wall_s, 3),
             "tokens_per_s": round(run.tokens / run.wall_s, 2) if run.wall_s > 0 else None,
         }
-        rows.append(MethodRow(name=method.name, config_hash=method.config_id, metrics=flat))
+        rows.append(
+            MethodRow(
+                name=method.name,
+                config_hash=method.config_id,
+                metrics=score.metrics,
+                deltas=deltas[method.name],
+            )
+        )
     metrics = {
         "benchmark": task.benchmark,
         "model": config.model.path or "bundled",
@@ -300,10 +338,19 @@ def _write_outputs(task, methods, config, store, runs, wall_s: float) -> dict[st
             "workers": config.workers if config.use_ray else 1,
         },
         "n_samples": len(task.items),
+        "bootstrap": {
+            "resamples": config.bootstrap,
+            "seed": config.seed,  # sample set i of a row is resampled with seed + i
+            "level": LEVEL,
+            "paired": True,
+            "unit": "POPE: questions of one split; CHAIR: images",
+            "interval": "percentile",
+        },
         "wall_s": round(wall_s, 3),  # this invocation, model loading included
         "methods": per_method,
     }
     path = config.out_dir / "metrics.json"
     path.write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
-    write_report(rows, config.out_dir, title=f"{task.benchmark.upper()} evaluation")
+    title = f"{task.benchmark.upper()} evaluation"
+    write_report(rows, config.out_dir, title=title, resamples=config.bootstrap)
     return metrics
