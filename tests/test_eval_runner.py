@@ -106,8 +106,20 @@ def test_pope_predictions_and_metrics(pope_run, model_path):
             assert (got["tp"], got["fp"], got["tn"], got["n"]) == (tp, fp, tn, 6)
             assert got["acc"] == pytest.approx((tp + tn) / 6)
             assert got["yes_ratio"] == pytest.approx((tp + fp) / 6)
+    assert metrics["bootstrap"]["resamples"] == 1000 and metrics["bootstrap"]["seed"] == 3
+    assert metrics["methods"]["baseline"]["vs_baseline"] == {}
+    diffs = metrics["methods"]["contrast"]["vs_baseline"]
+    assert set(diffs) == {f"pope/{s}/{k}" for s in ("tiny_pope_random", "tiny_pope_popular")
+                          for k in ("acc", "f1")}  # fmt: skip
+    for key, d in diffs.items():
+        _, split, name = key.split("/")
+        got = metrics["methods"]["contrast"]["metrics"][split][name]
+        base = metrics["methods"]["baseline"]["metrics"][split][name]
+        assert d["diff"] == pytest.approx(got - base) and d["lo"] <= d["diff"] <= d["hi"]
+        assert d["within_noise"] == (d["lo"] <= 0 <= d["hi"])
     report = (pope_run / "report.md").read_text()
     assert "tiny_pope_random" in report and "| contrast |" in report
+    assert "ΔAcc [95% CI]" in report and "paired bootstrap 95% interval" in report
     assert (pope_run / "report.png").stat().st_size > 0
 
 

@@ -149,11 +149,12 @@ def load_lmms_eval(
         if missing:
             raise ValueError(f"{path}: record lacks {sorted(missing)}")
         where = f"{path.name} question_id {record['question_id']}"
+        label = _label(record["answer"], where)  # before any image is written
         question = PopeQuestion(
             question_id=int(record["question_id"]),
             image=_lmms_eval_image(record, where, image_root),
             text=str(record["question"]),
-            label=_label(record["answer"], where),
+            label=label,
         )
         for split in _categories(record.get("category"), split_name(path)):
             _add(splits, split, question)
