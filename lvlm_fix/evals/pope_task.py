@@ -51,8 +51,10 @@ class PopeTask:
     benchmark: str = "pope"
 
     def settings(self) -> dict[str, Any]:
+        # Recorded only when not official, so that earlier run folders stay resumable.
+        protocol = {} if self.pope.protocol == "official" else {"protocol": self.pope.protocol}
         return {
-            "protocol": self.pope.protocol,
+            **protocol,
             "prompt_suffix": self.pope.prompt_suffix,
             "suffix_text": self.pope.suffix_text,
             "parser": self.pope.parser,
