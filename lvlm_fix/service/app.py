@@ -56,7 +56,9 @@ def build_app(
     app.state.serving = serving
     app.router.route_class = _bounded_route(serving.config.max_request_bytes)
     _add_error_handlers(app, serving)
-    _add_auth_middleware(app, serving)  # added first: runs inside the request-id middleware
+    # The last added runs first: request id, then the API key, then faults around the route.
+    _add_fault_middleware(app, serving)
+    _add_auth_middleware(app, serving)
     _add_request_middleware(app, serving, proxy_echoes_request_id)
     _add_routes(app, serving)
     return app
@@ -86,11 +88,20 @@ def _add_error_handlers(app: FastAPI, serving: Serving) -> None:
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
         return _error(serving, ServiceError(error.status_code, str(error.detail)))
 
-    @app.exception_handler(Exception)
-    async def crashed(request: Request, error: Exception) -> JSONResponse:
-        request_id = getattr(request.state, "request_id", None) or new_request_id()
-        log.error("request %s failed", request_id, exc_info=error)
-        return _error(serving, internal_error(request_id))
+
+def _add_fault_middleware(app: FastAPI, serving: Serving) -> None:
+    """A server fault answers "internal error" and the request id; the detail goes to the log.
+    Caught here, inside the request-id middleware, the reply carries X-Request-Id and the
+    connection stays usable (Starlette's last-resort handler re-raises and drops it)."""
+
+    @app.middleware("http")
+    async def contain_faults(request: Request, call_next):
+        try:
+            return await call_next(request)
+        except Exception:
+            request_id = request.state.request_id
+            log.exception("request %s failed", request_id)
+            return _error(serving, internal_error(request_id))
 
 
 def _add_auth_middleware(app: FastAPI, serving: Serving) -> None:

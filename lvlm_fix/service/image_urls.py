@@ -84,7 +84,7 @@ async def _checked_address(host: str, port: int, allowed: bool) -> str:
                 raise FetchRefused(
                     f"the image URL's host {host!r} is not a public address; this server "
                     "fetches images from public addresses only",
-                    "image_url_forbidden",
+                    code="image_url_forbidden",
                 )
     return addresses[0]
 
