@@ -111,8 +111,8 @@ def test_catalogue_routes(http, url):
     assert contrast["schema"]["properties"]["alpha"]["description"].endswith("(0 = off).")
     assert "test_exclusive" not in contrast["composes_with"]
     assert methods["test_exclusive"]["conflicts"] == ["test_text_contrast"]
-    assert httpx.get(f"{url}/docs").status_code == 200
-    paths = httpx.get(f"{url}/openapi.json").json()["paths"]
+    assert http.get("/docs").status_code == 200
+    paths = http.get("/openapi.json").json()["paths"]
     assert {"/v1/chat/completions", "/v1/caption", "/v1/vqa", "/v1/interventions"} <= set(paths)
 
 

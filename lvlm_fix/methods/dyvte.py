@@ -106,7 +106,8 @@ class DyVTE(Intervention):
     )
     # Required: a method that needs trained weights has no defaults that run on any model.
     router: str = Field(
-        description=f"router file, or 'auto' = {ROUTER_FILE} in the model's directory"
+        max_length=4096,
+        description=f"router file, or 'auto' = {ROUTER_FILE} in the model's directory",
     )
 
     def is_neutral(self) -> bool:

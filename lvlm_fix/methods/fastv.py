@@ -93,7 +93,7 @@ class FastV(Intervention):
     # they compose once they read the per-layer layout (`ctx.layout.at_layer(layer)`).
     conflicts: ClassVar[frozenset[str]] = frozenset({"opera", "var"})
 
-    layer: int = Field(2, ge=1, description="K: layers >= K see the pruned image tokens")
+    layer: int = Field(2, ge=1, le=1024, description="K: layers >= K see the pruned image tokens")
     ratio: float = Field(
         0.5,
         ge=0.0,
@@ -101,7 +101,10 @@ class FastV(Intervention):
         description="fraction of image tokens dropped (0 = off); unused if keep",
     )
     keep: int | None = Field(
-        None, ge=0, description="image tokens kept per row (None = use ratio; >= count = off)"
+        None,
+        ge=0,
+        le=1 << 20,
+        description="image tokens kept per row (None = use ratio; >= count = off)",
     )
     score_mode: Literal["last", "mean"] = Field(
         "last", description="'last': last prompt token's row (official code); 'mean': all rows"

@@ -156,17 +156,22 @@ class FlowCut(Intervention):
     budget: int = Field(
         64,
         ge=1,
+        le=1 << 20,
         description="visual tokens given to the LLM: per image (LLaVA-1.5), per sample after "
         "LLM layer llm_layer (LLaVA-NeXT); >= all visual tokens = off",
     )
     crop_budget: int | None = Field(
         None,
         ge=1,
+        le=1 << 20,
         description="LLaVA-NeXT: patches each crop keeps in the vision tower (None = budget // 2;"
         " >= patches per crop = no tower cut)",
     )
     llm_layer: int = Field(
-        1, ge=0, description="LLaVA-NeXT: the LLM layer whose attention scores the visual tokens"
+        1,
+        ge=0,
+        le=1024,
+        description="LLaVA-NeXT: the LLM layer whose attention scores the visual tokens",
     )
     keep_newlines: bool = Field(
         False,

@@ -49,23 +49,45 @@ class Opera(Intervention):
     hooks: ClassVar[frozenset] = frozenset({"search", "attention"})
 
     num_beams: int = Field(5, ge=1, le=16, description="Beams K (1 = a single beam).")
-    candidates: int = Field(5, ge=1, description="Candidates C per beam (vocab size = no cut).")
-    scale: float = Field(50.0, gt=0, description="σ, attention scale in the column products.")
-    penalty: float = Field(1.0, ge=0, description="α, weight of bonus and penalty (0 = off).")
+    candidates: int = Field(
+        5, ge=1, le=1 << 20, description="Candidates C per beam (vocab size = no cut)."
+    )
+    scale: float = Field(
+        50.0, gt=0, le=1e4, description="σ, attention scale in the column products."
+    )
+    penalty: float = Field(
+        1.0, ge=0, le=1e3, description="α, weight of bonus and penalty (0 = off)."
+    )
     threshold: int = Field(
-        15, ge=0, description="r: rollback once a location recurs > r times (≥ max tokens = off)."
+        15,
+        ge=0,
+        le=1 << 20,
+        description="r: rollback once a location recurs > r times (≥ max tokens = off).",
     )
     bonus_tokens: int = Field(
-        10, ge=0, description="First response tokens that get the image bonus (0 = none)."
+        10,
+        ge=0,
+        le=1 << 20,
+        description="First response tokens that get the image bonus (0 = none).",
     )
     min_rollback_loc: int = Field(
-        10, ge=0, description="No rollback to a summary token before this response index."
+        10,
+        ge=0,
+        le=1 << 20,
+        description="No rollback to a summary token before this response index.",
     )
     max_rollbacks_per_position: int | None = Field(
-        None, ge=0, description="β, rollbacks per position (None = candidates, 0 = no rollback)."
+        None,
+        ge=0,
+        le=1 << 20,
+        description="β, rollbacks per position (None = candidates, 0 = no rollback).",
     )
-    eps: float = Field(1e-7, gt=0, description="ε factor of the column score (reference value).")
-    length_penalty: float = Field(1.0, description="Beam score / length**penalty (HF default 1).")
+    eps: float = Field(
+        1e-7, gt=0, le=1.0, description="ε factor of the column score (reference value)."
+    )
+    length_penalty: float = Field(
+        1.0, ge=-10.0, le=10.0, description="Beam score / length**penalty (HF default 1)."
+    )
     early_stopping: bool = Field(False, description="Stop once num_beams hypotheses finished.")
     history: Literal["slot", "lineage"] = Field(
         "slot",

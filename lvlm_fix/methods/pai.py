@@ -28,10 +28,17 @@ class PAI(Intervention):
     name: ClassVar[str] = "pai"
     hooks: ClassVar[frozenset] = frozenset({"attention"})
 
-    alpha: float = Field(0.2, ge=0.0, description="Image score gain s + alpha*|s| (0 = off).")
-    start_layer: int = Field(2, ge=0, description="First edited layer (the paper skips 0 and 1).")
+    alpha: float = Field(
+        0.2, ge=0.0, le=100.0, description="Image score gain s + alpha*|s| (0 = off)."
+    )
+    start_layer: int = Field(
+        2, ge=0, le=1024, description="First edited layer (the paper skips 0 and 1)."
+    )
     end_layer: int | None = Field(
-        None, description="Edited layers end before this; None = the model's depth, < 0 from it."
+        None,
+        ge=-1024,
+        le=1024,
+        description="Edited layers end before this; None = the model's depth, < 0 from it.",
     )
 
     def is_neutral(self) -> bool:

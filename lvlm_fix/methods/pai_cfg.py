@@ -25,7 +25,7 @@ class PAICFG(Intervention):
     hooks: ClassVar[frozenset[HookPoint]] = frozenset({"views"})
 
     gamma: float = Field(
-        1.1, ge=1.0, description="Guidance scale (1 = off; README POPE/CHAIR value 1.1)."
+        1.1, ge=1.0, le=100.0, description="Guidance scale (1 = off; README POPE/CHAIR value 1.1)."
     )
     beta: float = Field(
         0.1,

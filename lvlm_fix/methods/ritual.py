@@ -24,7 +24,7 @@ class RITUAL(Intervention):
     hooks: ClassVar[frozenset[HookPoint]] = frozenset({"views"})
 
     alpha_pos: float = Field(
-        3.0, ge=0.0, description="Weight of the transformed view's logits (0 = off)."
+        3.0, ge=0.0, le=100.0, description="Weight of the transformed view's logits (0 = off)."
     )
     beta: float = Field(
         0.1,

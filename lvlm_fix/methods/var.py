@@ -64,17 +64,24 @@ class VAR(Intervention):
         0.4, ge=0.0, le=1.0, description="Sink mass share moved to the image (1 - p_code; 0 = off)."
     )
     max_sink_share: float = Field(
-        0.5, ge=0.0, description="rho_code: edit a row only if A_Sv/A_V <= this (1 - rho_paper)."
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="rho_code: edit a row only if A_Sv/A_V <= this (1 - rho_paper).",
     )
     min_image_mass: float = Field(
-        0.2, ge=0.0, description="summ: edit a row only if A_V >= this (> 1 = off)."
+        0.2, ge=0.0, le=2.0, description="summ: edit a row only if A_V >= this (> 1 = off)."
     )
-    tau: float = Field(20.0, gt=0.0, description="Sink threshold on max |x_d|/RMS(x) (strict >).")
+    tau: float = Field(
+        20.0, gt=0.0, le=1e6, description="Sink threshold on max |x_d|/RMS(x) (strict >)."
+    )
     skip_last_layer: bool = Field(
         True, description="Leave the last layer alone (paper); False = the released code."
     )
     sink_dims: Literal["auto"] | list[int] = Field(
-        "auto", description="Massive-activation channels, or 'auto' (table, else per request)."
+        "auto",
+        max_length=64,
+        description="Massive-activation channels, or 'auto' (table, else per request).",
     )
 
     @field_validator("sink_dims")

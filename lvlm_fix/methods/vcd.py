@@ -52,7 +52,9 @@ class VCD(Intervention):
     name: ClassVar[str] = "vcd"
     hooks: ClassVar[frozenset[HookPoint]] = frozenset({"views"})
 
-    alpha: float = Field(1.0, ge=0.0, description="Contrast strength alpha_neg (0 = off).")
+    alpha: float = Field(
+        1.0, ge=0.0, le=100.0, description="Contrast strength alpha_neg (0 = off)."
+    )
     beta: float = Field(
         0.1,
         ge=0.0,

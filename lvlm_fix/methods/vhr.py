@@ -41,9 +41,13 @@ class VHR(Intervention):
     name: ClassVar[str] = "vhr"
     hooks: ClassVar[frozenset] = frozenset({"views", "attention"})
 
-    alpha: float = Field(2.0, gt=0.0, description="Output scale of selected heads (1 = off).")
+    alpha: float = Field(
+        2.0, gt=0.0, le=100.0, description="Output scale of selected heads (1 = off)."
+    )
     layers: Literal["auto"] | list[int] = Field(
-        "auto", description="Reinforced layers; 'auto' = [1] + last round(14/32 * L) ([] = off)."
+        "auto",
+        max_length=1024,
+        description="Reinforced layers; 'auto' = [1] + last round(14/32 * L) ([] = off).",
     )
     outlier_filter: bool = Field(
         True, description="Drop heads whose VHD and text-only norm both exceed mean + std."

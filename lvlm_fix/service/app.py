@@ -7,12 +7,15 @@ while the model works.
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import time
-from typing import Annotated
 
-from fastapi import FastAPI, Header, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -21,9 +24,13 @@ from lvlm_fix.lvlm import LVLM
 from lvlm_fix.service import schemas as s
 from lvlm_fix.service.config import ServeConfig
 from lvlm_fix.service.engine import Engine, LocalEngine
-from lvlm_fix.service.serving import ServiceError, Serving, new_request_id
+from lvlm_fix.service.serving import ServiceError, Serving, internal_error, new_request_id
 
-Authorization = Annotated[str | None, Header()]
+log = logging.getLogger(__name__)
+
+ALWAYS_PUBLIC = frozenset({"/health", "/ready"})
+DOCS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+INT64 = 2**63  # JSON integers beyond int64 are refused while parsing
 
 
 def build_app(
@@ -47,7 +54,11 @@ def build_app(
         description="OpenAI-compatible LVLM serving with hallucination interventions.",
     )
     app.state.serving = serving
+    app.router.route_class = _bounded_route(serving.config.max_request_bytes)
     _add_error_handlers(app, serving)
+    # The last added runs first: request id, then the API key, then faults around the route.
+    _add_fault_middleware(app, serving)
+    _add_auth_middleware(app, serving)
     _add_request_middleware(app, serving, proxy_echoes_request_id)
     _add_routes(app, serving)
     return app
@@ -77,11 +88,39 @@ def _add_error_handlers(app: FastAPI, serving: Serving) -> None:
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
         return _error(serving, ServiceError(error.status_code, str(error.detail)))
 
-    @app.exception_handler(Exception)
-    async def crashed(_: Request, error: Exception) -> JSONResponse:
-        return _error(
-            serving, ServiceError(500, f"internal error: {type(error).__name__}: {error}")
-        )
+
+def _add_fault_middleware(app: FastAPI, serving: Serving) -> None:
+    """A server fault answers "internal error" and the request id; the detail goes to the log.
+    Caught here, inside the request-id middleware, the reply carries X-Request-Id and the
+    connection stays usable (Starlette's last-resort handler re-raises and drops it)."""
+
+    @app.middleware("http")
+    async def contain_faults(request: Request, call_next):
+        try:
+            return await call_next(request)
+        except Exception:
+            request_id = request.state.request_id
+            log.exception("request %s failed", request_id)
+            return _error(serving, internal_error(request_id))
+
+
+def _add_auth_middleware(app: FastAPI, serving: Serving) -> None:
+    """The API key is checked before any route reads the body, so an unauthenticated client
+    costs no parsing; /health and /ready stay public, docs and metrics as configured."""
+    public = set(ALWAYS_PUBLIC)
+    if serving.config.public_docs:
+        public |= DOCS
+    if serving.config.public_metrics:
+        public.add("/metrics")
+
+    @app.middleware("http")
+    async def require_api_key(request: Request, call_next):
+        if request.url.path not in public:
+            try:
+                serving.check_auth(request.headers.get("authorization"))
+            except ServiceError as error:
+                return _error(serving, error)
+        return await call_next(request)
 
 
 def _add_request_middleware(app: FastAPI, serving: Serving, proxy_echoes: bool) -> None:
@@ -108,13 +147,11 @@ def _add_routes(app: FastAPI, serving: Serving) -> None:
         return Response(serving.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models", response_model=s.ModelList)
-    async def models(authorization: Authorization = None) -> s.ModelList:
-        serving.check_auth(authorization)
+    async def models() -> s.ModelList:
         return serving.models()
 
     @app.get("/v1/interventions")
-    async def interventions(authorization: Authorization = None) -> dict:
-        serving.check_auth(authorization)
+    async def interventions() -> dict:
         return serving.interventions()
 
     @app.post(
@@ -122,11 +159,8 @@ def _add_routes(app: FastAPI, serving: Serving) -> None:
         response_model=s.ChatCompletionResponse,
         responses={400: {"model": s.ErrorResponse}, 422: {"model": s.ErrorResponse}},
     )
-    async def chat(
-        body: s.ChatCompletionRequest, request: Request, authorization: Authorization = None
-    ):
-        serving.check_auth(authorization)
-        job = serving.chat_job(body)
+    async def chat(body: s.ChatCompletionRequest, request: Request):
+        job = await serving.chat_job(body)
         request_id = request.state.request_id
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -134,25 +168,24 @@ def _add_routes(app: FastAPI, serving: Serving) -> None:
             return StreamingResponse(events, media_type="text/event-stream")
         return await serving.chat(job, request_id)
 
-    async def task(kind: str, request: Request, schema: type[s.GenerationFields], authorization):
-        serving.check_auth(authorization)
+    async def task(kind: str, request: Request, schema: type[s.GenerationFields]):
         body, upload = await _read_task_body(request)
         try:
             parsed = schema.model_validate(body)
         except ValidationError as error:
             raise ServiceError(422, s.first_error(error), None, "validation_error") from None
-        job = serving.task_job(parsed, upload)
+        job = await serving.task_job(parsed, upload)
         return await serving.task(kind, job, request.state.request_id)
 
     @app.post(
         "/v1/caption", response_model=s.TaskResponse, openapi_extra=_task_openapi(s.CaptionRequest)
     )
-    async def caption(request: Request, authorization: Authorization = None) -> s.TaskResponse:
-        return await task("caption", request, s.CaptionRequest, authorization)
+    async def caption(request: Request) -> s.TaskResponse:
+        return await task("caption", request, s.CaptionRequest)
 
     @app.post("/v1/vqa", response_model=s.TaskResponse, openapi_extra=_task_openapi(s.VQARequest))
-    async def vqa(request: Request, authorization: Authorization = None) -> s.TaskResponse:
-        return await task("vqa", request, s.VQARequest, authorization)
+    async def vqa(request: Request) -> s.TaskResponse:
+        return await task("vqa", request, s.VQARequest)
 
 
 async def _read_task_body(request: Request) -> tuple[dict, bytes | None]:
@@ -173,24 +206,90 @@ async def _read_task_body(request: Request) -> tuple[dict, bytes | None]:
             else:
                 body[key] = value
         return body, upload
-    try:
-        body = await request.json()
-    except ValueError:
-        raise ServiceError(
-            400, "request body is not valid JSON (or use multipart/form-data)"
-        ) from None
+    body = await request.json()
     if not isinstance(body, dict):
         raise ServiceError(400, "request body must be a JSON object")
     return body, None
 
 
 def _json_field(key: str, value: str):
-    import json
+    return strict_json(value.encode(), f"form field {key!r}")
+
+
+def strict_json(data: bytes, what: str = "request body"):
+    """JSON as a client may send it: no NaN or Infinity (not JSON, and poison for every
+    bound), no overflowing floats, integers within int64, nesting within Python's stack."""
+
+    def refuse(problem: str):
+        raise ServiceError(400, f"{what} is not valid JSON: {problem}", code="invalid_json")
+
+    def finite(text: str) -> float:
+        value = float(text)
+        return value if math.isfinite(value) else refuse(f"number {text[:20]} overflows")
+
+    def bounded(text: str) -> int:
+        value = int(text) if len(text) <= 20 else INT64  # long digit strings: out of range
+        return value if -INT64 <= value < INT64 else refuse(f"integer {text[:20]}... too large")
 
     try:
-        return json.loads(value)
-    except ValueError:
-        raise ServiceError(400, f"form field {key!r} is not valid JSON", key) from None
+        return json.loads(
+            data,
+            parse_constant=lambda name: refuse(f"{name} is not a JSON value"),
+            parse_float=finite,
+            parse_int=bounded,
+        )
+    except RecursionError:
+        refuse("nested too deeply")
+    except ValueError as error:
+        refuse(str(error).split(":")[0])
+
+
+def _bounded_route(max_bytes: int) -> type[APIRoute]:
+    """Routes whose request body is read within `max_bytes` and parsed as strict JSON before
+    FastAPI sees it (FastAPI's own parser accepts NaN and turns parse failures into a bare 400;
+    its body limit answers 413 in plain text, even before the API key is checked)."""
+
+    class BoundedRequest(Request):
+        async def body(self) -> bytes:
+            if not hasattr(self, "_body"):
+                chunks, size = [], 0
+                async for chunk in self.stream():
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise ServiceError(
+                            413,
+                            f"request body exceeds {max_bytes} bytes",
+                            code="request_too_large",
+                        )
+                    chunks.append(chunk)
+                self._body = b"".join(chunks)
+            return self._body
+
+        async def json(self):
+            if not hasattr(self, "_json"):
+                self._json = strict_json(await self.body())
+            return self._json
+
+    class BoundedRoute(APIRoute):
+        def get_route_handler(self):
+            handler = super().get_route_handler()
+
+            async def bounded(request: Request) -> Response:
+                request = BoundedRequest(request.scope, request.receive)
+                if _is_json(request) and await request.body():
+                    await request.json()  # errors leave here as ServiceErrors, not FastAPI's 400
+                return await handler(request)
+
+            return bounded
+
+    return BoundedRoute
+
+
+def _is_json(request: Request) -> bool:
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return request.method in ("POST", "PUT", "PATCH") and (
+        kind in ("", "application/json") or kind.endswith("+json")
+    )
 
 
 def _task_openapi(schema: type) -> dict:

@@ -3,15 +3,14 @@
 Our one addition to OpenAI's request is `interventions` (marked "not in OpenAI spec"); responses
 add `token_ids` per choice and report the plan's config id as `system_fingerprint`. A request
 converts itself into `GenerationParams` and one `Sample` per choice (like vLLM's
-`to_sampling_params`); image decoding is injected so the schemas stay free of I/O.
+`to_sampling_params`); images arrive decoded, so the schemas stay free of I/O.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -21,7 +20,6 @@ from lvlm_fix.params import GenerationParams
 from lvlm_fix.service.config import ServeConfig
 
 CAPTION_PROMPT = "Please describe this image in detail."
-ImageLoader = Callable[[str], Image.Image]  # url (data: or http(s):) or bare base64 -> image
 
 
 class RequestError(ValueError):
@@ -88,7 +86,9 @@ class GenerationFields(_Wire):
         None, ge=0, le=2, description="0 or unset = greedy (deterministic); > 0 = sampling."
     )
     top_p: float | None = Field(None, gt=0, le=1, description="Nucleus mass (unset or 1 = off).")
-    seed: int | None = Field(None, ge=0, description="Sampling seed (unset = random).")
+    seed: int | None = Field(
+        None, ge=0, le=2**63 - 1, description="Sampling seed (unset = random)."
+    )
     stop: str | list[str] | None = Field(None, description="Up to 4 stop strings.")
     interventions: list[InterventionSpec] | None = Field(
         None,
@@ -122,11 +122,6 @@ class GenerationFields(_Wire):
             )
         except ValidationError as error:
             raise RequestError(first_error(error), "stop") from None
-
-    def intervention_specs(self, config: ServeConfig) -> list[dict[str, Any]]:
-        if self.interventions is None:
-            return [dict(spec) for spec in config.default_interventions]
-        return [spec.model_dump() for spec in self.interventions]
 
 
 class ChatCompletionRequest(GenerationFields):
@@ -181,14 +176,13 @@ class ChatCompletionRequest(GenerationFields):
                     urls.append(part.image_url.url)
         return "\n".join(texts), urls
 
-    def to_samples(self, load: ImageLoader, params: GenerationParams) -> list[Sample]:
+    def to_samples(self, images: tuple[Image.Image, ...], params: GenerationParams) -> list[Sample]:
         """One Sample per choice; choices get consecutive seeds so sampled choices differ.
 
         One choice without a seed keeps seed None, exactly like `LVLM.generate` (views then use
         their fixed default randomness and sampling is nondeterministic).
         """
-        text, urls = self.prompt()
-        images = tuple(load(url) for url in urls)
+        text, _ = self.prompt()
         if params.seed is None and self.n == 1:
             return [Sample(text, images)]
         base = params.seed if params.seed is not None else secrets.randbelow(2**31)

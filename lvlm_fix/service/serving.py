@@ -7,26 +7,38 @@ request never reaches, let alone kills, a model replica.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import hmac
 import io
+import itertools
 import json
+import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from functools import cached_property
+from pathlib import Path
 
-import httpx
 from PIL import Image, UnidentifiedImageError
+from transformers import AutoConfig
 
 from lvlm_fix.decoding import Sample
 from lvlm_fix.lvlm import Generation
 from lvlm_fix.methods import REGISTRY
+from lvlm_fix.methods.dyvte import ROUTER_FILE
+from lvlm_fix.model import FAMILIES, ModelInfo, render_prompt
 from lvlm_fix.params import GenerationParams
 from lvlm_fix.plan import compile_plan
+from lvlm_fix.service import image_urls
 from lvlm_fix.service import schemas as s
 from lvlm_fix.service.config import ServeConfig
 from lvlm_fix.service.engine import Engine, Job
 from lvlm_fix.service.metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 
 class ServiceError(Exception):
@@ -53,25 +65,78 @@ def new_request_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
+def internal_error(request_id: str) -> ServiceError:
+    """What a client sees of a server fault: no exception text, paths, pids or actor ids (the
+    caller logs the detail under the same request id)."""
+    return ServiceError(500, f"internal error (request id {request_id})", code="internal_error")
+
+
+class PromptCounter:
+    """Counts a prompt's tokens as the model will see them: chat template, text, and each
+    image's expansion (which depends on its size for anyres models), without running the
+    image processor. It owns its processor: a fast tokenizer shared with a generating thread
+    can fail with "Already borrowed"."""
+
+    def __init__(self, processor, context: int):
+        self.processor, self.context = processor, context
+        self._lock = threading.Lock()  # the same reason, between concurrent requests
+
+    @classmethod
+    def load(cls, info: ModelInfo) -> PromptCounter:
+        if not info.path:
+            raise ValueError("the service needs the model's checkpoint path (LVLM.from_pretrained)")
+        processor = FAMILIES[info.family].processor_class.from_pretrained(info.path)
+        text_config = AutoConfig.from_pretrained(info.path).text_config
+        return cls(processor, text_config.max_position_embeddings)
+
+    def count(self, text: str, images: tuple[Image.Image, ...]) -> int:
+        prompt = render_prompt(self.processor, text, len(images))
+        sizes = [(image.height, image.width) for image in images]
+        with self._lock:
+            tokens = len(self.processor.tokenizer(prompt)["input_ids"])
+            if not images:
+                return tokens
+            expanded = self.processor._get_num_multimodal_tokens(image_sizes=sizes)
+        # Each image's one placeholder token becomes its feature tokens.
+        return tokens + sum(n - 1 for n in expanded["num_image_tokens"])
+
+
 class Serving:
     def __init__(self, engine: Engine, config: ServeConfig, metrics: Metrics | None = None):
         self.engine, self.config = engine, config
         self.metrics = metrics or Metrics()
+        self.api_key = config.resolved_api_key()
+        self.prompt_counter = PromptCounter.load(engine.info)
+        self.routers = self._check_routers()
         # Fail at startup, not on the first request, if the defaults are wrong.
         compile_plan(list(config.default_interventions), engine.info, GenerationParams())
+
+    def _check_routers(self) -> dict[str, str]:
+        """DyVTE routers requests may name (name -> file), each loaded once here so a bad file
+        fails at startup. Requests never name a file: the server opens only these."""
+        routers = dict(self.config.dyvte_routers)
+        if "auto" in routers:
+            raise ValueError("dyvte_routers: 'auto' is reserved for the router next to the model")
+        beside_model = Path(self.engine.info.path or ".") / ROUTER_FILE
+        if self.engine.info.path and beside_model.is_file():
+            routers["auto"] = str(beside_model)
+        for path in routers.values():
+            compile_plan([{"name": "dyvte", "router": path}], self.engine.info, GenerationParams())
+        return routers
 
     # ---- validation --------------------------------------------------------------------------
 
     def check_auth(self, authorization: str | None) -> None:
-        if self.config.api_key is None:
+        if self.api_key is None:
             return
-        if authorization != f"Bearer {self.config.api_key}":
+        expected = f"Bearer {self.api_key}".encode()
+        if not hmac.compare_digest((authorization or "").encode(), expected):
             raise ServiceError(
                 401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key"
             )
 
     def decode_image(self, data: bytes) -> Image.Image:
-        """Bytes -> RGB image, refusing oversize files and pixel counts before decoding them."""
+        """Bytes -> RGB image, refusing oversize files and shapes before decoding the pixels."""
         if len(data) > self.config.max_image_bytes:
             raise ServiceError(
                 413,
@@ -89,7 +154,17 @@ class Serving:
             raise ServiceError(
                 400, "the image data is not an image PIL can read", "image", "invalid_image"
             ) from None
-        width, height = image.size
+        self._check_shape(*image.size)
+        try:
+            return image.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError):
+            raise ServiceError(
+                400, "the image data is truncated or corrupt", "image", "invalid_image"
+            ) from None
+
+    def _check_shape(self, width: int, height: int) -> None:
+        """Pixel count and aspect ratio from the header: the processor's resize scales the
+        short side up to the tower's size, so a thin image costs ratio x that many pixels."""
         if width * height > self.config.max_image_pixels:
             raise ServiceError(
                 413,
@@ -98,15 +173,19 @@ class Serving:
                 "image",
                 "image_too_large",
             )
-        try:
-            return image.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError):
+        limit = self.config.max_image_aspect_ratio
+        if max(width, height) > limit * min(width, height):
             raise ServiceError(
-                400, "the image data is truncated or corrupt", "image", "invalid_image"
-            ) from None
+                400,
+                f"image is {width}x{height} pixels; its long side may be at most {limit:g} "
+                "times its short side",
+                "image",
+                "invalid_image_shape",
+            )
 
-    def load_image_url(self, url: str) -> Image.Image:
-        """data: URL, bare base64, or (when the server allows it) an http(s) URL."""
+    async def load_image(self, url: str) -> Image.Image:
+        """data: URL, bare base64, or (when the server allows it) an http(s) URL. Decoding and
+        fetching run off the event loop."""
         if url.startswith(("http://", "https://")):
             if not self.config.allow_image_urls:
                 raise ServiceError(
@@ -115,7 +194,11 @@ class Serving:
                     "image_url",
                     "image_url_disabled",
                 )
-            return self.decode_image(self._fetch(url))
+            try:
+                data = await image_urls.fetch(url, self.config)
+            except image_urls.FetchRefused as error:
+                raise ServiceError(error.status, error.message, "image_url", error.code) from None
+            return await asyncio.to_thread(self.decode_image, data)
         payload = url
         if url.startswith("data:"):
             header, comma, payload = url.partition(",")
@@ -130,28 +213,14 @@ class Serving:
                 "image",
                 "image_too_large",
             )
+        return await asyncio.to_thread(self._decode_base64, payload)
+
+    def _decode_base64(self, payload: str) -> Image.Image:
         try:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise ServiceError(400, "image is not valid base64", "image", "invalid_image") from None
         return self.decode_image(data)
-
-    def _fetch(self, url: str) -> bytes:
-        limit = self.config.max_image_bytes
-        try:
-            timeout = self.config.image_url_timeout_s
-            with httpx.stream("GET", url, timeout=timeout, follow_redirects=True) as response:
-                response.raise_for_status()
-                data = b""
-                for chunk in response.iter_bytes():
-                    data += chunk
-                    if len(data) > limit:
-                        raise ServiceError(
-                            413, f"image at {url} exceeds {limit} bytes", "image_url"
-                        )
-                return data
-        except httpx.HTTPError as error:
-            raise ServiceError(400, f"could not fetch {url}: {error}", "image_url") from None
 
     def _check_prompt(self, text: str, n_images: int) -> None:
         if len(text) > self.config.max_prompt_chars:
@@ -165,6 +234,44 @@ class Serving:
             raise ServiceError(
                 400, f"{n_images} images given; the limit is {self.config.max_images}", "messages"
             )
+
+    async def _check_context(
+        self, text: str, images: tuple[Image.Image, ...], max_tokens: int
+    ) -> None:
+        """Prompt tokens (chat template and image tokens included) + max_tokens must fit the
+        model's positions; past them a model answers garbage. Tokenizing runs off the loop."""
+        prompt = await asyncio.to_thread(self.prompt_counter.count, text, images)
+        context = self.prompt_counter.context
+        if prompt + max_tokens > context:
+            raise ServiceError(
+                400,
+                f"This model's maximum context length is {context} tokens. However, you "
+                f"requested {prompt + max_tokens} tokens ({prompt} in the messages, {max_tokens} "
+                "in the completion). Please reduce the length of the messages or completion.",
+                "messages",
+                "context_length_exceeded",
+            )
+
+    def _specs(self, request: s.GenerationFields) -> list[dict]:
+        """The request's interventions, or the server's defaults when it gives none."""
+        if request.interventions is None:
+            return [dict(spec) for spec in self.config.default_interventions]
+        return [self._server_side(spec.model_dump()) for spec in request.interventions]
+
+    def _server_side(self, spec: dict) -> dict:
+        """A client names a DyVTE router; only the server knows (and opens) its file. The
+        answer never depends on what exists on the server's disk."""
+        if spec.get("name") != "dyvte" or "router" not in spec:
+            return spec
+        name = spec["router"]
+        if not isinstance(name, str) or name not in self.routers:
+            raise ServiceError(
+                400,
+                f"dyvte.router must be one of this server's routers: {sorted(self.routers)}",
+                "interventions",
+                "invalid_intervention",
+            )
+        return {**spec, "router": self.routers[name]}
 
     def make_job(
         self, samples: list[Sample], specs: list[dict], params: GenerationParams, stream: bool
@@ -188,7 +295,7 @@ class Serving:
                     self.metrics.extra_forwards.labels(intervention.name).inc(views * len(samples))
         return Job(tuple(samples), tuple(specs), params, plan.config_id)
 
-    def chat_job(self, request: s.ChatCompletionRequest) -> Job:
+    async def chat_job(self, request: s.ChatCompletionRequest) -> Job:
         try:
             if request.n > self.config.max_n:
                 raise s.RequestError(f"n={request.n} exceeds the limit of {self.config.max_n}", "n")
@@ -197,14 +304,15 @@ class Serving:
             text, urls = request.prompt()
             self._check_prompt(text, len(urls))
             params = request.to_params(self.config, request.max_new_tokens())
-            samples = request.to_samples(self.load_image_url, params)
-            return self.make_job(
-                samples, request.intervention_specs(self.config), params, request.stream
-            )
         except s.RequestError as error:
             raise ServiceError(error.status, str(error), error.param) from None
+        specs = self._specs(request)
+        images = tuple([await self.load_image(url) for url in urls])
+        await self._check_context(text, images, params.max_new_tokens)
+        samples = request.to_samples(images, params)
+        return self.make_job(samples, specs, params, request.stream)
 
-    def task_job(self, request: s.CaptionRequest | s.VQARequest, upload: bytes | None) -> Job:
+    async def task_job(self, request: s.CaptionRequest | s.VQARequest, upload: bytes | None) -> Job:
         if (upload is None) == (request.image is None):
             raise ServiceError(
                 400, "give exactly one image: a file part or a base64 `image`", "image"
@@ -214,11 +322,14 @@ class Serving:
             params = request.to_params(self.config)
         except s.RequestError as error:
             raise ServiceError(error.status, str(error), error.param) from None
-        image = (
-            self.decode_image(upload) if upload is not None else self.load_image_url(request.image)
-        )
+        specs = self._specs(request)
+        if upload is not None:
+            image = await asyncio.to_thread(self.decode_image, upload)
+        else:
+            image = await self.load_image(request.image)
+        await self._check_context(request.text(), (image,), params.max_new_tokens)
         sample = Sample(request.text(), (image,), params.seed)
-        return self.make_job([sample], request.intervention_specs(self.config), params, False)
+        return self.make_job([sample], specs, params, False)
 
     # ---- generation --------------------------------------------------------------------------
 
@@ -304,8 +415,11 @@ class Serving:
                 if include_usage:
                     yield chunk(None, usage=_usage([item]))
         except Exception as error:  # headers are sent: report in-band, as OpenAI does
-            bad = isinstance(error, ValueError | TypeError)
-            failure = _refused(error) if bad else ServiceError(500, f"generation failed: {error}")
+            if isinstance(error, ValueError | TypeError):
+                failure = _refused(error)
+            else:
+                log.exception("request %s: streamed generation failed", request_id)
+                failure = internal_error(request_id)
             self.metrics.errors.labels(str(failure.status)).inc()
             yield f"data: {json.dumps(failure.body())}\n\n"
         finally:
@@ -319,26 +433,17 @@ class Serving:
 
     def interventions(self) -> dict:
         """Every registered method: JSON schema, defaults, hooks, and what it composes with."""
-        names = sorted(REGISTRY)
         out = []
-        for name in names:
+        for name in sorted(REGISTRY):
             cls = REGISTRY[name]
-            try:
-                defaults = cls().spec()
-            except ValueError:  # a method whose every field is required
-                defaults = None
             out.append(
                 {
                     "name": name,
                     "hooks": sorted(cls.hooks),
                     "schema": cls.model_json_schema(),
-                    "defaults": defaults,
+                    "defaults": _defaults(cls),
                     "conflicts": sorted(cls.conflicts),
-                    "composes_with": [
-                        other
-                        for other in names
-                        if other != name and _composable(cls, REGISTRY[other])
-                    ],
+                    "composes_with": self._compositions.get(name),
                 }
             )
         return {
@@ -347,17 +452,45 @@ class Serving:
             "default_interventions": list(self.config.default_interventions),
         }
 
+    def _example_specs(self) -> dict[str, dict]:
+        """A spec per method that compiles on this server: its defaults, or for DyVTE (whose
+        router is required) the first registered router. Methods without one are left out."""
+        specs = {name: _defaults(cls) for name, cls in REGISTRY.items()}
+        if self.routers:
+            specs["dyvte"] = {"name": "dyvte", "router": next(iter(self.routers.values()))}
+        return {name: spec for name, spec in specs.items() if spec is not None}
+
+    @cached_property
+    def _compositions(self) -> dict[str, list[str]]:
+        """name -> the methods it compiles with (both at default strength) on this model, found
+        by compiling each pair, so the catalogue never claims what compile refuses. A method
+        with no spec that compiles here (DyVTE without a router) gets None: unknown."""
+        specs = self._example_specs()
+        info, params = self.engine.info, GenerationParams()
+        compiles = {}
+        for a, b in itertools.combinations(sorted(specs), 2):
+            try:
+                compile_plan([specs[a], specs[b]], info, params)
+                compiles[a, b] = True
+            except ValueError:
+                compiles[a, b] = False
+        return {
+            name: [other for other in sorted(specs) if compiles.get(tuple(sorted((name, other))))]
+            for name in specs
+        }
+
+
+def _defaults(cls) -> dict | None:
+    try:
+        return cls().spec()
+    except ValueError:  # a method with a required field
+        return None
+
 
 def _refused(error: Exception) -> ServiceError:
     """A ValueError/TypeError from decoding (e.g. a combination only found out at run time)."""
     cause = getattr(error, "cause", None) or error  # Ray wraps a replica's exception
     return ServiceError(400, f"cannot run this request: {cause}", "interventions", "refused")
-
-
-def _composable(a, b) -> bool:
-    if b.name in a.conflicts or a.name in b.conflicts:
-        return False
-    return not ("search" in a.hooks and "search" in b.hooks)  # one search strategy per plan
 
 
 def _usage(outputs: list[Generation]) -> s.Usage:
