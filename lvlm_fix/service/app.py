@@ -55,7 +55,7 @@ def build_app(
 
 def _error(serving: Serving, error: ServiceError) -> JSONResponse:
     serving.metrics.errors.labels(str(error.status)).inc()
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 def _add_error_handlers(app: FastAPI, serving: Serving) -> None:

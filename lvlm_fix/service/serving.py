@@ -33,10 +33,16 @@ class ServiceError(Exception):
     """An error answered with OpenAI's error object."""
 
     def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,  # e.g. Retry-After on a 503
     ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
 
     @property
     def type(self) -> str:
@@ -304,8 +310,12 @@ class Serving:
                 if include_usage:
                     yield chunk(None, usage=_usage([item]))
         except Exception as error:  # headers are sent: report in-band, as OpenAI does
-            bad = isinstance(error, ValueError | TypeError)
-            failure = _refused(error) if bad else ServiceError(500, f"generation failed: {error}")
+            if isinstance(error, ServiceError):  # the engine's own answer, e.g. 503
+                failure = error
+            elif isinstance(error, ValueError | TypeError):
+                failure = _refused(error)
+            else:
+                failure = ServiceError(500, f"generation failed: {error}")
             self.metrics.errors.labels(str(failure.status)).inc()
             yield f"data: {json.dumps(failure.body())}\n\n"
         finally:
