@@ -101,7 +101,16 @@ def _add_request_middleware(app: FastAPI, serving: Serving, proxy_echoes: bool) 
 def _add_routes(app: FastAPI, serving: Serving) -> None:
     @app.get("/health")
     async def health() -> dict:
+        """Liveness: answers while the process is up, never touching the model."""
         return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """Readiness: 200 while a model can take requests, 503 while none can (e.g. its Ray
+        replicas are starting, or died and are being restarted)."""
+        if await serving.engine.ready():
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "unavailable"}, status_code=503)
 
     @app.get("/metrics")
     async def metrics() -> Response:
