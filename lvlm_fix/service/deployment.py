@@ -33,6 +33,7 @@ from lvlm_fix.service.config import ServeConfig
 from lvlm_fix.service.engine import EngineResult, Job, run_grouped, stream_job
 from lvlm_fix.service.serving import ServiceError
 
+HEALTH_CHECK_PERIOD_S = 2.0
 RETRY_AFTER_S = 5  # a dead replica's restart: the controller notices, then loads the model
 
 
@@ -178,6 +179,8 @@ def build(args: AppArgs | dict) -> serve.Application:
         "user_config": args.batch.model_dump(),
         # Let the batcher see a full batch's worth of requests at once.
         "max_ongoing_requests": max(args.batch.max_batch_size * 2, 8),
+        # A dead replica is noticed (/ready says 503) and replaced within seconds, not Serve's 10.
+        "health_check_period_s": HEALTH_CHECK_PERIOD_S,
     }
     if args.autoscaling is not None:
         options["autoscaling_config"] = args.autoscaling
