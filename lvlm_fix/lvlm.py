@@ -7,6 +7,7 @@ lvlm = LVLM.from_pretrained()                      # the bundled gym model
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -119,11 +120,14 @@ class LVLM:
         sample: Sample | tuple[str, Image.Image | None],
         interventions: Sequence[InterventionSpec] = (),
         params: GenerationParams | None = None,
+        *,
+        cancel: threading.Event | None = None,
     ) -> Iterator[str | Generation]:
         """Yield text pieces of one sample as they are generated, then its final `Generation`.
 
         The pieces concatenate to the final text. Greedy or sampling only: beams are decided
-        at the end.
+        at the end. Setting `cancel` (from any thread) ends decoding after the current step,
+        with no final `Generation`: steps that yield no text would not reach a `close()`.
         """
         params = params or GenerationParams()
         if params.num_beams > 1:
@@ -132,6 +136,8 @@ class LVLM:
         skip = {tokenizer.eos_token_id, tokenizer.pad_token_id}
         sent, ids = "", []
         for event, plan in self._run([sample], interventions, params):
+            if cancel is not None and cancel.is_set():
+                return  # leaving the loop closes `_run`, and with it the decode loop
             if event.result is not None:
                 [final] = self._finish(event, plan, params)
                 if final.text.startswith(sent) and len(final.text) > len(sent):

@@ -329,3 +329,50 @@ def test_serve_settings_merge_yaml_and_flags(tmp_path):
     bad = parser.parse_args(["--intervention", "no_such"])
     with pytest.raises(ValueError, match="unknown intervention 'no_such'"):
         _settings(bad)
+
+
+class StepCounter(Intervention):
+    """Counts the model's forwards (one per decode step) at decoder layer 0's input."""
+
+    name: ClassVar[str] = "test_step_counter"
+    hooks: ClassVar[frozenset] = frozenset({"layer_input"})
+    forwards: ClassVar[list[int]] = [0]
+
+    def contribute(self, model) -> Contribution:
+        def count(layer, hidden, ctx) -> None:
+            if layer == 0:
+                StepCounter.forwards[0] += 1
+
+        return Contribution(layer_input=count)
+
+
+LONG_STREAM_SEED = 0  # sampled at temperature 2, this request runs to max_tokens (no EOS)
+
+
+def test_abandoned_stream_stops_decoding(http, monkeypatch):
+    monkeypatch.setitem(REGISTRY, StepCounter.name, StepCounter)
+    body = chat_body(
+        image=png(),
+        stream=True,
+        max_tokens=64,
+        temperature=2,
+        seed=LONG_STREAM_SEED,
+        interventions=[{"name": StepCounter.name}],
+    )
+    with http.stream("POST", "/v1/chat/completions", json=body) as reply:
+        lines = (line for line in reply.iter_lines() if line)
+        next(lines)  # the role chunk
+        next(lines)  # the first piece of text: decoding is under way
+        at_close = StepCounter.forwards[0]
+    # The client is gone: the stream's worker stops at its next step, and the next request
+    # has the model to itself at once.
+    start = time.perf_counter()
+    assert http.post("/v1/chat/completions", json=chat_body(max_tokens=4)).status_code == 200
+    assert time.perf_counter() - start < 2.0
+    time.sleep(0.3)
+    assert StepCounter.forwards[0] - at_close <= 2, "the abandoned stream kept decoding"
+
+
+def test_ready_once_the_model_is_loaded(url):
+    reply = httpx.get(f"{url}/ready")
+    assert reply.status_code == 200 and reply.json() == {"status": "ready"}

@@ -8,10 +8,12 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when ray
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import io  # noqa: E402
+import time  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
 import httpx  # noqa: E402
 import openai  # noqa: E402
+import psutil  # noqa: E402
 import pytest  # noqa: E402
 import ray  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -29,7 +31,7 @@ SERVICE = ServeConfig(
     max_image_bytes=50_000,
     max_image_pixels=256 * 256,
     max_prompt_chars=2000,
-    max_tokens_limit=64,
+    max_tokens_limit=600,
     max_n=4,
 )
 
@@ -157,3 +159,66 @@ def test_reconfigure_batch_size(http, tiny_path):
     after = metric_samples(http.get("/metrics").text, "lvlm_batch_size")
     added = after["_count"] - before.get("_count", 0)
     assert added == 6 and after["_sum"] - before.get("_sum", 0) == added  # every batch had 1
+
+
+# Sampled at temperature 2, this request runs to max_tokens=600 (no EOS): seconds of decoding.
+LONG = {"image": png(), "max_tokens": 600, "temperature": 2, "seed": 5}
+
+
+def _model_replica() -> tuple[object, object]:
+    """(actor handle, psutil process) of the one ModelServer replica."""
+    [name] = [
+        actor["name"]
+        for actor in ray.util.list_named_actors(all_namespaces=True)
+        if "ModelServer" in actor["name"]
+    ]
+    [process] = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "lvlm-fix:ModelServer" in " ".join(p.info["cmdline"] or ())
+    ]
+    return ray.get_actor(name, namespace="serve"), process
+
+
+def _busy_cpu_seconds(process, seconds: float) -> float:
+    before = sum(process.cpu_times()[:2])
+    time.sleep(seconds)
+    return sum(process.cpu_times()[:2]) - before
+
+
+def test_abandoned_stream_stops_decoding(http):
+    _, replica = _model_replica()
+    body = chat_body(stream=True, **LONG)
+    with http.stream("POST", "/v1/chat/completions", json=body) as reply:
+        lines = (line for line in reply.iter_lines() if line)
+        next(lines)  # the role chunk
+        next(lines)  # the first piece of text: the replica is decoding
+        decoding = _busy_cpu_seconds(replica, 0.3)
+    time.sleep(0.4)  # Serve cancels the request in the ingress, then in the replica
+    after = _busy_cpu_seconds(replica, 0.8)
+    assert after < 0.15 < decoding, (decoding, after)  # the replica went idle
+    start = time.perf_counter()
+    assert http.post("/v1/chat/completions", json=chat_body()).status_code == 200
+    assert time.perf_counter() - start < 2.0
+
+
+def test_dead_replica_gives_503_and_ready_follows(http):
+    assert http.get("/ready").status_code == 200
+    actor, _ = _model_replica()
+    with ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(http.post, "/v1/chat/completions", json=chat_body(**LONG))
+        time.sleep(1.0)
+        ray.kill(actor)
+        reply = in_flight.result(timeout=60)
+    assert reply.status_code == 503, reply.text
+    assert reply.headers["retry-after"].isdigit()
+    error = reply.json()["error"]
+    assert error["type"] == "server_error" and "retry" in error["message"]
+    assert "Actor" not in error["message"] and "Traceback" not in reply.text
+    states = []  # /ready's answers: 503 once the controller saw the death, until a new replica
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (503 in states and states[-1] == 200):
+        states.append(http.get("/ready").status_code)
+        time.sleep(0.2)
+    assert 503 in states and states[-1] == 200, states
+    assert http.post("/v1/chat/completions", json=chat_body()).status_code == 200

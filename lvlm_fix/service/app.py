@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
+import lvlm_fix
 from lvlm_fix.lvlm import LVLM
 from lvlm_fix.service import schemas as s
 from lvlm_fix.service.config import ServeConfig
@@ -50,7 +51,7 @@ def build_app(
     serving = engine if isinstance(engine, Serving) else Serving(engine, config)
     app = FastAPI(
         title="lvlm-fix",
-        version="0.1.0",
+        version=lvlm_fix.__version__,
         description="OpenAI-compatible LVLM serving with hallucination interventions.",
     )
     app.state.serving = serving
@@ -66,7 +67,7 @@ def build_app(
 
 def _error(serving: Serving, error: ServiceError) -> JSONResponse:
     serving.metrics.errors.labels(str(error.status)).inc()
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 def _add_error_handlers(app: FastAPI, serving: Serving) -> None:
@@ -140,7 +141,16 @@ def _add_request_middleware(app: FastAPI, serving: Serving, proxy_echoes: bool) 
 def _add_routes(app: FastAPI, serving: Serving) -> None:
     @app.get("/health")
     async def health() -> dict:
+        """Liveness: answers while the process is up, never touching the model."""
         return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """Readiness: 200 while a model can take requests, 503 while none can (e.g. its Ray
+        replicas are starting, or died and are being restarted)."""
+        if await serving.engine.ready():
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "unavailable"}, status_code=503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -1,7 +1,8 @@
 """The engine seam between the HTTP layer and a model: in-process (`LocalEngine`) or Ray.
 
 A `Job` is one validated request: its samples (one per choice, seeds set), interventions, params
-and the plan's config id. Engines run jobs off the event loop so /health stays responsive.
+and the plan's config id. Engines run jobs off the event loop so /health stays responsive. A
+stream whose consumer goes away (the client disconnected) stops decoding at the next step.
 `run_grouped` is the batching rule shared by every engine: jobs whose plans agree (same config
 id, same params but the seed) become one `LVLM.generate` call.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -45,6 +47,10 @@ class Engine(Protocol):
 
     def stream(self, job: Job) -> AsyncIterator[str | Generation]: ...
 
+    async def ready(self) -> bool:
+        """True while a model can take requests (the readiness probe)."""
+        ...
+
 
 def run_grouped(lvlm: LVLM, jobs: list[Job]) -> list[EngineResult | Exception]:
     """Run jobs as few `generate` calls as their plans allow; one result (or error) per job."""
@@ -69,14 +75,29 @@ def run_grouped(lvlm: LVLM, jobs: list[Job]) -> list[EngineResult | Exception]:
     return results
 
 
-def stream_job(lvlm: LVLM, job: Job) -> Iterator[str | Generation]:
-    """Text pieces of a one-sample job, then its final `Generation` (finish reason, usage)."""
+async def stream_job(
+    lvlm: LVLM, job: Job, executor: Executor | None = None
+) -> AsyncIterator[str | Generation]:
+    """Text pieces of a one-sample job, then its final `Generation` (finish reason, usage).
+
+    Decodes on `executor`'s thread (default: a thread of its own). Closing or cancelling this
+    generator (the client left) ends the decoding at its next step.
+    """
     [sample] = job.samples
-    return lvlm.stream(sample, job.interventions, job.params)
+    cancel = threading.Event()
+    pieces = lvlm.stream(sample, job.interventions, job.params, cancel=cancel)
+    async for item in iterate_in_thread(pieces, cancel, executor):
+        yield item
 
 
-async def iterate_in_thread(items: Iterator) -> AsyncIterator:
-    """Drive a blocking iterator on a worker thread, yielding its items on the event loop."""
+async def iterate_in_thread(
+    items: Iterator, cancel: threading.Event, executor: Executor | None = None
+) -> AsyncIterator:
+    """Drive a blocking iterator on a worker thread, yielding its items on the event loop.
+
+    `cancel` must make `items` end at its next step: it is set when this generator is closed or
+    cancelled, so an abandoned iterator does not run on beside the next request.
+    """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
@@ -89,11 +110,17 @@ async def iterate_in_thread(items: Iterator) -> AsyncIterator:
         except Exception as error:
             loop.call_soon_threadsafe(queue.put_nowait, error)
 
-    threading.Thread(target=pump, daemon=True).start()
-    while (item := await queue.get()) is not done:
-        if isinstance(item, Exception):
-            raise item
-        yield item
+    if executor is None:
+        threading.Thread(target=pump, daemon=True).start()
+    else:
+        executor.submit(pump)
+    try:
+        while (item := await queue.get()) is not done:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        cancel.set()
 
 
 class LocalEngine:
@@ -102,16 +129,21 @@ class LocalEngine:
     def __init__(self, lvlm: LVLM):
         self.lvlm = lvlm
         self.info = lvlm.info
-        self._lock = asyncio.Lock()  # one job at a time: batching is the Ray deployment's job
+        # One job at a time (batching is the Ray deployment's job). A single worker thread, not a
+        # lock on the event loop, so the next job starts only once the previous one has really
+        # finished, also one whose client left (it stops at its next decode step).
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="lvlm-engine")
 
     async def generate(self, job: Job) -> EngineResult:
-        async with self._lock:
-            [result] = await asyncio.to_thread(run_grouped, self.lvlm, [job])
+        loop = asyncio.get_running_loop()
+        [result] = await loop.run_in_executor(self._worker, run_grouped, self.lvlm, [job])
         if isinstance(result, Exception):
             raise result
         return result
 
     async def stream(self, job: Job) -> AsyncIterator[str | Generation]:
-        async with self._lock:
-            async for item in iterate_in_thread(stream_job(self.lvlm, job)):
-                yield item
+        async for item in stream_job(self.lvlm, job, self._worker):
+            yield item
+
+    async def ready(self) -> bool:
+        return True  # the model was loaded before the app was built

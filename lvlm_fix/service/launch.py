@@ -17,6 +17,13 @@ serve.yaml (all keys optional; the schema is `deployment.AppArgs` plus `address`
       default_interventions: [{name: vhr}]
 
 Command-line flags override the file.
+
+Listeners. Without `address`, `serve` starts a private Ray cluster whose node address is
+127.0.0.1, whatever `host` is: every Ray process (GCS, raylet, object manager, agents, workers,
+Serve's controller, proxy and replicas) listens on loopback only, and only the HTTP proxy listens
+on `host`. With `address`, the node is the cluster's: Ray's ports listen on the node's address, and
+the replicas' gRPC servers on every interface (other nodes call them), so that network must be
+trusted (or use Ray's TLS). On exit, a joined cluster loses only this app; Ray stays up.
 """
 
 from __future__ import annotations
@@ -29,6 +36,10 @@ from pathlib import Path
 from typing import Any
 
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+# A private cluster keeps Serve's opt-in listeners on every interface (HAProxy, replicas' own
+# HTTP and gRPC ingress ports) off, whatever the environment says.
+PRIVATE_RAY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+APP_NAME = "lvlm-fix"
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -121,7 +132,7 @@ def _serve_uvicorn(settings: dict, host: str, port: int) -> int:
 
 
 def _serve_ray(settings: dict, address: str | None, host: str, port: int, cpus) -> int:
-    os.environ.update(RAY_ENV)  # read by Ray at import time
+    os.environ.update(RAY_ENV if address else {**RAY_ENV, **PRIVATE_RAY_ENV})  # read at import
     import ray
     from ray import serve
 
@@ -131,19 +142,22 @@ def _serve_ray(settings: dict, address: str | None, host: str, port: int, cpus) 
     if address:
         ray.init(address=address)
     else:
-        # A private cluster on loopback: nothing listens beyond this machine.
+        # A private cluster on loopback: no Ray process listens beyond this machine.
         ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
     # `docker stop` sends SIGTERM: shut Serve and Ray down as for Ctrl-C.
     signal.signal(signal.SIGTERM, _interrupt)
     serve.start(http_options={"host": host, "port": port})
     print(f"serving on http://{host}:{port} (docs at /docs); Ctrl-C stops", file=sys.stderr)
     try:
-        serve.run(build(app_args), name="lvlm-fix", route_prefix="/", blocking=True)
+        serve.run(build(app_args), name=APP_NAME, route_prefix="/", blocking=True)
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if address:
+            serve.delete(APP_NAME)  # serve.shutdown() would delete every app of the cluster
+        else:
+            serve.shutdown()
+        ray.shutdown()  # stops a private cluster; only disconnects from a joined one
     return 0
 
 

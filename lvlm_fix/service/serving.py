@@ -45,10 +45,16 @@ class ServiceError(Exception):
     """An error answered with OpenAI's error object."""
 
     def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,  # e.g. Retry-After on a 503
     ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
 
     @property
     def type(self) -> str:
@@ -415,7 +421,9 @@ class Serving:
                 if include_usage:
                     yield chunk(None, usage=_usage([item]))
         except Exception as error:  # headers are sent: report in-band, as OpenAI does
-            if isinstance(error, ValueError | TypeError):
+            if isinstance(error, ServiceError):  # the engine's own answer, e.g. 503
+                failure = error
+            elif isinstance(error, ValueError | TypeError):
                 failure = _refused(error)
             else:
                 log.exception("request %s: streamed generation failed", request_id)
