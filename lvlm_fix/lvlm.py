@@ -15,12 +15,20 @@ from typing import Any
 import torch
 from PIL import Image
 from pydantic import BaseModel
+from transformers import PreTrainedModel, ProcessorMixin
 
 from lvlm_fix import attention
 from lvlm_fix.decoding import DecodeEvent, Sample, decode
 from lvlm_fix.hooks import install_hook_points
 from lvlm_fix.methods import Intervention
-from lvlm_fix.model import FAMILIES, ModelInfo, default_model_path, load_model, model_info
+from lvlm_fix.model import (
+    FAMILIES,
+    ModelInfo,
+    default_model_path,
+    family_of,
+    load_model,
+    model_info,
+)
 from lvlm_fix.params import GenerationParams
 from lvlm_fix.plan import Plan, compile_plan
 from lvlm_fix.search import Limits
@@ -47,14 +55,28 @@ class LVLM:
     on CPU (no graph); False = never.
     """
 
-    def __init__(self, model, processor, family: str, name: str, static_decode: bool | None = None):
-        self.static_decode = static_decode
-        self.model = model
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        processor: ProcessorMixin,
+        *,
+        name: str | None = None,
+        static_decode: bool | None = None,
+    ):
+        """Wrap a loaded LLaVA-family model (family read from its config) and its processor.
+
+        Changes both in place: the language model switches to our attention, the tokenizer pads
+        on the left (decoding appends on the right), and the hook points are installed.
+        """
+        self.family = family_of(model)
+        attention.use_for_text_model(model)
+        processor.tokenizer.padding_side = "left"
+        self.model = model.eval()
         self.processor = processor
-        self.family = family
-        self.info: ModelInfo = model_info(model, family, name)
-        spec = FAMILIES[family]
-        install_hook_points(model, spec)
+        self.static_decode = static_decode
+        path = model.name_or_path  # where transformers loaded it from ("" if built in memory)
+        self.info: ModelInfo = model_info(model, self.family, name or path or self.family, path)
+        install_hook_points(model, FAMILIES[self.family])
 
     @classmethod
     def from_pretrained(
@@ -66,13 +88,8 @@ class LVLM:
         static_decode: bool | None = None,
     ) -> LVLM:
         """Load a llava-hf style checkpoint (a local path; the hub only if online)."""
-        path = name_or_path or default_model_path()
-        attention.register()
-        model, processor, family = load_model(path, device, dtype)
-        model.set_attn_implementation({"text_config": attention.NAME, "vision_config": "sdpa"})
-        lvlm = cls(model, processor, family, str(name_or_path or "gym"), static_decode)
-        lvlm.info = replace(lvlm.info, path=str(path))
-        return lvlm
+        model, processor = load_model(name_or_path or default_model_path(), device, dtype)
+        return cls(model, processor, name=str(name_or_path or "gym"), static_decode=static_decode)
 
     @property
     def device(self) -> torch.device:
