@@ -69,6 +69,11 @@ class LVLM:
         on the left (decoding appends on the right), and the hook points are installed.
         """
         self.family = family_of(model)
+        if not isinstance(processor, ProcessorMixin):  # e.g. a bare tokenizer
+            expected = FAMILIES[self.family].processor_class.__name__
+            raise TypeError(
+                f"expected the model's processor ({expected}), got {type(processor).__name__}"
+            )
         attention.use_for_text_model(model)
         processor.tokenizer.padding_side = "left"
         self.model = model.eval()

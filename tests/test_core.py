@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import random
+import warnings
 from typing import ClassVar
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from lvlm_fix import LVLM, Generation, GenerationParams, Sample
 from lvlm_fix.methods import Contribution, Intervention
 from lvlm_fix.model import render_prompt
 from lvlm_fix.plan import PlanConflict, compile_plan
+from lvlm_fix.tiny import build_tiny
 
 QUESTIONS = ["describe this", "what color is the star in the picture on the left"]
 
@@ -123,6 +128,46 @@ def test_stream_pieces_add_up_to_the_final_text(tiny_llava_path, images):
         _, whole = streamed(lvlm, sample, params.model_copy(update={"stop": (begun,)}))
         assert whole.text == final.text
     assert any(not text.isascii() for text in texts)  # split multi-byte characters were met
+
+
+@contextlib.contextmanager
+def no_warnings(caplog):
+    """Fail on any Python warning, and record what transformers' logger (which does not
+    propagate to the root logger) says at WARNING or above."""
+    logging.Logger.warning_once.cache_clear()  # transformers' once-per-process warnings
+    logger = logging.getLogger("transformers")
+    logger.addHandler(caplog.handler)
+    try:
+        with warnings.catch_warnings(), caplog.at_level(logging.WARNING):
+            warnings.simplefilter("error")
+            yield
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
+def test_no_warnings_on_generate(tmp_path, images, caplog):
+    """Our calls into transformers warn about nothing: not on wrapping a model, not on any
+    generate or stream, with a tokenizer whose config asks for the space clean-up that
+    transformers refuses (and warns about) on BPE tokenizers."""
+    path = build_tiny("llava", tmp_path / "llava")
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["clean_up_tokenization_spaces"] = True
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path)
+    sample = (QUESTIONS[0], images[0])
+    greedy = GenerationParams(max_new_tokens=3, stop=("zz",))
+    sampling = GenerationParams(max_new_tokens=3, do_sample=True, top_k=5, top_p=0.9, seed=1)
+    with no_warnings(caplog):
+        lvlm = LVLM(model, processor)
+        lvlm.generate([sample], params=greedy)
+        lvlm.generate([sample], params=GenerationParams(max_new_tokens=3, num_beams=2))
+        lvlm.generate([sample], [{"name": "vhr"}, {"name": "pai"}], greedy)
+        lvlm.generate([sample], [{"name": "ritual"}, {"name": "vcd"}], sampling)
+        lvlm.generate([sample], [{"name": "fastv", "keep": 4}], greedy)
+        lvlm.generate([sample], [{"name": "opera", "num_beams": 2, "candidates": 2}], greedy)
+        list(lvlm.stream(sample, [{"name": "m3id"}], greedy))
+    assert [record.getMessage() for record in caplog.records] == []
 
 
 class _Views(Intervention):

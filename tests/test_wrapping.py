@@ -140,6 +140,8 @@ def test_refuses_models_it_cannot_drive(path):
     processor = AutoProcessor.from_pretrained(path)
     with pytest.raises(TypeError, match="wraps LlavaForConditionalGeneration"):
         LVLM(bare, processor)
+    with pytest.raises(TypeError, match=r"expected the model's processor \(LlavaProcessor\)"):
+        LVLM(LlavaForConditionalGeneration.from_pretrained(path), processor.tokenizer)
     config = LlamaConfig(hidden_size=16, num_attention_heads=2, num_hidden_layers=1)
     text_only = LlamaForCausalLM(config)
     with pytest.raises(ValueError, match="unsupported model type 'llama'"):
