@@ -33,8 +33,8 @@ def register() -> None:
 def use_for_text_model(model: torch.nn.Module) -> None:
     """Switch a loaded model's language model to our attention (its vision tower keeps its own).
 
-    Attention hooks (VAR, VHR, PAI, OPERA) and layer pruning act through this function only: a
-    text model left on another implementation would silently run stock attention.
+    Attention hooks (VAR, VHR, PAI, OPERA) and LLM-side pruning act only inside `lvlm_attention`:
+    a text model left on another implementation would silently run stock attention.
     """
     register()
     model.set_attn_implementation({"text_config": NAME})

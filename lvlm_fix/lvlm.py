@@ -1,6 +1,7 @@
 """`LVLM`: the in-process API. Load once, then generate with any set of interventions.
 
 lvlm = LVLM.from_pretrained()                      # the bundled gym model
+lvlm = LVLM(model, processor)                      # or a model you loaded with transformers
 [out] = lvlm.generate([Sample("Describe the image.", (image,))],
                       interventions=[{"name": "vhr"}])
 """
