@@ -172,24 +172,36 @@ def default_model_path() -> Path:
 
 def load_model(
     name_or_path: str | Path, device: str | torch.device, dtype: torch.dtype | None
-) -> tuple[PreTrainedModel, ProcessorMixin, str]:
+) -> tuple[PreTrainedModel, ProcessorMixin]:
     """Load model + processor of any supported family, detected from the config."""
-    config = AutoConfig.from_pretrained(name_or_path)
-    family = config.model_type
-    if family not in FAMILIES:
+    spec = FAMILIES[_family(AutoConfig.from_pretrained(name_or_path).model_type, name_or_path)]
+    processor = spec.processor_class.from_pretrained(name_or_path)
+    model = spec.model_class.from_pretrained(name_or_path, dtype=dtype or "auto")
+    return model.to(device), processor
+
+
+def family_of(model: PreTrainedModel) -> str:
+    """The `FAMILIES` key of a loaded model, read from its config; refuses what we cannot drive."""
+    family = _family(model.config.model_type, type(model).__name__)
+    expected = FAMILIES[family].model_class
+    if not isinstance(model, expected):  # e.g. the bare LlavaModel: no LM head to decode with
+        raise TypeError(
+            f"lvlm_fix wraps {expected.__name__} for model type {family!r}, "
+            f"got {type(model).__name__}"
+        )
+    return family
+
+
+def _family(model_type: str, where: object) -> str:
+    if model_type not in FAMILIES:
         raise ValueError(
-            f"unsupported model type {family!r} in {name_or_path}; "
+            f"unsupported model type {model_type!r} in {where}; "
             f"lvlm_fix supports {sorted(FAMILIES)}"
         )
-    spec = FAMILIES[family]
-    processor = spec.processor_class.from_pretrained(name_or_path)
-    processor.tokenizer.padding_side = "left"  # decoding appends on the right
-    model = spec.model_class.from_pretrained(name_or_path, dtype=dtype or "auto")
-    model.to(device).eval()
-    return model, processor, family
+    return model_type
 
 
-def model_info(model: PreTrainedModel, family: str, name: str) -> ModelInfo:
+def model_info(model: PreTrainedModel, family: str, name: str, path: str = "") -> ModelInfo:
     text = model.config.text_config
     heads = text.num_attention_heads
     return ModelInfo(
@@ -203,6 +215,7 @@ def model_info(model: PreTrainedModel, family: str, name: str) -> ModelInfo:
         vocab_size=text.vocab_size,
         image_token_id=model.config.image_token_id,
         name=name,
+        path=path,
     )
 
 
