@@ -1,10 +1,14 @@
 """PAI's classifier-free-guidance step: subtract the text-only prior from the logits.
 
 out = gamma * lc - (gamma - 1) * lu, then the plausibility cut on lc (specs/vhr.md §2.2). The
-reference combines log_softmax outputs; we combine raw logits. The two differ by one constant per
-row, which greedy, sampling (softmax, temperature, top-k, top-p) and beam search (log_softmax) all
-ignore. The text-only view runs with attention edits off (`edited=False`), as the reference's
-unconditional pass runs the plain model.
+reference combines log_softmax outputs; we combine raw logits. Per row the two differ by one
+constant, which greedy and sampling (softmax, temperature, top-k, top-p) ignore. Beam search need
+not: the reference adds its combined scores to the beam scores unnormalised, so the constant
+(gamma·log Z_c - (gamma-1)·log Z_u, different per beam) enters the ranking, and its text-only cache
+is never reordered with the beams (specs/vhr.md §5.5). Ours log_softmaxes the combined scores
+(the constant drops out: beams add log-probabilities of the combined distribution), and the
+text-only row follows its beam like every view row. The text-only view runs with attention edits
+off (`edited=False`), as the reference's unconditional pass runs the plain model.
 """
 
 from __future__ import annotations
