@@ -67,6 +67,7 @@ class ModelInfo:
     image_token_id: int
     name: str
     path: str = ""  # the checkpoint directory it was loaded from ("" if unknown)
+    image_size: int = 336  # the vision tower's input side in pixels (LLaVA-1.5: 336)
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,7 @@ def model_info(model: PreTrainedModel, family: str, name: str) -> ModelInfo:
         vocab_size=text.vocab_size,
         image_token_id=model.config.image_token_id,
         name=name,
+        image_size=model.config.vision_config.image_size,
     )
 
 
