@@ -181,8 +181,8 @@ def test_vhr_switches(lvlms, samples):
     want = plain[0].view(2, -1, H, D)
     torch.testing.assert_close(got[:, :-1], want[:, :-1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[:, -1], want[:, -1] * scale[0::2, :, None], rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="vhd_counterfactual"):
-        lvlm.plan([{"name": "vhr", "vhd_counterfactual": "mask"}])
+    with pytest.raises(ValueError, match="text_only"):
+        lvlm.plan([{"name": "vhr", "text_only": "mask"}])  # not offered: see methods.base
 
 
 def test_vhr_without_image_is_a_no_op(lvlms):

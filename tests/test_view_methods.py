@@ -18,7 +18,7 @@ from lvlm_fix.methods.m3id import m3id_weight
 from lvlm_fix.methods.ritual import RITUAL
 from lvlm_fix.methods.transforms import TRANSFORM_KEYS, random_transform, transformed_image
 from lvlm_fix.methods.vcd import VCD, add_diffusion_noise, noise_schedule
-from lvlm_fix.model import PromptBatch
+from lvlm_fix.model import PromptBatch, render_prompt
 from lvlm_fix.tiny import build_tiny
 
 GREEDY = GenerationParams(max_new_tokens=8)
@@ -253,6 +253,43 @@ def test_text_only_views(lvlm):
     kept = lc >= lc.max(-1, keepdim=True).values + math.log(0.1)
     torch.testing.assert_close(z[kept], (gamma * lc - (gamma - 1) * lu)[kept])
     assert torch.isinf(z[~kept]).all()
+
+
+TEXT_ONLY_METHODS = [{"name": "m3id"}, {"name": "pai_cfg"}, {"name": "vhr"}]
+
+
+@pytest.mark.parametrize("spec", TEXT_ONLY_METHODS, ids=lambda s: s["name"])
+def test_text_only_row_is_the_prompt_minus_its_image_tokens(lvlm, spec):
+    samples = [sample(5), sample(6, "describe it")]
+    image_id, tokenizer = lvlm.info.image_token_id, lvlm.processor.tokenizer
+
+    def rows(mode: str) -> tuple[PromptBatch, list[list[int]]]:
+        plan = lvlm.plan([{**spec, "text_only": mode}], GREEDY)
+        batch = build_rows(lvlm.processor, image_id, plan, samples, lvlm.device)
+        ids = [
+            row[mask.bool()].tolist()
+            for row, mask in zip(batch.input_ids, batch.attention_mask, strict=True)
+        ]
+        return batch, ids
+
+    batch, ids = rows("drop_image_tokens")  # the default, the reference's construction
+    assert parse_intervention(spec).text_only == "drop_image_tokens"
+    for full, text_only in zip(ids[0::2], ids[1::2], strict=True):
+        assert image_id in full and text_only == [i for i in full if i != image_id]
+    assert batch.image_rows.tolist() == [0, 2]  # the text-only rows carry no image
+    assert not batch.layout.image_mask[1::2].any()
+    _, ids = rows("rerender")
+    for s, text_only in zip(samples, ids[1::2], strict=True):
+        assert text_only == tokenizer(render_prompt(lvlm.processor, s.text, 0)).input_ids
+
+
+@pytest.mark.parametrize("mode", ["drop_image_tokens", "rerender"])
+@pytest.mark.parametrize("spec", TEXT_ONLY_METHODS, ids=lambda s: s["name"])
+def test_text_only_modes_decode(lvlm, spec, mode):
+    samples = [sample(5), sample(6, "describe it")]
+    batched = tokens(lvlm, [{**spec, "text_only": mode}], samples, GREEDY)
+    alone = [tokens(lvlm, [{**spec, "text_only": mode}], [s], GREEDY)[0] for s in samples]
+    assert batched == alone and all(len(ids) > 0 for ids in batched)
 
 
 # ---------------------------------------------------------------- rows, caches, batches
