@@ -89,7 +89,9 @@ def test_pope_predictions_and_metrics(pope_run, model_path):
         assert ln["pred"] == parse_official(ln["answer"])
         assert ln["model"] == model_path and ln["n_tokens"] <= 6
     contrast = [ln for ln in lines if ln["method"] == "contrast"]
-    assert contrast[0]["interventions"] == [{"name": "pai_cfg", "gamma": 2.5, "beta": 0.1}]
+    assert contrast[0]["interventions"] == [
+        {"name": "pai_cfg", "gamma": 2.5, "beta": 0.1, "text_only": "drop_image_tokens"}
+    ]
     assert len({ln["config_id"] for ln in contrast}) == 1 != len({ln["config_id"] for ln in lines})
     metrics = json.loads((pope_run / "metrics.json").read_text())
     assert set(metrics["versions"]) == {"torch", "transformers", "lvlm_fix"}
