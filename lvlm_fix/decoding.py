@@ -19,7 +19,14 @@ from transformers import DynamicCache
 from lvlm_fix.compat import cache_kwargs
 from lvlm_fix.hooks import ForwardContext, Phase, forward_context
 from lvlm_fix.methods.base import RowState
-from lvlm_fix.model import PromptBatch, encode_rows, render_prompt, shrink_image_runs
+from lvlm_fix.model import (
+    PromptBatch,
+    Turn,
+    encode_rows,
+    render_chat,
+    render_prompt,
+    shrink_image_runs,
+)
 from lvlm_fix.plan import Plan
 from lvlm_fix.search import Limits, SearchResult
 from lvlm_fix.static_decode import StaticDecode, fits_in_memory, static_steps
@@ -27,11 +34,22 @@ from lvlm_fix.static_decode import StaticDecode, fits_in_memory, static_steps
 
 @dataclass(frozen=True)
 class Sample:
-    """One prompt: the user's text and its images (zero or more)."""
+    """One prompt: the user's text and its images (zero or more).
+
+    `chat`: a whole conversation (system, user and assistant turns) rendered through the chat
+    template instead of `text`; its image slots take `images` in order.
+    """
 
     text: str
     images: tuple[Image.Image, ...] = ()
     seed: int | None = None
+    chat: tuple[Turn, ...] = ()
+
+    def prompt(self, processor, with_images: bool = True) -> str:
+        """The rendered prompt, with this sample's image slots or (text-only views) none."""
+        if self.chat:
+            return render_chat(processor, self.chat, with_images)
+        return render_prompt(processor, self.text, len(self.images) if with_images else 0)
 
 
 class Runner:
@@ -162,7 +180,7 @@ def build_rows(processor, image_token_id: int, plan: Plan, samples: list[Sample]
     notes: list[dict[str, list[str]]] = []
     for sample in samples:
         generator = torch.Generator().manual_seed(view_seed(sample.seed))
-        prompts.append(render_prompt(processor, sample.text, len(sample.images)))
+        prompts.append(sample.prompt(processor))
         images.append(list(sample.images))
         notes.append({})
         for view in plan.views:
@@ -174,7 +192,7 @@ def build_rows(processor, image_token_id: int, plan: Plan, samples: list[Sample]
                     notes[-1][view.name] = [note for _, note in applied]
             if view.pixel_fn is not None and kept:
                 pixel_fns.append((len(prompts), view.pixel_fn, generator))
-            prompts.append(render_prompt(processor, sample.text, len(kept)))
+            prompts.append(sample.prompt(processor, with_images=not view.drop_image))
             images.append(kept)
     batch = encode_rows(processor, image_token_id, prompts, images, device)
     for stage in plan.vision_stages:  # a pruning vision tower emits `budget` features per image
