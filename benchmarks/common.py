@@ -24,7 +24,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from lvlm_fix import LVLM, attention
+from lvlm_fix import LVLM
 from lvlm_fix.tiny import llava_processor, train_tokenizer
 
 # The tokenizer is trained on the benchmarks' own prompts, so they tokenize into whole words.
@@ -116,10 +116,8 @@ def build_llava(preset: str, device: str | torch.device, dtype: torch.dtype) -> 
     with torch.device(device):
         model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
     model.eval()
-    attention.register()
-    model.set_attn_implementation({"text_config": attention.NAME, "vision_config": "sdpa"})
     processor = llava_processor(tokenizer, sizes.image_size, sizes.patch_size)
-    return LVLM(model, processor, "llava", sizes.name)
+    return LVLM(model, processor, name=sizes.name)
 
 
 def sync(device: str | torch.device) -> None:

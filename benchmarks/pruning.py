@@ -38,7 +38,7 @@ from transformers import (
     LlavaNextProcessor,
 )
 
-from lvlm_fix import LVLM, GenerationParams, Sample, attention
+from lvlm_fix import LVLM, GenerationParams, Sample
 from lvlm_fix.decoding import Runner, build_rows
 from lvlm_fix.methods.base import RowState
 from lvlm_fix.plan import compile_plan
@@ -83,9 +83,7 @@ def build(family: str, sizes: Sizes, device: str, dtype: torch.dtype) -> LVLM:
     torch.manual_seed(0)
     with torch.device(device):
         model = model_class._from_config(config, dtype=dtype).eval()
-    attention.register()
-    model.set_attn_implementation({"text_config": attention.NAME, "vision_config": "sdpa"})
-    return LVLM(model, processor, family, f"{family}-{sizes.name}")
+    return LVLM(model, processor, name=f"{family}-{sizes.name}")
 
 
 def configurations(

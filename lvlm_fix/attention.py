@@ -24,10 +24,27 @@ _FLAGS = ("want_group_mass", "want_last_row")
 
 
 def register() -> None:
-    """Make `attn_implementation="lvlm_fix"` available (idempotent; call before loading)."""
+    """Make `attn_implementation="lvlm_fix"` available (idempotent)."""
     AttentionInterface.register(NAME, lvlm_attention)
     # Without a mask factory under the same name, transformers would pass mask=None (no padding).
     AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def use_for_text_model(model: torch.nn.Module) -> None:
+    """Switch a loaded model's language model to our attention (its vision tower keeps its own).
+
+    Attention hooks (VAR, VHR, PAI, OPERA) and LLM-side pruning act only inside `lvlm_attention`:
+    a text model left on another implementation would silently run stock attention.
+    """
+    register()
+    model.set_attn_implementation({"text_config": NAME})
+    # transformers only logs a warning when a model cannot switch implementations at run time
+    actual = model.config.text_config._attn_implementation
+    if actual != NAME:
+        raise ValueError(
+            f"cannot switch {type(model).__name__}'s language model to the {NAME!r} attention "
+            f"(it stays on {actual!r}), so interventions would silently do nothing"
+        )
 
 
 def merge_edits(call: AttentionCall, requests: list[dict[str, Any]]) -> dict[str, Any]:

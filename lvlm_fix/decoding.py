@@ -20,8 +20,10 @@ from lvlm_fix.compat import cache_kwargs
 from lvlm_fix.hooks import ForwardContext, Phase, forward_context
 from lvlm_fix.methods.base import RowState
 from lvlm_fix.model import (
+    ImageLayout,
     PromptBatch,
     Turn,
+    drop_image_tokens,
     encode_rows,
     render_chat,
     render_prompt,
@@ -79,9 +81,19 @@ class Runner:
 
     def prefill(self) -> torch.Tensor:
         """Run the prompt rows; returns next-token logits [R, V] in fp32."""
-        b = self.batch
+        if self.plan.recompute:  # no cache to fill: later steps re-run whole rows (_rerun)
+            rows = self.batch.input_ids.shape[0]
+            self.state["rerun.rows"] = torch.arange(rows, device=self.batch.input_ids.device)
+            self.state["rerun.tokens"] = self.batch.input_ids[:, :0]
+        cache = None if self.plan.recompute else self.cache
+        logits, self.layout = self._whole_rows(self.batch, cache)
+        return logits
+
+    def _whole_rows(self, b: PromptBatch, cache) -> tuple[torch.Tensor, ImageLayout]:
+        """A prefill forward of rows `b` (filling `cache` unless None): the last position's
+        logits [R, V] (fp32) and the layout, where prune hooks record per-layer kept columns."""
         extra = image_kwargs(self.model, b)
-        ctx = self._context("prefill")
+        ctx = ForwardContext(self.plan, self.state, b.layout, "prefill", self.num_layers)
         ctx.image_sizes = b.image_sizes  # an anyres vision stage maps the packed crops with it
         with forward_context(ctx), torch.inference_mode():
             out = self.model(
@@ -89,20 +101,38 @@ class Runner:
                 attention_mask=b.attention_mask,
                 position_ids=b.position_ids,
                 pixel_values=b.pixel_values,
-                **cache_kwargs(self.cache),
-                use_cache=True,
+                **cache_kwargs(cache),
+                use_cache=cache is not None,
                 logits_to_keep=1,
                 **extra,
             )
-        self.layout = ctx.layout  # prune hooks may have recorded per-layer kept columns
-        return out.logits[:, -1].float()
+        return out.logits[:, -1].float(), ctx.layout
+
+    def _rerun(self, tokens: torch.Tensor) -> torch.Tensor:
+        """plan.recompute: append tokens [R, n], then run each row's whole sequence (its prompt
+        row and every token fed so far) as one prefill without a cache. Logits [R, 1, V]."""
+        fed = torch.cat([self.state["rerun.tokens"], tokens], 1)
+        self.state["rerun.tokens"] = fed  # RowState entries follow the rows (beams, views)
+        prompt = self.batch.index_rows(self.state["rerun.rows"])
+        n = fed.shape[1]
+        image = torch.nn.functional.pad(prompt.layout.image_mask, (0, n), value=False)
+        rows = replace(
+            prompt,
+            input_ids=torch.cat([prompt.input_ids, fed], 1),
+            attention_mask=torch.nn.functional.pad(prompt.attention_mask, (0, n), value=1),
+            layout=ImageLayout(image_mask=image, key_start=prompt.layout.key_start),
+        )
+        return self._whole_rows(rows, None)[0][:, None]
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Append tokens [R, n] to every row's cache; returns logits [R, n, V] (fp32).
 
         mask [R, n] (default all ones) marks columns that are real; 0 columns are holes that no
         query ever sees and that take no position (OPERA replays rows of unequal length).
+        A plan that recomputes (`Plan.recompute`) keeps no cache: see `_rerun`.
         """
+        if self.plan.recompute:
+            return self._rerun(tokens)
         plain = mask is None and tokens.shape[1] == 1
         if not plain:
             self._leave_static()
@@ -177,6 +207,7 @@ def build_rows(processor, image_token_id: int, plan: Plan, samples: list[Sample]
     prompts: list[str] = []
     images: list[list[Image.Image]] = []
     pixel_fns: list[tuple[int, object, torch.Generator]] = []
+    stripped: list[int] = []  # text-only rows built by dropping image tokens (see View.text_only)
     notes: list[dict[str, list[str]]] = []
     for sample in samples:
         generator = torch.Generator().manual_seed(view_seed(sample.seed))
@@ -192,12 +223,20 @@ def build_rows(processor, image_token_id: int, plan: Plan, samples: list[Sample]
                     notes[-1][view.name] = [note for _, note in applied]
             if view.pixel_fn is not None and kept:
                 pixel_fns.append((len(prompts), view.pixel_fn, generator))
-            prompts.append(sample.prompt(processor, with_images=not view.drop_image))
+            if view.drop_image and view.text_only == "drop_image_tokens":
+                stripped.append(len(prompts))
+                kept = list(sample.images)  # encoded as the original is, then stripped below
+            prompts.append(sample.prompt(processor, with_images=bool(kept)))
             images.append(kept)
     batch = encode_rows(processor, image_token_id, prompts, images, device)
+    pad_id = processor.tokenizer.pad_token_id or 0
+    if stripped:
+        rows = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        rows[stripped] = True
+        batch = drop_image_tokens(batch, rows, pad_id)
     for stage in plan.vision_stages:  # a pruning vision tower emits `budget` features per image
         if stage.grid is None:  # (anyres keeps every placeholder: LLM layer 0 drops them)
-            batch = shrink_image_runs(batch, stage.budget, processor.tokenizer.pad_token_id or 0)
+            batch = shrink_image_runs(batch, stage.budget, pad_id)
     if pixel_fns:
         pixels = batch.pixel_values.clone()
         for row, fn, generator in pixel_fns:

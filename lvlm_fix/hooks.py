@@ -415,6 +415,11 @@ def _projector_input(packer: torch.nn.Module, where: tuple[int, int, bool], modu
     return (anyres.restore_grid(features, ids, full), *args[1:])
 
 
+def _has_hook_points(layer: torch.nn.Module) -> bool:
+    hooks = layer._forward_pre_hooks.values()
+    return any(getattr(hook, "func", None) is _layer_input for hook in hooks)
+
+
 def _vision_where(model: torch.nn.Module, num_layers: int) -> tuple[int, int, bool]:
     """(num_layers, the layer the LLM reads, whether it reads CLS) from the model's config."""
     feature_layer = getattr(model.config, "vision_feature_layer", -1)
@@ -431,11 +436,14 @@ def install_hook_points(model: torch.nn.Module, family: Family) -> None:
 
     The hooks hold no state: they dispatch to the plan of the current forward, if any.
     """
+    layers = resolve(model, family.decoder_layers)
+    if _has_hook_points(layers[0]):
+        return  # wrapped before: a second set would run every hook twice
     try:
         rotary = resolve(model, family.rotary)
     except AttributeError:
         rotary = None  # renumbering cuts then refuse at decode
-    for index, layer in enumerate(resolve(model, family.decoder_layers)):
+    for index, layer in enumerate(layers):
         layer.register_forward_pre_hook(partial(_layer_input, index, rotary), with_kwargs=True)
     encoder = resolve(model, family.vision_layers)
     where = _vision_where(model, len(encoder))

@@ -1,6 +1,7 @@
 """`LVLM`: the in-process API. Load once, then generate with any set of interventions.
 
 lvlm = LVLM.from_pretrained()                      # the bundled gym model
+lvlm = LVLM(model, processor)                      # or a model you loaded with transformers
 [out] = lvlm.generate([Sample("Describe the image.", (image,))],
                       interventions=[{"name": "vhr"}])
 """
@@ -16,12 +17,20 @@ from typing import Any
 import torch
 from PIL import Image
 from pydantic import BaseModel
+from transformers import PreTrainedModel, ProcessorMixin
 
 from lvlm_fix import attention
 from lvlm_fix.decoding import DecodeEvent, Sample, decode
 from lvlm_fix.hooks import install_hook_points
 from lvlm_fix.methods import Intervention
-from lvlm_fix.model import FAMILIES, ModelInfo, default_model_path, load_model, model_info
+from lvlm_fix.model import (
+    FAMILIES,
+    ModelInfo,
+    default_model_path,
+    family_of,
+    load_model,
+    model_info,
+)
 from lvlm_fix.params import GenerationParams
 from lvlm_fix.plan import Plan, compile_plan
 from lvlm_fix.search import Limits, TokenLogprobs
@@ -49,14 +58,33 @@ class LVLM:
     on CPU (no graph); False = never.
     """
 
-    def __init__(self, model, processor, family: str, name: str, static_decode: bool | None = None):
-        self.static_decode = static_decode
-        self.model = model
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        processor: ProcessorMixin,
+        *,
+        name: str | None = None,
+        static_decode: bool | None = None,
+    ):
+        """Wrap a loaded LLaVA-family model (family read from its config) and its processor.
+
+        Changes both in place: the language model switches to our attention, the tokenizer pads
+        on the left (decoding appends on the right), and the hook points are installed.
+        """
+        self.family = family_of(model)
+        if not isinstance(processor, ProcessorMixin):  # e.g. a bare tokenizer
+            expected = FAMILIES[self.family].processor_class.__name__
+            raise TypeError(
+                f"expected the model's processor ({expected}), got {type(processor).__name__}"
+            )
+        attention.use_for_text_model(model)
+        processor.tokenizer.padding_side = "left"
+        self.model = model.eval()
         self.processor = processor
-        self.family = family
-        self.info: ModelInfo = model_info(model, family, name)
-        spec = FAMILIES[family]
-        install_hook_points(model, spec)
+        self.static_decode = static_decode
+        path = model.name_or_path  # where transformers loaded it from ("" if built in memory)
+        self.info: ModelInfo = model_info(model, self.family, name or path or self.family, path)
+        install_hook_points(model, FAMILIES[self.family])
 
     @classmethod
     def from_pretrained(
@@ -68,13 +96,8 @@ class LVLM:
         static_decode: bool | None = None,
     ) -> LVLM:
         """Load a llava-hf style checkpoint (a local path; the hub only if online)."""
-        path = name_or_path or default_model_path()
-        attention.register()
-        model, processor, family = load_model(path, device, dtype)
-        model.set_attn_implementation({"text_config": attention.NAME, "vision_config": "sdpa"})
-        lvlm = cls(model, processor, family, str(name_or_path or "gym"), static_decode)
-        lvlm.info = replace(lvlm.info, path=str(path))
-        return lvlm
+        model, processor = load_model(name_or_path or default_model_path(), device, dtype)
+        return cls(model, processor, name=str(name_or_path or "gym"), static_decode=static_decode)
 
     @property
     def device(self) -> torch.device:
@@ -136,36 +159,34 @@ class LVLM:
     ) -> Iterator[str | Generation]:
         """Yield text pieces of one sample as they are generated, then its final `Generation`.
 
-        The pieces concatenate to the final text. Greedy or sampling only: beams are decided
-        at the end. Setting `cancel` (from any thread) ends decoding after the current step,
-        with no final `Generation`: steps that yield no text would not reach a `close()`.
+        The pieces concatenate to the final text: a piece is sent only once no later token can
+        change it (an unfinished multi-byte character, a possible start of a stop string and
+        trailing whitespace wait). Greedy or sampling only: beams are decided at the end.
+        Setting `cancel` (from any thread) ends decoding after the current step, with no final
+        `Generation`: steps that yield no text would not reach a `close()`.
         """
         params = params or GenerationParams()
         if params.num_beams > 1:
             raise ValueError("streaming needs num_beams=1: beams are only decided at the end")
         tokenizer = self.processor.tokenizer
-        skip = {tokenizer.eos_token_id, tokenizer.pad_token_id}
         sent, ids = "", []
         for event, plan in self._run([sample], interventions, params):
             if cancel is not None and cancel.is_set():
                 return  # leaving the loop closes `_run`, and with it the decode loop
             if event.result is not None:
                 [final] = self._finish(event, plan, params)
-                if final.text.startswith(sent) and len(final.text) > len(sent):
+                if len(final.text) > len(sent):
                     yield final.text[len(sent) :]
                 yield final
                 return
             if plan.search.width > 1:
                 raise ValueError("streaming is not available with a beam search strategy")
-            token = int(event.tokens[0, 0])
-            if token in skip:
-                continue
-            ids.append(token)
-            text = tokenizer.decode(ids, skip_special_tokens=True).lstrip()
-            stopped = any(stop in text for stop in params.stop)
-            if not text.endswith("\ufffd") and len(text) > len(sent) and not stopped:
-                yield text[len(sent) :]
-                sent = text
+            ids.append(int(event.tokens[0, 0]))
+            text, stopped = _answer(tokenizer, ids, params.stop)
+            settled = text if stopped else _settled(text, params.stop)
+            if len(settled) > len(sent):
+                yield settled[len(sent) :]
+                sent = settled
 
     def _finish(
         self, event: DecodeEvent, plan: Plan, params: GenerationParams | None
@@ -180,15 +201,12 @@ class LVLM:
             result.tokens, result.finish_reasons, event.prompt_tokens, notes, logprobs, strict=True
         )
         for ids, reason, prompt_tokens, views, steps in rows:
-            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-            for stop in params.stop:
-                if stop in text:
-                    text, reason = text[: text.index(stop)], "stop"
+            text, stopped = _answer(tokenizer, ids, params.stop)
             outputs.append(
                 Generation(
                     text=text,
                     token_ids=ids,
-                    finish_reason=reason,
+                    finish_reason="stop" if stopped else reason,
                     prompt_tokens=prompt_tokens,
                     config_id=plan.config_id,
                     views=views,
@@ -196,6 +214,32 @@ class LVLM:
                 )
             )
         return outputs
+
+
+def _decode(tokenizer, ids: Sequence[int]) -> str:
+    # No clean-up of spaces: it rewrites earlier text as tokens arrive (" ." -> "."), so streamed
+    # pieces could not add up to the final text (and transformers warns about it for BPE).
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def _answer(tokenizer, ids: Sequence[int], stops: Sequence[str]) -> tuple[str, bool]:
+    """The answer text of generated `ids`: cut before the first stop string, then stripped of
+    surrounding whitespace; and whether a stop string was found."""
+    text = _decode(tokenizer, ids)
+    cut = min((text.index(stop) for stop in stops if stop in text), default=None)
+    return text[:cut].strip(), cut is not None
+
+
+def _settled(text: str, stops: Sequence[str]) -> str:
+    """The part of an unfinished answer that later tokens cannot change.
+
+    Later tokens can complete a trailing replacement character (a multi-byte character split
+    over tokens) or a stop string begun by the text's end (which cuts the answer there), and
+    the final answer drops whitespace before either cut or its end.
+    """
+    text = text.rstrip("\ufffd")
+    begun = [n for stop in stops for n in range(1, len(stop)) if text.endswith(stop[:n])]
+    return text[: len(text) - max(begun, default=0)].rstrip()
 
 
 def _as_sample(sample: Sample | tuple, seed: int | None) -> Sample:
@@ -219,7 +263,7 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator:
 
 def _stop_checker(tokenizer, stops: tuple[str, ...]):
     def hit(_: int, ids: list[int]) -> bool:
-        text = tokenizer.decode(ids[-32:], skip_special_tokens=True)
+        text = _decode(tokenizer, ids[-32:])
         return any(stop in text for stop in stops)
 
     return hit

@@ -67,6 +67,7 @@ class ModelInfo:
     image_token_id: int
     name: str
     path: str = ""  # the checkpoint directory it was loaded from ("" if unknown)
+    image_size: int = 336  # the vision tower's input side in pixels (LLaVA-1.5: 336)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,20 @@ class PromptBatch:
     # per sample: {view name: description per image} of views that transformed images (RITUAL)
     view_notes: tuple[dict[str, list[str]], ...] = ()
 
+    def index_rows(self, rows: torch.Tensor) -> PromptBatch:
+        """These rows (long [R'], repeats allowed), each with its own images, in row order."""
+        pairs = (rows[:, None] == self.image_rows[None]).nonzero()  # (new row, image), in order
+        images = pairs[:, 1]
+        return replace(
+            self,
+            input_ids=self.input_ids[rows],
+            attention_mask=self.attention_mask[rows],
+            pixel_values=None if self.pixel_values is None else self.pixel_values[images],
+            image_sizes=None if self.image_sizes is None else self.image_sizes[images],
+            image_rows=pairs[:, 0],
+            layout=self.layout.index_rows(rows),
+        )
+
     @property
     def position_ids(self) -> torch.Tensor:
         """transformers' convention for left padding: cumsum of the mask, 0 on padding."""
@@ -172,24 +187,36 @@ def default_model_path() -> Path:
 
 def load_model(
     name_or_path: str | Path, device: str | torch.device, dtype: torch.dtype | None
-) -> tuple[PreTrainedModel, ProcessorMixin, str]:
+) -> tuple[PreTrainedModel, ProcessorMixin]:
     """Load model + processor of any supported family, detected from the config."""
-    config = AutoConfig.from_pretrained(name_or_path)
-    family = config.model_type
-    if family not in FAMILIES:
+    spec = FAMILIES[_family(AutoConfig.from_pretrained(name_or_path).model_type, name_or_path)]
+    processor = spec.processor_class.from_pretrained(name_or_path)
+    model = spec.model_class.from_pretrained(name_or_path, dtype=dtype or "auto")
+    return model.to(device), processor
+
+
+def family_of(model: PreTrainedModel) -> str:
+    """The `FAMILIES` key of a loaded model, read from its config; refuses what we cannot drive."""
+    family = _family(model.config.model_type, type(model).__name__)
+    expected = FAMILIES[family].model_class
+    if not isinstance(model, expected):  # e.g. the bare LlavaModel: no LM head to decode with
+        raise TypeError(
+            f"lvlm_fix wraps {expected.__name__} for model type {family!r}, "
+            f"got {type(model).__name__}"
+        )
+    return family
+
+
+def _family(model_type: str, where: object) -> str:
+    if model_type not in FAMILIES:
         raise ValueError(
-            f"unsupported model type {family!r} in {name_or_path}; "
+            f"unsupported model type {model_type!r} in {where}; "
             f"lvlm_fix supports {sorted(FAMILIES)}"
         )
-    spec = FAMILIES[family]
-    processor = spec.processor_class.from_pretrained(name_or_path)
-    processor.tokenizer.padding_side = "left"  # decoding appends on the right
-    model = spec.model_class.from_pretrained(name_or_path, dtype=dtype or "auto")
-    model.to(device).eval()
-    return model, processor, family
+    return model_type
 
 
-def model_info(model: PreTrainedModel, family: str, name: str) -> ModelInfo:
+def model_info(model: PreTrainedModel, family: str, name: str, path: str = "") -> ModelInfo:
     text = model.config.text_config
     heads = text.num_attention_heads
     return ModelInfo(
@@ -203,6 +230,8 @@ def model_info(model: PreTrainedModel, family: str, name: str) -> ModelInfo:
         vocab_size=text.vocab_size,
         image_token_id=model.config.image_token_id,
         name=name,
+        path=path,
+        image_size=model.config.vision_config.image_size,
     )
 
 
@@ -314,6 +343,27 @@ def shrink_image_runs(batch: PromptBatch, budget: int, pad_id: int) -> PromptBat
         return batch
     rank = (image.long().cumsum(-1) - 1) % full.clamp(min=1)[:, None]  # index within its image
     keep = (mask.bool() & ~image) | (image & (rank < budget))
+    return _keep_columns(batch, keep, pad_id)
+
+
+def drop_image_tokens(batch: PromptBatch, rows: torch.Tensor, pad_id: int) -> PromptBatch:
+    """Text-only rows from full ones: rows `rows` (bool [R]) lose their image tokens and their
+    images, so their ids are the prompt's ids minus the image tokens, re-packed left-padded
+    (positions then follow as if the prompt had no image)."""
+    keep = batch.attention_mask.bool() & ~(batch.layout.image_mask & rows[:, None])
+    packed = _keep_columns(batch, keep, pad_id)
+    images = ~rows[batch.image_rows]
+    return replace(
+        packed,
+        pixel_values=None if batch.pixel_values is None else batch.pixel_values[images],
+        image_sizes=None if batch.image_sizes is None else batch.image_sizes[images],
+        image_rows=batch.image_rows[images],
+    )
+
+
+def _keep_columns(batch: PromptBatch, keep: torch.Tensor, pad_id: int) -> PromptBatch:
+    """The batch with only the columns `keep` (bool [R, S]) of each row, left-padded again."""
+    ids, image = batch.input_ids, batch.layout.image_mask
     lengths = keep.sum(-1)
     width = int(lengths.max())
     order = torch.sort(keep.long(), dim=-1, stable=True).indices[:, -width:]  # kept, in order

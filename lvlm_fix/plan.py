@@ -40,6 +40,7 @@ class Plan:
     config_id: str
     prune_hooks: tuple[Any, ...] = ()  # `hooks.PruneHook`s (LLM token pruning)
     graph_safe: bool = True  # decode steps may replay a CUDA graph (see Contribution.graph_safe)
+    recompute: bool = False  # decode steps re-run the whole sequence (see Contribution.recompute)
 
     @property
     def n_views(self) -> int:
@@ -120,4 +121,5 @@ def compile_plan(
         config_id=config_hash(interventions),
         prune_hooks=tuple(c.prune for _, c in contributions if c.prune),
         graph_safe=all(c.graph_safe for _, c in contributions),
+        recompute=any(c.recompute for _, c in contributions),
     )

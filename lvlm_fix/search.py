@@ -216,10 +216,15 @@ class BeamSearch:
         return SearchResult(tokens, reasons)
 
 
-def advance_beams(st: _BeamState, log_probs: torch.Tensor, params: GenerationParams) -> Step:
+def advance_beams(
+    st: _BeamState, log_probs: torch.Tensor, params: GenerationParams, prompt_ids: int | None = None
+) -> Step:
     """One beam step from next-token log-probs [B, K, V]; updates `st` in place.
 
-    Shared by BeamSearch and searches that reshape the log-probs first (OPERA).
+    Shared by BeamSearch and searches that reshape the log-probs first (OPERA). Scores are
+    normalised by the generated length, the last token included (current transformers). With
+    `prompt_ids`, by transformers 4.29's length instead (OPERA's reference, spec §1.4): the
+    hypothesis's ids, prompt_ids of prompt included, a final EOS not (it is never appended).
     """
     B, K, V = log_probs.shape
     t, limits = st.length, st.limits
@@ -240,7 +245,8 @@ def advance_beams(st: _BeamState, log_probs: torch.Tensor, params: GenerationPar
     # Finished hypotheses: candidates among the top K that ended, length-normalised.
     just_done = ends.clone()
     just_done[:, K:] = False
-    normed = top_scores / ((t + 1) ** params.length_penalty)
+    length = t + 1 if prompt_ids is None else prompt_ids + t + 1 - (token == limits.eos_id).float()
+    normed = top_scores / (length**params.length_penalty)
     full = st.best_done.all(-1, keepdim=True) & params.early_stopping
     normed = normed + full.float() * -1e9 + (~st.improvable).float() * -1e9
     normed = normed + (~just_done).float() * -1e9
@@ -251,7 +257,8 @@ def advance_beams(st: _BeamState, log_probs: torch.Tensor, params: GenerationPar
     st.best_done = torch.take_along_dim(torch.cat([st.best_done, just_done], 1), pick, 1)
     st.length = t + 1
 
-    best_possible = st.running_scores[:, :1] / (st.length**params.length_penalty)
+    running_length = st.length if prompt_ids is None else prompt_ids + st.length
+    best_possible = st.running_scores[:, :1] / (running_length**params.length_penalty)
     worst_done = torch.where(st.best_done, st.best_scores.min(1, keepdim=True).values, -1e9)
     st.improvable &= (best_possible > worst_done).any(-1, keepdim=True)
     open_beams = not (bool(st.best_done.all()) and params.early_stopping)

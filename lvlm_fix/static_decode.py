@@ -142,7 +142,8 @@ def static_steps(
 
     static None: on a GPU, for requests of MIN_GRAPH_STEPS tokens or more; True: whenever
     there is a step to take (on CPU without a graph); False: never. And the request must
-    allow it: graph-safe hooks, one row per sample and view (no beams), every layer holding
+    allow it: graph-safe hooks, cached steps (no recompute), one row per sample and view (no
+    beams), every layer holding
     every prompt column (no pruning) and full attention in every layer.
     """
     if static is None:
@@ -152,5 +153,6 @@ def static_steps(
     layer_types, _ = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
     full = all(kind == "full_attention" for kind in layer_types)  # what StaticCache would build
     pruned = any(c is not None for c in layout.columns)
-    allowed = plan.graph_safe and plan.search.width == 1 and full and not pruned
+    steps = plan.graph_safe and plan.search.width == 1 and not plan.recompute
+    allowed = steps and full and not pruned
     return max_new_tokens if wanted and allowed else 0

@@ -181,8 +181,8 @@ def test_vhr_switches(lvlms, samples):
     want = plain[0].view(2, -1, H, D)
     torch.testing.assert_close(got[:, :-1], want[:, :-1], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[:, -1], want[:, -1] * scale[0::2, :, None], rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="vhd_counterfactual"):
-        lvlm.plan([{"name": "vhr", "vhd_counterfactual": "mask"}])
+    with pytest.raises(ValueError, match="text_only"):
+        lvlm.plan([{"name": "vhr", "text_only": "mask"}])  # not offered: see methods.base
 
 
 def test_vhr_without_image_is_a_no_op(lvlms):
@@ -269,6 +269,16 @@ def test_var_sink_dims_table_and_discovery(lvlms, samples):
     assert runner.state["var.sink_count"][:, 2, 0].gt(0).all()  # the first token is a text sink
 
 
+def test_var_last_layer_switch(lvlms):
+    """The paper leaves the last layer alone; skip_last_layer=False edits it (released code)."""
+    lvlm = lvlms["llava"]
+    L = lvlm.info.num_layers
+    [paper] = lvlm.plan([VAR_TINY]).attention_hooks
+    [released] = lvlm.plan([{**VAR_TINY, "skip_last_layer": False}]).attention_hooks
+    assert sorted(paper.layers) == list(range(2, L - 1))
+    assert sorted(released.layers) == list(range(2, L))
+
+
 # ---------------------------------------------------------------- PAI
 
 
@@ -287,6 +297,21 @@ def test_pai_raises_image_mass_on_last_row(lvlms, samples):
     assert torch.equal(probe_records(early)["last_row"], p0)
     with pytest.raises(ValueError, match="empty"):
         lvlm.plan([{"name": "pai", "start_layer": 3, "end_layer": 2}])
+
+
+def test_pai_first_token_switch(lvlms, samples):
+    """edit_first_token=False (the official --use-attn --use-cfg flow): the first token's logits
+    are the unedited run's; the later steps are edited."""
+    lvlm = lvlms["llava"]
+    base, base_logits = prefill(lvlm, samples, [])
+    late, late_logits = prefill(
+        lvlm, samples, [{"name": "pai", "alpha": 1.0, "edit_first_token": False}]
+    )
+    _, paper_logits = prefill(lvlm, samples, [{"name": "pai", "alpha": 1.0}])
+    assert torch.equal(late_logits, base_logits)
+    assert not torch.allclose(paper_logits, base_logits)  # the default edits the first token
+    token = base_logits.argmax(-1, keepdim=True)
+    assert not torch.allclose(late.forward(token), base.forward(token))  # step 2 is edited
 
 
 # ---------------------------------------------------------------- composition

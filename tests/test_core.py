@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import random
+import warnings
 from typing import ClassVar
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from lvlm_fix import LVLM, GenerationParams, Sample
+from lvlm_fix import LVLM, Generation, GenerationParams, Sample
 from lvlm_fix.methods import Contribution, Intervention
 from lvlm_fix.model import render_prompt
 from lvlm_fix.plan import PlanConflict, compile_plan
+from lvlm_fix.tiny import build_tiny
 
 QUESTIONS = ["describe this", "what color is the star in the picture on the left"]
 
@@ -86,6 +92,82 @@ def test_stop_strings_and_lengths(tiny_llava_path, images):
         params = GenerationParams(max_new_tokens=12, stop=(stop,))
         [cut] = lvlm.generate([(QUESTIONS[0], images[0])], params=params)
         assert stop not in cut.text and cut.finish_reason == "stop"
+
+
+def streamed(lvlm: LVLM, sample, params: GenerationParams) -> tuple[list[str], Generation]:
+    *pieces, final = lvlm.stream(sample, params=params)
+    assert all(isinstance(piece, str) and piece for piece in pieces)
+    assert "".join(pieces) == final.text, (pieces, final.text)
+    for stop in params.stop:
+        assert not any(stop in piece for piece in pieces) and stop not in final.text
+    return pieces, final
+
+
+def test_stream_pieces_add_up_to_the_final_text(tiny_llava_path, images):
+    """Hot sampling on random weights gives stray bytes (split multi-byte characters, control
+    characters, whitespace at either end); stop strings are cut from the generated text itself,
+    so they really hit, and one begins in the text but never completes."""
+    lvlm = LVLM.from_pretrained(tiny_llava_path)
+    prompts = [(QUESTIONS[0], images[0]), ("hello there", None), (QUESTIONS[1], None)]
+    texts = []
+    for seed in range(12):
+        sample = prompts[seed % len(prompts)]
+        params = GenerationParams(max_new_tokens=10, do_sample=True, temperature=3.0, seed=seed)
+        _, final = streamed(lvlm, sample, params)
+        assert final.text == final.text.strip()
+        texts.append(final.text)
+        rng = random.Random(seed)
+        starts = [i for i in range(1, len(final.text) - 2) if "\ufffd" not in final.text[i : i + 3]]
+        if not starts:
+            continue
+        start = rng.choice(starts)
+        stop = final.text[start : start + rng.randint(1, 3)]
+        _, cut = streamed(lvlm, sample, params.model_copy(update={"stop": (stop,)}))
+        assert cut.finish_reason == "stop" and final.text.startswith(cut.text)
+        begun = final.text[start : start + 2] + "§¶"  # its start occurs, it never completes
+        _, whole = streamed(lvlm, sample, params.model_copy(update={"stop": (begun,)}))
+        assert whole.text == final.text
+    assert any(not text.isascii() for text in texts)  # split multi-byte characters were met
+
+
+@contextlib.contextmanager
+def no_warnings(caplog):
+    """Fail on any Python warning, and record what transformers' logger (which does not
+    propagate to the root logger) says at WARNING or above."""
+    logging.Logger.warning_once.cache_clear()  # transformers' once-per-process warnings
+    logger = logging.getLogger("transformers")
+    logger.addHandler(caplog.handler)
+    try:
+        with warnings.catch_warnings(), caplog.at_level(logging.WARNING):
+            warnings.simplefilter("error")
+            yield
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
+def test_no_warnings_on_generate(tmp_path, images, caplog):
+    """Our calls into transformers warn about nothing: not on wrapping a model, not on any
+    generate or stream, with a tokenizer whose config asks for the space clean-up that
+    transformers refuses (and warns about) on BPE tokenizers."""
+    path = build_tiny("llava", tmp_path / "llava")
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["clean_up_tokenization_spaces"] = True
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path)
+    sample = (QUESTIONS[0], images[0])
+    greedy = GenerationParams(max_new_tokens=3, stop=("zz",))
+    sampling = GenerationParams(max_new_tokens=3, do_sample=True, top_k=5, top_p=0.9, seed=1)
+    with no_warnings(caplog):
+        lvlm = LVLM(model, processor)
+        lvlm.generate([sample], params=greedy)
+        lvlm.generate([sample], params=GenerationParams(max_new_tokens=3, num_beams=2))
+        lvlm.generate([sample], [{"name": "vhr"}, {"name": "pai"}], greedy)
+        lvlm.generate([sample], [{"name": "ritual"}, {"name": "vcd"}], sampling)
+        lvlm.generate([sample], [{"name": "fastv", "keep": 4}], greedy)
+        lvlm.generate([sample], [{"name": "opera", "num_beams": 2, "candidates": 2}], greedy)
+        list(lvlm.stream(sample, [{"name": "m3id"}], greedy))
+    assert [record.getMessage() for record in caplog.records] == []
 
 
 class _Views(Intervention):

@@ -14,16 +14,18 @@ from transformers import LlavaForConditionalGeneration
 from lvlm_fix import LVLM, GenerationParams
 from lvlm_fix.decoding import Runner, Sample, build_rows, decode
 from lvlm_fix.methods import RowState, parse_intervention
+from lvlm_fix.methods.opera import reference_prompt_ids
 from lvlm_fix.methods.opera_state import (
     ROW_KEY,
     adjusted_logits,
     candidate_log_probs,
     column_scores,
+    column_scores_fp16,
     mode_smallest,
     renormalised_row,
 )
 from lvlm_fix.model import render_prompt
-from lvlm_fix.search import Limits, Recording
+from lvlm_fix.search import BeamSearch, Limits, Recording, advance_beams
 from lvlm_fix.tiny import build_tiny
 
 RED = Image.new("RGB", (32, 32), (200, 30, 30))
@@ -85,6 +87,51 @@ def test_column_scores_planted_column_and_diagonal():
     n = t + 1 - planted  # rows planted..t, the diagonal and the candidate row included
     assert loc.item() == planted
     assert log_phi.item() == pytest.approx(math.log(eps) + n * math.log(scale * a_c), rel=1e-5)
+
+
+def test_fp16_column_scores_underflow_to_location_zero():
+    """score_dtype=float16 (the reference's buffers): ε·product below fp16's range is 0, and a
+    candidate whose columns are all 0 gets location 0, where log space finds the real maximum."""
+    t, scale, eps = 3, 50.0, 1e-7
+    logcol = torch.tensor([[(t - j) * math.log(scale * 1e-3) for j in range(t)]])  # σ·a = 0.05
+    window = torch.full((1, 2, t + 1), 1e-3)  # candidate 0: every factor 0.05
+    window[0, 1, t] = 0.9  # candidate 1: its own row puts σ·a = 45 on its own column
+    log_phi, loc, _ = column_scores(logcol, window, scale, eps)
+    assert loc.tolist() == [[t, t]]  # the column with the fewest factors < 1, or the 45
+    log_phi16, loc16, _ = column_scores_fp16(logcol, window, scale, eps)
+    assert loc16.tolist() == [[0, t]]
+    assert log_phi16[0, 0] == float("-inf")  # eps * 0.05 = 5e-9: below fp16's smallest value
+    assert log_phi16[0, 1].item() == pytest.approx(log_phi[0, 1].item(), abs=1e-2)
+
+
+def test_length_normalisation_counts_the_prompt_as_transformers_4_29():
+    """length_includes_prompt: a finished hypothesis is scored by its ids, prompt included and
+    the final EOS not (transformers 4.29); by default by its generated tokens, EOS included."""
+    limits = Limits(eos_id=0, pad_id=1, max_new_tokens=4, generators=[None])
+    params = GenerationParams(num_beams=2)
+    eos_first = torch.tensor([0.6, 0.3, 0.1]).log().expand(1, 2, 3)  # EOS is the best token
+    prompt = 7
+    for prompt_ids, first, second in ((None, 1, 2), (prompt, prompt, prompt + 1)):
+        st = BeamSearch(params).start(1, limits, torch.device("cpu"))
+        advance_beams(st, eos_first, params, prompt_ids)  # EOS at response index 0
+        assert st.best_scores[0, 0].item() == pytest.approx(math.log(0.6) / first)
+        advance_beams(st, eos_first, params, prompt_ids)  # token 1, then EOS at index 1
+        expected = (math.log(0.3) + math.log(0.6)) / second
+        assert torch.isclose(st.best_scores, torch.tensor(expected)).any()
+
+
+def test_reference_prompt_counts_each_image_as_one_id(lvlm):
+    plan = lvlm.plan([{"name": "opera", "length_includes_prompt": True}])
+    batch = build_rows(lvlm.processor, lvlm.info.image_token_id, plan, SAMPLES, lvlm.device)
+    tokenizer = lvlm.processor.tokenizer
+    expected = [len(tokenizer(render_prompt(lvlm.processor, s.text, 1)).input_ids) for s in SAMPLES]
+    assert reference_prompt_ids(batch, 1) == expected
+
+
+def test_reproduction_switches_decode(lvlm):
+    spec = {"name": "opera", "score_dtype": "float16", "length_includes_prompt": True}
+    out = lvlm.generate(SAMPLES, [{**spec, "bonus_tokens": 0}], GenerationParams(max_new_tokens=6))
+    assert [g.finish_reason for g in out] and all(len(g.token_ids) <= 6 for g in out)
 
 
 def test_renormalised_row_is_max_over_heads_then_full_sum():

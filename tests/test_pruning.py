@@ -20,6 +20,7 @@ from lvlm_fix.decoding import Runner, build_rows
 from lvlm_fix.hooks import AttentionCall, ForwardContext, forward_context
 from lvlm_fix.methods import Contribution, Intervention, View
 from lvlm_fix.methods.base import RowState
+from lvlm_fix.model import ImageLayout
 from lvlm_fix.plan import PlanConflict, compile_plan
 from lvlm_fix.tiny import build_tiny
 
@@ -86,6 +87,45 @@ def test_full_budget_equals_unpruned(lvlm, samples):
     assert tokens(lvlm, samples, fastv, beams) == tokens(lvlm, samples, (), beams)
     assert lvlm.plan([{"name": "fastv", "ratio": 0.0}]).prune_hooks == ()  # neutral
     assert tokens(lvlm, samples, [{"name": "fastv", "keep": 8}]) != base  # it does prune
+
+
+def test_fastv_per_step_equals_a_full_recompute_each_step(lvlm, samples):
+    """mode=per_step (the reference's use_cache=False path) against a plain greedy loop: each
+    step runs the whole sequence through a fresh prefill that prunes at layer K."""
+    spec = {"name": "fastv", "layer": 2, "keep": 6}
+    per_step = tokens(lvlm, samples, [{**spec, "mode": "per_step"}])
+    plan = compile_plan([spec], lvlm.info, PARAMS)
+    eos = lvlm.processor.tokenizer.eos_token_id
+    for sample, got in zip(samples, per_step, strict=True):
+        prompt = build_rows(lvlm.processor, lvlm.info.image_token_id, plan, [sample], lvlm.device)
+        generated: list[int] = []
+        while len(generated) < PARAMS.max_new_tokens:
+            n = len(generated)
+            rows = replace(
+                prompt,
+                input_ids=torch.cat([prompt.input_ids, torch.tensor([generated]).long()], 1),
+                attention_mask=torch.nn.functional.pad(prompt.attention_mask, (0, n), value=1),
+                layout=ImageLayout(
+                    torch.nn.functional.pad(prompt.layout.image_mask, (0, n)),
+                    prompt.layout.key_start,
+                ),
+            )
+            state = RowState.start(plan.views, 1, lvlm.device)
+            token = int(Runner(lvlm.model, rows, plan, state, LAYERS).prefill().argmax(-1))
+            if token == eos:
+                break
+            generated.append(token)
+        assert got == generated
+    assert per_step != tokens(lvlm, samples, [spec])  # the kept set does change per step
+
+
+@pytest.mark.parametrize("params", [PARAMS, GenerationParams(max_new_tokens=6, num_beams=2)])
+def test_fastv_per_step_with_views_batched_equals_alone(lvlm, samples, params):
+    specs = [{"name": "fastv", "layer": 2, "keep": 6, "mode": "per_step"}, {"name": "ritual"}]
+    alone = [tokens(lvlm, [s], specs, params)[0] for s in samples]
+    assert tokens(lvlm, samples, specs, params) == alone
+    with pytest.raises(PlanConflict, match="vhr"):
+        lvlm.plan([specs[0], {"name": "vhr"}])
 
 
 def test_fastv_cache_columns_and_positions(lvlm, samples):

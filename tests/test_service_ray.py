@@ -239,10 +239,11 @@ def _model_replica() -> tuple[object, object]:
         for actor in ray.util.list_named_actors(all_namespaces=True)
         if "ModelServer" in actor["name"]
     ]
+    # This test's own Ray cluster: its processes descend from this one (not another run's).
     [process] = [
         p
-        for p in psutil.process_iter(["cmdline"])
-        if "lvlm-fix:ModelServer" in " ".join(p.info["cmdline"] or ())
+        for p in psutil.Process().children(recursive=True)
+        if "lvlm-fix:ModelServer" in " ".join(p.cmdline())
     ]
     return ray.get_actor(name, namespace="serve"), process
 

@@ -18,7 +18,7 @@ from lvlm_fix.methods.m3id import m3id_weight
 from lvlm_fix.methods.ritual import RITUAL
 from lvlm_fix.methods.transforms import TRANSFORM_KEYS, random_transform, transformed_image
 from lvlm_fix.methods.vcd import VCD, add_diffusion_noise, noise_schedule
-from lvlm_fix.model import PromptBatch
+from lvlm_fix.model import PromptBatch, render_prompt
 from lvlm_fix.tiny import build_tiny
 
 GREEDY = GenerationParams(max_new_tokens=8)
@@ -255,6 +255,43 @@ def test_text_only_views(lvlm):
     assert torch.isinf(z[~kept]).all()
 
 
+TEXT_ONLY_METHODS = [{"name": "m3id"}, {"name": "pai_cfg"}, {"name": "vhr"}]
+
+
+@pytest.mark.parametrize("spec", TEXT_ONLY_METHODS, ids=lambda s: s["name"])
+def test_text_only_row_is_the_prompt_minus_its_image_tokens(lvlm, spec):
+    samples = [sample(5), sample(6, "describe it")]
+    image_id, tokenizer = lvlm.info.image_token_id, lvlm.processor.tokenizer
+
+    def rows(mode: str) -> tuple[PromptBatch, list[list[int]]]:
+        plan = lvlm.plan([{**spec, "text_only": mode}], GREEDY)
+        batch = build_rows(lvlm.processor, image_id, plan, samples, lvlm.device)
+        ids = [
+            row[mask.bool()].tolist()
+            for row, mask in zip(batch.input_ids, batch.attention_mask, strict=True)
+        ]
+        return batch, ids
+
+    batch, ids = rows("drop_image_tokens")  # the default, the reference's construction
+    assert parse_intervention(spec).text_only == "drop_image_tokens"
+    for full, text_only in zip(ids[0::2], ids[1::2], strict=True):
+        assert image_id in full and text_only == [i for i in full if i != image_id]
+    assert batch.image_rows.tolist() == [0, 2]  # the text-only rows carry no image
+    assert not batch.layout.image_mask[1::2].any()
+    _, ids = rows("rerender")
+    for s, text_only in zip(samples, ids[1::2], strict=True):
+        assert text_only == tokenizer(render_prompt(lvlm.processor, s.text, 0)).input_ids
+
+
+@pytest.mark.parametrize("mode", ["drop_image_tokens", "rerender"])
+@pytest.mark.parametrize("spec", TEXT_ONLY_METHODS, ids=lambda s: s["name"])
+def test_text_only_modes_decode(lvlm, spec, mode):
+    samples = [sample(5), sample(6, "describe it")]
+    batched = tokens(lvlm, [{**spec, "text_only": mode}], samples, GREEDY)
+    alone = [tokens(lvlm, [{**spec, "text_only": mode}], [s], GREEDY)[0] for s in samples]
+    assert batched == alone and all(len(ids) > 0 for ids in batched)
+
+
 # ---------------------------------------------------------------- rows, caches, batches
 
 
@@ -288,7 +325,7 @@ def test_views_have_their_own_rows_and_caches(lvlm):
     batch = build_rows(lvlm.processor, lvlm.info.image_token_id, plan, [s], lvlm.device)
     # Row 1 is the processed transformed image, row 2 the noised processed original.
     generator = torch.Generator().manual_seed(view_seed(s.seed))
-    transformed, _ = transformed_image(s.images[0], generator)
+    transformed, _ = transformed_image(s.images[0], generator, lvlm.info.image_size)
     expected = lvlm.processor.image_processor(transformed, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(batch.pixel_values[1:2], expected, rtol=0, atol=0)
     noised = add_diffusion_noise(batch.pixel_values[0:1], 500, generator)
@@ -317,13 +354,15 @@ def test_batch_independence(lvlm, params):
 
 def test_determinism():
     image = noise_image(1)
-    first = random_transform(image, torch.Generator().manual_seed(3))
-    again = random_transform(image, torch.Generator().manual_seed(3))
+    first = random_transform(image, torch.Generator().manual_seed(3), 32)
+    again = random_transform(image, torch.Generator().manual_seed(3), 32)
     assert first[1] == again[1] and first[0].tobytes() == again[0].tobytes()
     pixels = torch.rand(2, 3, 8, 8)
     noise = [add_diffusion_noise(pixels, 500, torch.Generator().manual_seed(4)) for _ in range(2)]
     assert torch.equal(noise[0], noise[1])
-    draws = {str(random_transform(image, torch.Generator().manual_seed(s))[1]) for s in range(8)}
+    draws = {
+        str(random_transform(image, torch.Generator().manual_seed(s), 32)[1]) for s in range(8)
+    }
     assert len(draws) > 1  # another seed, another draw
 
 
@@ -348,9 +387,10 @@ def test_transform_distribution_and_sizes():
     counts = dict.fromkeys(TRANSFORM_KEYS, 0)
     n = 6000
     for _ in range(n):
-        out, applied = random_transform(image, generator)
-        assert out.size == image.size and out.mode == "RGB"
+        out, applied = random_transform(image, generator, 12)
         counts[applied.key] += 1
+        assert out.mode == "RGB"
+        assert out.size == ((12, 12) if applied.key == "crop" else image.size)
         if applied.key == "rotation":
             assert -180 <= applied.params["angle"] <= 180
         elif applied.key == "crop":
@@ -362,12 +402,33 @@ def test_transform_distribution_and_sizes():
     assert chi_square < 20.515  # chi2 with 5 dof: p > 0.001
 
 
+def test_ritual_crop_is_a_square_at_the_input_size(lvlm):
+    """The reference's RandomResizedCrop(336): on a non-square image the crop comes out square at
+    the model's input side, so the processor keeps all of it."""
+    image = noise_image(3, size=(50, 37))
+    [view] = RITUAL().contribute(lvlm.info).views
+    side = lvlm.info.image_size
+    crops = 0
+    for seed in range(40):
+        out, note = view.image_fn(image, torch.Generator().manual_seed(seed))
+        if note.startswith("crop"):
+            crops += 1
+            assert out.size == (side, side)
+            processor = lvlm.processor.image_processor
+            pixels = processor(out, return_tensors="pt")["pixel_values"]
+            whole = processor(out, do_resize=False, do_center_crop=False, return_tensors="pt")
+            torch.testing.assert_close(pixels, whole["pixel_values"])  # nothing cut away
+        else:
+            assert out.size == image.size
+    assert crops > 0
+
+
 def test_transformed_image_preprocesses_to_the_same_shape(lvlm):
     image = noise_image(3, size=(50, 37))
     processor = lvlm.processor.image_processor
     base = processor(image, return_tensors="pt")["pixel_values"]
     for seed in range(12):
-        out, _ = transformed_image(image, torch.Generator().manual_seed(seed))
+        out, _ = transformed_image(image, torch.Generator().manual_seed(seed), lvlm.info.image_size)
         assert processor(out, return_tensors="pt")["pixel_values"].shape == base.shape
 
 
@@ -384,18 +445,22 @@ def test_noise_schedule_constants():
 
 def test_bad_transform_input():
     with pytest.raises(TypeError, match="PIL"):
-        random_transform(torch.zeros(3, 4, 4), torch.Generator())
+        random_transform(torch.zeros(3, 4, 4), torch.Generator(), 4)
 
 
 def test_views_on_llava_next(tmp_path):
-    # anyres: the transform keeps the image size, so every view gets the same image tokens.
+    # anyres: a transform that keeps the image size gives the view the same image tokens; the
+    # crop (a square at the input side) gives it its own count.
     lvlm = LVLM.from_pretrained(build_tiny("llava_next", tmp_path / "next"))
     specs = [{"name": "ritual"}, {"name": "vcd"}, {"name": "m3id"}]
     samples = [Sample("what?", (noise_image(4, (48, 30)),), seed=1), sample(5)]
     plan = lvlm.plan(specs, GREEDY)
     batch = build_rows(lvlm.processor, lvlm.info.image_token_id, plan, samples, lvlm.device)
     n_image = batch.layout.n_image.view(2, 4)  # [B, views]: original, transformed, noised, text
-    assert (n_image[:, :3] == n_image[:, :1]).all() and (n_image[:, 3] == 0).all()
+    assert (n_image[:, 2] == n_image[:, 0]).all() and (n_image[:, 3] == 0).all()
+    cropped = [note["ritual.transformed"][0].startswith("crop") for note in batch.view_notes]
+    assert cropped == [False, True]  # seed 1 draws a blur, seed 5 a crop
+    assert n_image[0, 1] == n_image[0, 0] and n_image[1, 1] > 0
     out = tokens(lvlm, specs, samples, GenerationParams(max_new_tokens=4, do_sample=True, seed=2))
     assert all(len(ids) > 0 for ids in out)
 

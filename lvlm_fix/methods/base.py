@@ -20,11 +20,11 @@ import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 if TYPE_CHECKING:
     from lvlm_fix.hooks import AttentionHook, LayerInputHook, PruneHook, VisionHook
@@ -32,6 +32,24 @@ if TYPE_CHECKING:
     from lvlm_fix.search import Search
 
 HookPoint = Literal["views", "attention", "layer_input", "search", "vision", "prune"]
+
+
+# How a text-only row (PAI-CFG's and M3ID's view, VHR's counterfactual) is built, one switch
+# shared by the three configs. "drop_image_tokens": the full prompt's ids minus the image tokens,
+# the template text around them kept, as the reference code does (PAI's CFG.py and RITUAL's M3ID
+# drop the image placeholder; VHR's official code takes the image span's indices to slice out).
+# "rerender": the chat template rendered without image slots (it may differ, e.g. by the newline
+# after `<image>`). A third way, keeping the image tokens and masking their columns (VHR's "mask",
+# positions kept), is not offered: the fused attention kernel knows each row's first real column,
+# not arbitrary hidden ones, so image columns would leak into every edited layer.
+TextOnlyRow = Literal["drop_image_tokens", "rerender"]
+TextOnly = Annotated[
+    TextOnlyRow,
+    Field(
+        default="drop_image_tokens",
+        description="Text-only row: the prompt's ids minus the image tokens, or re-rendered.",
+    ),
+]
 
 
 @dataclass(frozen=True)
@@ -45,6 +63,7 @@ class View:
     name: str
     weight: Callable[[int], float]
     drop_image: bool = False  # text-only row (PAI-CFG, M3ID, VHR's counterfactual)
+    text_only: TextOnlyRow = "drop_image_tokens"  # how a drop_image row is built (see TextOnly)
     # image_fn returns the new image and a description of what it did (recorded in the output)
     image_fn: Callable[[Image.Image, torch.Generator], tuple[Image.Image, str]] | None = None
     pixel_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
@@ -69,6 +88,9 @@ class Contribution:
     # per-step Python state), so a decode step may be captured once as a CUDA graph and replayed
     # (static_decode.py). False keeps the request's steps eager (OPERA's per-step recorder).
     graph_safe: bool = True
+    # Every decode step re-runs the whole sequence (prompt + tokens so far) as a prefill, without
+    # the KV cache, so prune hooks choose again each step (FastV's per-step mode).
+    recompute: bool = False
 
 
 class Intervention(BaseModel):

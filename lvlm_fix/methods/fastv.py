@@ -6,6 +6,13 @@ all keys, averaged over heads. It is computed as a cheap side row after the laye
 so no `output_attentions` and no eager attention. Layers >= K then see, and cache, only the kept
 image tokens; every token keeps its original position id. Rows may keep different counts (for
 example, rows with several images); the core pads them with masked filler columns.
+
+`mode`: "prefill" (default) prunes once, at prefill, like the repository's KV-cache variant:
+every decode step sees the same kept tokens. "per_step" is the setting behind the paper's
+evaluation, the repository's `use_cache=False` path: each step runs the whole sequence again and
+prunes at layer K from that step's attention row (the newest token's), so the kept set may
+change every step. It runs without a KV cache (`Contribution.recompute`), which costs a full
+forward per token. It refuses VHR, whose head choice needs the prefill's counterfactual row.
 """
 
 from __future__ import annotations
@@ -109,6 +116,10 @@ class FastV(Intervention):
     score_mode: Literal["last", "mean"] = Field(
         "last", description="'last': last prompt token's row (official code); 'mean': all rows"
     )
+    mode: Literal["prefill", "per_step"] = Field(
+        "prefill",
+        description="Prune once at prefill (KV-cache code), or again every step without a cache.",
+    )
 
     def is_neutral(self) -> bool:
         return self.keep is None and self.ratio == 0.0
@@ -117,4 +128,8 @@ class FastV(Intervention):
         if self.layer >= model.num_layers:
             raise ValueError(f"fastv layer={self.layer} must be below {model.num_layers} layers")
         hook = _FastVHook(self.layer, self.ratio, self.keep, self.score_mode)
-        return Contribution(attention=hook, prune=hook)
+        if self.mode == "prefill":
+            return Contribution(attention=hook, prune=hook)
+        return Contribution(
+            attention=hook, prune=hook, recompute=True, conflicts=frozenset({"vhr"})
+        )

@@ -3,6 +3,10 @@
 z = l0 + c_t * (l0 - lu) with c_t = (1 - gamma_t) / gamma_t and gamma_t = exp(-decay * t), t the
 number of tokens generated so far (specs/ritual.md §5). At t = 0 the weight is 0, so the first
 token is plain decoding. Then the plausibility cut on l0.
+
+The text-only row (`text_only`, see `methods.base.TextOnly`): the M3ID paper conditions on the
+text alone without saying how the prompt is built; RITUAL's code, our reference, drops the image
+placeholder from the prompt ids (`drop_image_tokens`, the default).
 """
 
 from __future__ import annotations
@@ -12,7 +16,14 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from lvlm_fix.methods.base import Contribution, HookPoint, Intervention, View, register
+from lvlm_fix.methods.base import (
+    Contribution,
+    HookPoint,
+    Intervention,
+    TextOnly,
+    View,
+    register,
+)
 from lvlm_fix.model import ModelInfo
 
 
@@ -41,13 +52,19 @@ class M3ID(Intervention):
         le=1.0,
         description="Plausibility cut: keep tokens with p0 >= beta * max p0 (0 = no cut).",
     )
+    text_only: TextOnly
 
     def is_neutral(self) -> bool:
         return self.decay == 0
 
     def contribute(self, model: ModelInfo) -> Contribution:
         decay = self.decay
-        view = View("m3id.text_only", weight=lambda t: -m3id_weight(t, decay), drop_image=True)
+        view = View(
+            "m3id.text_only",
+            weight=lambda t: -m3id_weight(t, decay),
+            drop_image=True,
+            text_only=self.text_only,
+        )
         return Contribution(
             views=(view,), base_weight=lambda t: m3id_weight(t, decay), plausibility_beta=self.beta
         )

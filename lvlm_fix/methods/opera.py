@@ -13,6 +13,13 @@ the prompt and replaying the response tokens, never by re-encoding the image.
 
 Everything is per sample: a rollback of one sample never changes another's tokens.
 Reference semantics and the differences are in the spec (specs/opera.md).
+
+Two reproduction switches copy reference numerics that our defaults deliberately avoid:
+`score_dtype="float16"` keeps column scores in fp16 buffers as the reference does (ε·product
+underflows to 0 for every product below about 0.3; a candidate whose columns all do gets φ = 0
+and the spurious location 0), and `length_includes_prompt=True` normalises beam scores by
+transformers 4.29's length, which counts the prompt's ids (each image one placeholder id, as in
+the reference's LLaVA path).
 """
 
 from __future__ import annotations
@@ -34,9 +41,10 @@ from lvlm_fix.methods.opera_state import (
     candidate_log_probs,
     clone_beams,
     column_scores,
+    column_scores_fp16,
     mode_smallest,
 )
-from lvlm_fix.model import ModelInfo
+from lvlm_fix.model import ModelInfo, PromptBatch
 from lvlm_fix.params import GenerationParams
 from lvlm_fix.search import BeamSearch, Limits, SearchResult, Step, advance_beams
 
@@ -96,6 +104,13 @@ class Opera(Intervention):
     keep_stale_bans: bool = Field(
         True, description="Keep bans of positions past a rollback point (reference: True)."
     )
+    score_dtype: Literal["float32", "float16"] = Field(
+        "float32",
+        description="Column scores in log space (float32) or the reference's fp16 buffers.",
+    )
+    length_includes_prompt: bool = Field(
+        False, description="Beam length counts the prompt (reference, transformers 4.29)."
+    )
 
     def contribute(self, model: ModelInfo) -> Contribution:
         # graph_safe=False: the recorder appends each step's attention row in Python
@@ -124,6 +139,9 @@ class OperaSearch:
         )
         budget = config.max_rollbacks_per_position
         self.budget = config.candidates if budget is None else budget
+        self.column_scores = (
+            column_scores_fp16 if config.score_dtype == "float16" else column_scores
+        )
 
     def start(self, batch_size: int, limits: Limits, device: torch.device) -> OperaState:
         beams = BeamSearch(self.params)
@@ -142,6 +160,11 @@ class OperaSearch:
         if st.prompt_len < 0:
             st.prompt_len = runner.attention_mask.shape[1]
             runner.state[HOLE_KEY] = torch.full_like(runner.attention_mask[:, :2], st.prompt_len)
+            if self.config.length_includes_prompt:
+                per_sample = len(runner.plan.views) + 1
+                lengths = reference_prompt_ids(runner.batch, per_sample)
+                for sample, length in zip(st.samples, lengths, strict=True):
+                    sample.prompt_ids = length
         self._commit_pending(st, runner)
         for s in st.samples:
             if s.active and s.t >= self.config.min_rollback_loc:
@@ -197,10 +220,10 @@ class OperaSearch:
     def _select(self, s: SampleState, cand_z, cand_ids, image_mass, window, vocab: int):
         """The OPERA beam step of one sample; updates its state. Returns parents, tokens, c*."""
         cfg, t = self.config, s.t
-        log_phi, loc, logw = column_scores(s.logcol[:, :t], window, cfg.scale, cfg.eps)
+        log_phi, loc, logw = self.column_scores(s.logcol[:, :t], window, cfg.scale, cfg.eps)
         adjusted = adjusted_logits(cand_z, image_mass, log_phi, t, cfg.penalty, cfg.bonus_tokens)
         log_probs = candidate_log_probs(cand_ids, adjusted, vocab)
-        step = advance_beams(s.beams, log_probs[None], self.params)
+        step = advance_beams(s.beams, log_probs[None], self.params, s.prompt_ids)
         parents, picked = step.parents[0], step.tokens[0]
         # A beam continued with -inf score (fewer live candidates than beams) has no match: c*=0.
         c_star = (cand_ids[parents] == picked[:, None]).long().argmax(-1)
@@ -277,7 +300,7 @@ class OperaSearch:
         row = logits.clone()
         for beam, token in s.bans.get(rp, ()):
             row[beam, token] = logits.min()
-        step = advance_beams(s.beams, row.log_softmax(-1)[None], self.params)
+        step = advance_beams(s.beams, row.log_softmax(-1)[None], self.params, s.prompt_ids)
         parents, picked = step.parents[0], step.tokens[0]
         s.snapshots[rp].choice = (parents, picked)
         s.logcol = s.logcol[parents]
@@ -329,3 +352,14 @@ class OperaSearch:
             s.logcol[:, :t] += logw[:, :t]
             s.logcol[:, t] = logw[:, t]
             s.pending = False
+
+
+def reference_prompt_ids(batch: PromptBatch, per_sample: int) -> list[int]:
+    """Per sample, its prompt's length as transformers 4.29's generate saw it in OPERA's LLaVA
+    path: the ids with each image as one placeholder (the model expands it inside forward).
+
+    batch: the prefill rows, `per_sample` of them per sample, the original first."""
+    rows = torch.arange(0, batch.input_ids.shape[0], per_sample, device=batch.input_ids.device)
+    images = torch.bincount(batch.image_rows, minlength=batch.input_ids.shape[0])[rows]
+    text = batch.attention_mask[rows].bool() & ~batch.layout.image_mask[rows]
+    return (text.sum(-1) + images).tolist()

@@ -76,6 +76,23 @@ def column_scores(
     return log_phi, loc, logw
 
 
+def column_scores_fp16(
+    logcol: torch.Tensor, window: torch.Tensor, scale: float, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`column_scores` with the reference's fp16 buffers (spec §1.3), for reproduction only.
+
+    σ·a is rounded to fp16, each column's product to fp16 (inf past 65504) and ε·product to
+    fp16 (0 below about 3e-8). A candidate whose columns all underflow gets φ = 0 and, from the
+    max over equal zeros, location 0. Same returns as `column_scores` (log φ = -inf for φ = 0).
+    """
+    logw = torch.log((window.half() * scale).float())
+    t = logcol.shape[1]
+    logs = torch.cat([logcol[:, None] + logw[..., :t], logw[..., t:]], -1)
+    scores = (eps * logs.exp().half().float()).half()  # the reference's fp16 score buffer
+    loc = scores.argmax(-1)  # the first column on ties
+    return scores.gather(-1, loc[..., None]).squeeze(-1).float().log(), loc, logw
+
+
 def mode_smallest(values: torch.Tensor, bound: int) -> torch.Tensor:
     """Mode along the last dim, ties broken by the smallest value: long [..., n] -> [...].
 
@@ -136,6 +153,8 @@ class SampleState:
     active: bool = True
     pending: bool = False  # the last chosen token was fed by the decode loop, row not committed
     history: torch.Tensor | None = None  # long [T, K]: loc_mode per step, first `t` rows valid
+    # length_includes_prompt: its prompt's ids as transformers 4.29 counted them (else None)
+    prompt_ids: int | None = None
     snapshots: dict[int, Snapshot] = field(default_factory=dict)
     rollback_count: dict[int, int] = field(default_factory=dict)
     bans: dict[int, set[tuple[int, int]]] = field(default_factory=dict)

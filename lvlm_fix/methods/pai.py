@@ -4,6 +4,10 @@ In layers [start_layer, end_layer), on the last query row only, every image key'
 score s becomes s + alpha * |s| (larger whatever its sign), in every head. Masked entries stay
 masked. Only edited views' rows are touched, so PAI's text-only CFG row (`pai_cfg`, a separate
 intervention) stays the plain model. The kernel applies the gain inside the online softmax.
+
+The first generated token comes from the prefill's last row, which is edited too, as the paper
+describes. The official `--use-attn --use-cfg` flow (LALBJ/PAI) leaves that token unedited;
+`edit_first_token=False` reproduces it: the prefill runs plain, decode steps are edited.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ class PAI(Intervention):
         le=1024,
         description="Edited layers end before this; None = the model's depth, < 0 from it.",
     )
+    edit_first_token: bool = Field(
+        True, description="Edit the prefill's last row (paper); False = official code's flow."
+    )
 
     def is_neutral(self) -> bool:
         return self.alpha == 0
@@ -53,7 +60,7 @@ class PAI(Intervention):
                 f"PAI layers [{self.start_layer}, {end}) are empty or beyond the model's {L} layers"
             )
         layers = frozenset(range(self.start_layer, end))
-        return Contribution(attention=ImageGain(layers, self.alpha))
+        return Contribution(attention=ImageGain(layers, self.alpha, self.edit_first_token))
 
 
 @dataclass(frozen=True)
@@ -66,9 +73,12 @@ class ImageGain:
 
     layers: frozenset[int]
     alpha: float
+    edit_prefill: bool  # the prefill's last row, whose logits give the first token
 
     def edits(self, call: AttentionCall) -> dict[str, Any] | None:
         if call.layer not in self.layers:
+            return None
+        if call.ctx.phase == "prefill" and not self.edit_prefill:
             return None
         R, H, Q, _ = call.query.shape
         state = call.ctx.state

@@ -1,10 +1,18 @@
 """PAI's classifier-free-guidance step: subtract the text-only prior from the logits.
 
 out = gamma * lc - (gamma - 1) * lu, then the plausibility cut on lc (specs/vhr.md §2.2). The
-reference combines log_softmax outputs; we combine raw logits. The two differ by one constant per
-row, which greedy, sampling (softmax, temperature, top-k, top-p) and beam search (log_softmax) all
-ignore. The text-only view runs with attention edits off (`edited=False`), as the reference's
-unconditional pass runs the plain model.
+reference combines log_softmax outputs; we combine raw logits. Per row the two differ by one
+constant, which greedy and sampling (softmax, temperature, top-k, top-p) ignore. Beam search need
+not: the reference adds its combined scores to the beam scores unnormalised, so the constant
+(gamma·log Z_c - (gamma-1)·log Z_u, different per beam) enters the ranking, and its text-only cache
+is never reordered with the beams (specs/vhr.md §5.5). Ours log_softmaxes the combined scores
+(the constant drops out: beams add log-probabilities of the combined distribution), and the
+text-only row follows its beam like every view row. The text-only view runs with attention edits
+off (`edited=False`), as the reference's unconditional pass runs the plain model.
+
+The text-only prompt (`text_only`, see `methods.base.TextOnly`): the paper's p(y | X_I, X_H) is
+the instruction and history without the image; the code (CFG.py) builds it as BOS + the tokens
+before the image placeholder + the tokens after it (`drop_image_tokens`, the default).
 """
 
 from __future__ import annotations
@@ -13,7 +21,14 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from lvlm_fix.methods.base import Contribution, HookPoint, Intervention, View, register
+from lvlm_fix.methods.base import (
+    Contribution,
+    HookPoint,
+    Intervention,
+    TextOnly,
+    View,
+    register,
+)
 from lvlm_fix.model import ModelInfo
 
 
@@ -33,6 +48,7 @@ class PAICFG(Intervention):
         le=1.0,
         description="Plausibility cut: keep tokens with p_cond >= beta * max p_cond (0 = no cut).",
     )
+    text_only: TextOnly
 
     def is_neutral(self) -> bool:
         return self.gamma == 1
@@ -40,7 +56,11 @@ class PAICFG(Intervention):
     def contribute(self, model: ModelInfo) -> Contribution:
         gamma = self.gamma
         view = View(
-            "pai_cfg.text_only", weight=lambda t: -(gamma - 1), drop_image=True, edited=False
+            "pai_cfg.text_only",
+            weight=lambda t: -(gamma - 1),
+            drop_image=True,
+            text_only=self.text_only,
+            edited=False,
         )
         return Contribution(
             views=(view,), base_weight=lambda t: gamma - 1, plausibility_beta=self.beta

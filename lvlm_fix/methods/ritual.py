@@ -3,10 +3,13 @@
 z = l0 + alpha_pos * lT, then the plausibility cut on l0 (specs/ritual.md §2). The transformed view
 is an extra batch row with its own KV cache; one transform is drawn per sample from the sample's
 view generator (specs/ritual.md §3), so it is the same for every step and independent of the batch.
+The crop is the reference's `RandomResizedCrop(336)`: a square at the model's input side, which
+the processor keeps whole (a crop resized back to a non-square input's size would be cut again).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import ClassVar
 
 from pydantic import Field
@@ -38,5 +41,6 @@ class RITUAL(Intervention):
 
     def contribute(self, model: ModelInfo) -> Contribution:
         alpha = self.alpha_pos
-        view = View("ritual.transformed", weight=lambda t: alpha, image_fn=transformed_image)
+        transform = partial(transformed_image, size=model.image_size)
+        view = View("ritual.transformed", weight=lambda t: alpha, image_fn=transform)
         return Contribution(views=(view,), plausibility_beta=self.beta)

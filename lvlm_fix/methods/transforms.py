@@ -5,8 +5,9 @@ PIL image, before the model's own preprocessing. We reimplement the same distrib
 torch (no torchvision), and draw every random number from the given generator, so a sample's
 transform does not depend on its batch-mates or on global RNG state.
 
-Every transform keeps the image size: the crop is resized back to the input's (W, H), so the
-processor then resizes / crops it exactly as it does the original.
+Every transform but the crop keeps the image size. The crop is `RandomResizedCrop(size)` as in
+the reference: a square at the model's input side (336 for LLaVA-1.5), so the processor keeps all
+of it, whatever the original's aspect ratio.
 """
 
 from __future__ import annotations
@@ -61,21 +62,28 @@ def _randint(generator: torch.Generator, high: int) -> int:
 
 
 def random_transform(
-    image: Image.Image, generator: torch.Generator
+    image: Image.Image, generator: torch.Generator, size: int
 ) -> tuple[Image.Image, AppliedTransform]:
-    """Draw one of the six transforms uniformly, apply it; returns (image, what was applied)."""
+    """Draw one of the six transforms uniformly, apply it; returns (image, what was applied).
+
+    size: the model's input side, the crop's output square."""
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected a PIL.Image.Image, got {type(image).__name__}")
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"expected a torch.Generator, got {type(generator).__name__}")
     image = image.convert("RGB") if image.mode != "RGB" else image
     key = TRANSFORM_KEYS[_randint(generator, len(TRANSFORM_KEYS))]
+    if key == "crop":
+        return _crop(image, generator, size)
     return _APPLY[key](image, generator)
 
 
-def transformed_image(image: Image.Image, generator: torch.Generator) -> tuple[Image.Image, str]:
-    """`random_transform` in the shape `View.image_fn` expects: (image, description)."""
-    image, applied = random_transform(image, generator)
+def transformed_image(
+    image: Image.Image, generator: torch.Generator, size: int
+) -> tuple[Image.Image, str]:
+    """`random_transform` as `View.image_fn` expects it, (image, description), once `size` is
+    bound (`functools.partial`)."""
+    image, applied = random_transform(image, generator, size)
     return image, str(applied)
 
 
@@ -147,13 +155,12 @@ def _gaussian_blur(image: Image.Image, generator: torch.Generator):
     return Image.fromarray(out, mode="RGB"), AppliedTransform("gaussian blur", {"sigma": sigma})
 
 
-def _crop(image: Image.Image, generator: torch.Generator):
-    # RandomResizedCrop: area scale U[0.08, 1], log-uniform ratio in [3/4, 4/3], 10 tries.
+def _crop(image: Image.Image, generator: torch.Generator, size: int):
+    # RandomResizedCrop(size): area scale U[0.08, 1], log-uniform ratio in [3/4, 4/3], 10 tries,
+    # then the box resized to size x size.
     width, height = image.size
     top, left, h, w = _crop_box(width, height, generator)
-    out = image.resize(
-        (width, height), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h)
-    )
+    out = image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
     return out, AppliedTransform("crop", {"top": top, "left": left, "height": h, "width": w})
 
 
@@ -187,5 +194,4 @@ _APPLY = {
     "rotation": _rotation,
     "color jitter": _color_jitter,
     "gaussian blur": _gaussian_blur,
-    "crop": _crop,
 }

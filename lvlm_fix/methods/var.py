@@ -9,6 +9,10 @@ a `recycle_fraction` of the sink mass (text and visual) moves to the non-sink im
 proportion to their own attention. The kernel does the redistribution (`AttentionEdits.var_*`);
 this file finds the sinks and says which columns and rows it applies to.
 
+Layers: 2 .. L-2 by default, as the paper says (the last layer is left alone). The released code
+(seilk/VisAttnSink) edits the last layer too: its `except_last_layer` is shadowed by a class
+attribute set to False (specs/var.md §1). `skip_last_layer=False` reproduces that.
+
 Conventions (paper vs code, issue #5 of seilk/VisAttnSink): the code's `p` is the fraction of sink
 mass *kept* (`recycle_fraction = 1 - p_code`); the code's `rho` bounds the visual-*sink* share
 (`max_sink_share = rho_code = 1 - rho_paper`). Defaults are the released LLaVA-1.5-7B config.
@@ -76,7 +80,7 @@ class VAR(Intervention):
         20.0, gt=0.0, le=1e6, description="Sink threshold on max |x_d|/RMS(x) (strict >)."
     )
     skip_last_layer: bool = Field(
-        True, description="Leave the last layer alone (paper); False = the released code."
+        True, description="Leave the last layer alone (paper); False = edit it too (released code)."
     )
     sink_dims: Literal["auto"] | list[int] = Field(
         "auto",

@@ -6,11 +6,13 @@ Heads whose VHD is above the layer's median (after an outlier filter) are "visio
 their output multiplied by `alpha` from then on. Selection runs layer by layer during prefill, so
 layer l's choice already sees the reinforcement of layers < l.
 
-The "without image" branch is a prefill-only text-only view: the same prompt with the image
-tokens dropped (positions re-indexed as if the prompt had no image, as PAI's text-only prompt
-does). It runs in the same batch as the original row, so both are at layer l at the same time.
-Only this "drop" counterfactual is implemented; keeping positions and masking the image instead
-("mask") would be a further value of `vhd_counterfactual`.
+The "without image" branch is a prefill-only text-only view, positions re-indexed as if the
+prompt had no image. It runs in the same batch as the original row, so both are at layer l at the
+same time. How it is built is `text_only` (see `methods.base.TextOnly`), and it decides which
+heads are picked. The paper conditions on x_T only; the official `generate` takes the image
+span's start and end indices, which fits slicing the span out of the ids: `drop_image_tokens`
+(default, specs/vhr.md §1.2). `rerender` is the template without image slots. The spec's "mask"
+(positions kept, image columns masked) is not offered (see TextOnly).
 
 State: state["vhr.head_scale"] float [R, L, H] (1 = untouched), fixed after prefill; at decode
 the head scale is an epilogue multiply inside the attention kernel.
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 from pydantic import Field, field_validator
 
-from lvlm_fix.methods.base import Contribution, Intervention, View, register
+from lvlm_fix.methods.base import Contribution, Intervention, TextOnly, View, register
 from lvlm_fix.model import ModelInfo
 
 if TYPE_CHECKING:
@@ -58,9 +60,7 @@ class VHR(Intervention):
     vhd_reinforce_counterfactual: bool = Field(
         True, description="Scale the text-only branch's heads too, so both streams match."
     )
-    vhd_counterfactual: Literal["drop"] = Field(
-        "drop", description="How the image is removed: 'drop' its tokens (the only one built)."
-    )
+    text_only: TextOnly
 
     @field_validator("layers")
     @classmethod
@@ -74,7 +74,14 @@ class VHR(Intervention):
 
     def contribute(self, model: ModelInfo) -> Contribution:
         layers = reinforced_layers(self.layers, model.num_layers)
-        view = View("vhr.text_only", weight=_zero, drop_image=True, prefill_only=True, edited=False)
+        view = View(
+            "vhr.text_only",
+            weight=_zero,
+            drop_image=True,
+            text_only=self.text_only,
+            prefill_only=True,
+            edited=False,
+        )
         hook = Reinforce(
             view=view,
             layers=layers,
