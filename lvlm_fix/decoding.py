@@ -22,8 +22,10 @@ from lvlm_fix.methods.base import RowState
 from lvlm_fix.model import (
     ImageLayout,
     PromptBatch,
+    Turn,
     drop_image_tokens,
     encode_rows,
+    render_chat,
     render_prompt,
     shrink_image_runs,
 )
@@ -34,11 +36,22 @@ from lvlm_fix.static_decode import StaticDecode, fits_in_memory, static_steps
 
 @dataclass(frozen=True)
 class Sample:
-    """One prompt: the user's text and its images (zero or more)."""
+    """One prompt: the user's text and its images (zero or more).
+
+    `chat`: a whole conversation (system, user and assistant turns) rendered through the chat
+    template instead of `text`; its image slots take `images` in order.
+    """
 
     text: str
     images: tuple[Image.Image, ...] = ()
     seed: int | None = None
+    chat: tuple[Turn, ...] = ()
+
+    def prompt(self, processor, with_images: bool = True) -> str:
+        """The rendered prompt, with this sample's image slots or (text-only views) none."""
+        if self.chat:
+            return render_chat(processor, self.chat, with_images)
+        return render_prompt(processor, self.text, len(self.images) if with_images else 0)
 
 
 class Runner:
@@ -198,7 +211,7 @@ def build_rows(processor, image_token_id: int, plan: Plan, samples: list[Sample]
     notes: list[dict[str, list[str]]] = []
     for sample in samples:
         generator = torch.Generator().manual_seed(view_seed(sample.seed))
-        prompts.append(render_prompt(processor, sample.text, len(sample.images)))
+        prompts.append(sample.prompt(processor))
         images.append(list(sample.images))
         notes.append({})
         for view in plan.views:
@@ -213,7 +226,7 @@ def build_rows(processor, image_token_id: int, plan: Plan, samples: list[Sample]
             if view.drop_image and view.text_only == "drop_image_tokens":
                 stripped.append(len(prompts))
                 kept = list(sample.images)  # encoded as the original is, then stripped below
-            prompts.append(render_prompt(processor, sample.text, len(kept)))
+            prompts.append(sample.prompt(processor, with_images=bool(kept)))
             images.append(kept)
     batch = encode_rows(processor, image_token_id, prompts, images, device)
     pad_id = processor.tokenizer.pad_token_id or 0

@@ -9,7 +9,7 @@ lvlm = LVLM(model, processor)                      # or a model you loaded with 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from lvlm_fix.model import (
 )
 from lvlm_fix.params import GenerationParams
 from lvlm_fix.plan import Plan, compile_plan
-from lvlm_fix.search import Limits
+from lvlm_fix.search import Limits, TokenLogprobs
 
 InterventionSpec = Intervention | dict[str, Any]
 
@@ -47,6 +47,7 @@ class Generation(BaseModel):
     prompt_tokens: int
     config_id: str  # stable hash of the interventions used
     views: dict[str, list[str]] = {}  # what each image-transforming view applied, per image
+    logprobs: list[TokenLogprobs] | None = None  # with params.logprobs: one per token_ids entry
 
 
 class LVLM:
@@ -111,6 +112,8 @@ class LVLM:
     def _run(self, samples, interventions, params) -> Iterator[tuple[DecodeEvent, Plan]]:
         params = params or GenerationParams()
         plan = self.plan(interventions, params)
+        if params.logprobs is not None and not getattr(plan.search, "reports_logprobs", False):
+            raise ValueError("logprobs are only available with greedy decoding or sampling")
         samples = [_as_sample(s, params.seed) for s in samples]
         if not samples:
             raise ValueError("no samples to generate for")
@@ -131,11 +134,19 @@ class LVLM:
         samples: Sequence[Sample | tuple[str, Image.Image | None]],
         interventions: Sequence[InterventionSpec] = (),
         params: GenerationParams | None = None,
+        *,
+        on_step: Callable[[], None] | None = None,
     ) -> list[Generation]:
-        """Generate for a batch of samples; rows never influence each other."""
+        """Generate for a batch of samples; rows never influence each other.
+
+        `on_step` is called after each decode step has chosen its tokens (the first call marks
+        the end of prefill), e.g. to time a request the way a server reports it.
+        """
         for event, plan in self._run(samples, interventions, params):
             if event.result is not None:
                 return self._finish(event, plan, params)
+            if on_step is not None:
+                on_step()
         raise RuntimeError("decoding ended without a result")
 
     def stream(
@@ -185,8 +196,11 @@ class LVLM:
         outputs = []
         result = event.result
         notes = event.view_notes or ({},) * len(result.tokens)
-        rows = zip(result.tokens, result.finish_reasons, event.prompt_tokens, notes, strict=True)
-        for ids, reason, prompt_tokens, views in rows:
+        logprobs = result.logprobs or (None,) * len(result.tokens)
+        rows = zip(
+            result.tokens, result.finish_reasons, event.prompt_tokens, notes, logprobs, strict=True
+        )
+        for ids, reason, prompt_tokens, views, steps in rows:
             text, stopped = _answer(tokenizer, ids, params.stop)
             outputs.append(
                 Generation(
@@ -196,6 +210,7 @@ class LVLM:
                     prompt_tokens=prompt_tokens,
                     config_id=plan.config_id,
                     views=views,
+                    logprobs=steps,
                 )
             )
         return outputs

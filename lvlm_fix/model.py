@@ -244,6 +244,56 @@ def render_prompt(processor: ProcessorMixin, text: str, n_images: int) -> str:
     return DEFAULT_PROMPT.format(images="<image>\n" * n_images, text=text)
 
 
+@dataclass(frozen=True)
+class Turn:
+    """One chat message: its role (system, user, assistant) and its parts in the order they were
+    sent, each a text or None for an image slot."""
+
+    role: str
+    parts: tuple[str | None, ...]
+
+
+def render_chat(processor: ProcessorMixin, turns: tuple[Turn, ...], images: bool = True) -> str:
+    """The model's chat template over a whole conversation, parts in the order sent, ending with
+    the assistant's generation prompt. `images=False` leaves the image slots out (text-only views).
+
+    A template that never mentions the system role would render a system turn as some other
+    role (LLaVA-1.5's official one: as an assistant turn), so there the system texts go in front
+    of the first user turn's parts instead.
+    """
+    template = getattr(processor, "chat_template", None)
+    if not template:
+        raise ValueError("this model has no chat template: send one user turn")
+    if "system" not in template:
+        turns = _system_into_first_user_turn(turns)
+    messages = [
+        {
+            "role": turn.role,
+            "content": [
+                {"type": "image"} if part is None else {"type": "text", "text": part}
+                for part in turn.parts
+                if part is not None or images
+            ],
+        }
+        for turn in turns
+    ]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def _system_into_first_user_turn(turns: tuple[Turn, ...]) -> tuple[Turn, ...]:
+    system = [part for turn in turns if turn.role == "system" for part in turn.parts]
+    rest = [turn for turn in turns if turn.role != "system"]
+    if not system:
+        return turns
+    first_user = next((i for i, turn in enumerate(rest) if turn.role == "user"), None)
+    if first_user is None:
+        raise ValueError("a chat needs a user turn")
+    joined = "\n".join(part for part in system if part is not None)
+    user = rest[first_user]
+    rest[first_user] = Turn("user", (f"{joined}\n", *user.parts))
+    return tuple(rest)
+
+
 def check_image(image: object) -> Image.Image:
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected a PIL.Image.Image, got {type(image).__name__}")

@@ -20,11 +20,20 @@ class GenerationParams(BaseModel):
     early_stopping: bool = Field(False, description="Beam: stop once num_beams are finished.")
     seed: int | None = Field(None, ge=0, description="Sampling seed (None = nondeterministic).")
     stop: tuple[str, ...] = Field((), max_length=8, description="Stop strings (empty = off).")
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=20,
+        description="Report each generated token's log-prob and this many top alternatives, "
+        "from the scores the search chose from (None = off; greedy or sampling only).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> GenerationParams:
         if self.do_sample and self.num_beams > 1:
             raise ValueError("beam sampling is not supported: set do_sample=False or num_beams=1")
+        if self.logprobs is not None and self.num_beams > 1:
+            raise ValueError("logprobs are not available with beam search (num_beams > 1)")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
         return self

@@ -24,9 +24,18 @@ class Step:
 
 
 @dataclass
+class TokenLogprobs:
+    """One generated position of one sample: the chosen token's log-prob and the top ones."""
+
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, log-prob), most likely first
+
+
+@dataclass
 class SearchResult:
     tokens: list[list[int]]  # generated ids per sample, without the final EOS / padding
     finish_reasons: list[str]  # "stop" (EOS or stop string) or "length"
+    logprobs: list[list[TokenLogprobs]] | None = None  # per sample, one per token in `tokens`
 
 
 @dataclass
@@ -85,12 +94,15 @@ class _SingleState:
     tokens: list[torch.Tensor] = field(default_factory=list)  # each long [B]
     stopped: list[bool] = field(default_factory=list)  # stop string seen, per sample
     limits: Limits | None = None
+    # With params.logprobs: per step, (chosen [B], top values [B, k], top ids [B, k]).
+    logprobs: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
 
 
 class SingleSearch:
     """Greedy (argmax) or sampling: one beam per sample."""
 
     width = 1
+    reports_logprobs = True  # other searches leave the attribute out: logprobs are refused
 
     def __init__(self, params: GenerationParams):
         self.params = params
@@ -107,6 +119,8 @@ class SingleSearch:
         else:
             tokens = scores.argmax(-1)
         tokens = tokens.masked_fill(state.finished, limits.pad_id)
+        if self.params.logprobs is not None:
+            state.logprobs.append(_logprobs(scores, tokens, self.params.logprobs))
         state.tokens.append(tokens)
         state.finished |= tokens == limits.eos_id
         if limits.stop_hit is not None:
@@ -126,7 +140,34 @@ class SingleSearch:
             ended = eos in row or state.stopped[b]
             tokens.append(row[: row.index(eos)] if eos in row else row)
             reasons.append("stop" if ended else "length")
-        return SearchResult(tokens, reasons)
+        logprobs = None
+        if self.params.logprobs is not None:
+            logprobs = _per_sample(state.logprobs, [len(row) for row in tokens])
+        return SearchResult(tokens, reasons, logprobs)
+
+
+def _logprobs(scores: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """Log-probs of one step from the combined scores [B, V] (interventions applied, before
+    temperature / top-k / top-p): the chosen tokens' [B] and the k best [B, k]. They stay on
+    the device until the end, so a step costs no host sync."""
+    log_probs = scores.float().log_softmax(-1)
+    chosen = log_probs.gather(-1, tokens[:, None])[:, 0]
+    top = log_probs.topk(k, dim=-1)
+    return chosen, top.values, top.indices
+
+
+def _per_sample(steps: list[tuple[torch.Tensor, ...]], lengths: list[int]):
+    """Per-step tensors -> per sample, the first `length` positions as TokenLogprobs."""
+    if not steps:
+        return [[] for _ in lengths]
+    chosen, values, ids = (torch.stack(parts, 1).tolist() for parts in zip(*steps, strict=True))
+    return [
+        [
+            TokenLogprobs(chosen[b][t], list(zip(ids[b][t], values[b][t], strict=True)))
+            for t in range(length)
+        ]
+        for b, length in enumerate(lengths)
+    ]
 
 
 @dataclass

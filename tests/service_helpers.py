@@ -13,6 +13,9 @@ from contextlib import contextmanager
 import uvicorn
 from PIL import Image
 
+from lvlm_fix import Sample
+from lvlm_fix.model import Turn
+
 
 def png(width: int = 40, height: int = 30, color: str = "blue") -> bytes:
     buffer = io.BytesIO()
@@ -22,6 +25,13 @@ def png(width: int = 40, height: int = 30, color: str = "blue") -> bytes:
 
 def data_url(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def chat_sample(text: str, image: bytes | None = None, seed: int | None = None) -> Sample:
+    """The in-process Sample of `chat_body(text, image)`: one user turn, text then image."""
+    images = (Image.open(io.BytesIO(image)).convert("RGB"),) if image else ()
+    turn = Turn("user", (text, None) if image else (text,))
+    return Sample(text, images, seed, chat=(turn,))
 
 
 def chat_body(text: str = "What is in the image?", image: bytes | None = None, **extra) -> dict:
@@ -73,17 +83,42 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", chat_body(image=b"\x89PNG" + bytes(70_000)), 413, "bytes"),
     ("/v1/chat/completions", chat_body(text="x" * 3000), 400, "prompt is 3000 characters"),
     ("/v1/chat/completions", {**chat_body(), "max_tokens": 10_000}, 400, "max_tokens"),
-    ("/v1/chat/completions", {**chat_body(), "max_tokens": "many"}, 422, "max_tokens"),
+    ("/v1/chat/completions", {**chat_body(), "max_tokens": "many"}, 400, "max_tokens"),
     ("/v1/chat/completions", {**chat_body(), "n": 50}, 400, "n=50"),
-    ("/v1/chat/completions", {**chat_body(), "temperature": -1}, 422, "temperature"),
-    ("/v1/chat/completions", {**chat_body(), "logprobs": True}, 422, "logprobs"),
-    ("/v1/chat/completions", {**chat_body(), "bogus_field": 1}, 422, "bogus_field"),
-    ("/v1/chat/completions", {"messages": []}, 422, "messages"),
+    ("/v1/chat/completions", {**chat_body(), "temperature": -1}, 400, "temperature"),
+    ("/v1/chat/completions", {**chat_body(), "top_logprobs": 2}, 400, "needs logprobs=true"),
+    ("/v1/chat/completions", {**chat_body(), "logprobs": True, "top_logprobs": 50}, 400, "top_lo"),
+    ("/v1/chat/completions", {**chat_body(), "bogus_field": 1}, 400, "bogus_field"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {**chat_body(), "model": "nope"}, 404, "`nope` does not exist"),
+    ("/v1/chat/completions", {**chat_body(), "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("/v1/chat/completions", {**chat_body(), "logit_bias": {"5": 3}}, 400, "logit_bias"),
     (
         "/v1/chat/completions",
-        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+        {**chat_body(), "response_format": {"type": "json_object"}},
         400,
-        "single-turn",
+        "response_format",
+    ),
+    (
+        "/v1/chat/completions",
+        {**chat_body(), "tools": [{"type": "function", "function": {"name": "f"}}]},
+        400,
+        "tools",
+    ),
+    ("/v1/chat/completions", {**chat_body(), "ignore_eos": True}, 400, "ignore_eos"),
+    ("/v1/chat/completions", {**chat_body(), "use_beam_search": True, "n": 2}, 400, "best_of"),
+    ("/v1/chat/completions", {**chat_body(), "best_of": 3}, 400, "use_beam_search"),
+    (
+        "/v1/chat/completions",
+        {**chat_body(), "use_beam_search": True, "best_of": 2, "temperature": 1},
+        400,
+        "beam sampling",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "system", "content": "a"}, {"role": "assistant", "content": "b"}]},
+        400,
+        "at least one user message",
     ),
     (
         "/v1/chat/completions",
@@ -121,14 +156,15 @@ BAD_REQUESTS = [
         400,
         "unknown intervention 'no_such'",
     ),
-    ("/v1/chat/completions", {**chat_body(), "interventions": [{"alpha": 1}]}, 422, "name"),
+    ("/v1/chat/completions", {**chat_body(), "interventions": [{"alpha": 1}]}, 400, "name"),
     ("/v1/caption", {"max_tokens": 4}, 400, "exactly one image"),
     ("/v1/caption", {"image": "%%%"}, 400, "base64"),
-    ("/v1/vqa", {"image": base64.b64encode(png()).decode()}, 422, "question"),
+    ("/v1/vqa", {"image": base64.b64encode(png()).decode()}, 400, "question"),
+    ("/v1/vqa", {"image": "x", "question": "q", "model": "nope"}, 404, "does not exist"),
     (
         "/v1/vqa",
         {"image": base64.b64encode(png()).decode(), "question": "q", "top_p": 3},
-        422,
+        400,
         "top_p",
     ),
 ]

@@ -3,7 +3,6 @@ over a tiny random LLaVA (and, for image URLs, to real local HTTP servers; never
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import logging
@@ -16,9 +15,8 @@ from typing import ClassVar
 import httpx
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save_file
-from service_helpers import chat_body, png, uvicorn_server
+from service_helpers import chat_body, chat_sample, png, uvicorn_server
 
 from lvlm_fix import LVLM
 from lvlm_fix.methods import REGISTRY, Contribution, Intervention, View
@@ -272,8 +270,8 @@ def test_context_length_counted_in_tokens(lvlm):
     assert "maximum context length is 1024 tokens" in error["message"]
     # The count matches what generation reports (image tokens included).
     counter = PromptCounter.load(lvlm.info)
-    image = Image.open(io.BytesIO(png())).convert("RGB")
-    assert counter.count("What is in the image?", (image,)) == fits.json()["usage"]["prompt_tokens"]
+    sample = chat_sample("What is in the image?", png())
+    assert counter.count(sample) == fits.json()["usage"]["prompt_tokens"]
 
 
 # ---- 5. the API key --------------------------------------------------------------------------

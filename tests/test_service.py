@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
 import httpx
 import openai
 import pytest
+from PIL import Image
 from pydantic import Field
 from service_helpers import (
     BAD_REQUESTS,
     chat_body,
+    chat_sample,
+    data_url,
     metric_samples,
     png,
     uvicorn_server,
@@ -22,6 +27,7 @@ from service_helpers import (
 
 from lvlm_fix import LVLM, GenerationParams, Sample
 from lvlm_fix.methods import REGISTRY, Contribution, Intervention, View
+from lvlm_fix.model import Turn
 from lvlm_fix.service import AsyncClient, Client, ServiceError
 from lvlm_fix.service.app import build_app
 from lvlm_fix.service.config import ServeConfig
@@ -36,6 +42,10 @@ CONFIG = ServeConfig(
     max_prompt_chars=2000,
     max_tokens_limit=64,
     max_n=4,
+    presets={
+        "lvlm-fix+vhr": ({"name": "vhr"},),
+        "lvlm-fix+ritual+vcd": ({"name": "ritual"}, {"name": "vcd"}),
+    },
 )
 
 
@@ -92,6 +102,7 @@ def http(url):
 
 
 def _solo(lvlm: LVLM, text: str, image: bytes | None, max_tokens: int = 6, interventions=()):
+    """What a task route (/v1/vqa, /v1/caption) generates: the image, then the text."""
     import io
 
     from PIL import Image
@@ -101,9 +112,21 @@ def _solo(lvlm: LVLM, text: str, image: bytes | None, max_tokens: int = 6, inter
     return lvlm.generate([Sample(text, images)], interventions, params)[0]
 
 
+def _chat(lvlm: LVLM, text: str, image: bytes | None, max_tokens: int = 6, interventions=()):
+    """What the chat route generates for `chat_body(text, image)`: parts in the order sent."""
+    params = GenerationParams(max_new_tokens=max_tokens)
+    return lvlm.generate([chat_sample(text, image)], interventions, params)[0]
+
+
 def test_catalogue_routes(http, url):
     assert httpx.get(f"{url}/health").json() == {"status": "ok"}
-    assert http.get("/v1/models").json()["data"][0]["id"] == "lvlm-fix"
+    ids = [card["id"] for card in http.get("/v1/models").json()["data"]]
+    assert ids == ["lvlm-fix", "lvlm-fix+vhr", "lvlm-fix+ritual+vcd"]
+    card = http.get("/v1/models/lvlm-fix+ritual+vcd").json()
+    assert (card["parent"], card["root"]) == ("lvlm-fix", "lvlm-fix")
+    assert card["interventions"] == [{"name": "ritual"}, {"name": "vcd"}]
+    missing = http.get("/v1/models/gpt-4o")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
     methods = {m["name"]: m for m in http.get("/v1/interventions").json()["data"]}
     assert set(methods) == set(REGISTRY)
     contrast = methods["test_text_contrast"]
@@ -124,7 +147,7 @@ def test_chat_matches_in_process(http, lvlm):
     assert reply.status_code == 200
     assert reply.headers["x-request-id"] == "abc123"
     body = reply.json()
-    expected = _solo(lvlm, "What is in the image?", image)
+    expected = _chat(lvlm, "What is in the image?", image)
     [choice] = body["choices"]
     assert choice["message"] == {"role": "assistant", "content": expected.text}
     assert choice["token_ids"] == expected.token_ids
@@ -165,7 +188,7 @@ def test_caption_and_vqa_json_multipart_and_client(http, url, lvlm):
         caption = client.caption(image, max_tokens=6)
         assert caption == _solo(lvlm, "Please describe this image in detail.", image)
         [chat] = client.chat("Is there a cat?", image, max_tokens=6)
-        assert chat == expected
+        assert chat == _chat(lvlm, "Is there a cat?", image)
 
 
 def test_async_client(url, lvlm):
@@ -179,7 +202,7 @@ def test_async_client(url, lvlm):
 
     answer, pieces = asyncio.run(run())
     assert answer == _solo(lvlm, "Color?", image, max_tokens=5)
-    assert "".join(pieces).strip() == answer.text
+    assert "".join(pieces) == _chat(lvlm, "Color?", image, max_tokens=5).text
 
 
 def test_streaming_sse(http, url, lvlm):
@@ -191,7 +214,7 @@ def test_streaming_sse(http, url, lvlm):
     assert lines[-1] == "data: [DONE]"
     assert '"role":"assistant"' in lines[0]
     assert '"finish_reason":"length"' in lines[-3] and '"usage"' in lines[-2]
-    expected = _solo(lvlm, "What is in the image?", image)
+    expected = _chat(lvlm, "What is in the image?", image)
     with Client(url, api_key=KEY) as client:
         assert "".join(client.stream("What is in the image?", image, max_tokens=6)) == expected.text
 
@@ -203,7 +226,7 @@ def test_interventions_per_request(http, lvlm):
         name = spec["name"]
         body = http.post("/v1/chat/completions", json=chat_body(image=image, interventions=[spec]))
         assert body.status_code == 200, body.text
-        expected = _solo(lvlm, "What is in the image?", image, interventions=[spec])
+        expected = _chat(lvlm, "What is in the image?", image, interventions=[spec])
         assert body.json()["choices"][0]["token_ids"] == expected.token_ids, name
         assert body.json()["system_fingerprint"] == lvlm.plan([spec]).config_id
     bad_param = http.post(
@@ -216,8 +239,8 @@ def test_interventions_per_request(http, lvlm):
     conflict = http.post("/v1/chat/completions", json=chat_body(interventions=both))
     assert conflict.status_code == 400
     assert "'test_exclusive' and 'test_text_contrast'" in conflict.json()["error"]["message"]
-    extra = metric_samples(http.get("/metrics").text, "lvlm_extra_forward_rows_total")
-    assert extra['{method="test_text_contrast"}'] >= 1
+    extra = metric_samples(http.get("/metrics").text, "lvlm_fix:extra_forward_rows_total")
+    assert extra['{method="test_text_contrast",model_name="lvlm-fix"}'] >= 1
 
 
 @pytest.mark.parametrize("route,body,status,words", BAD_REQUESTS, ids=lambda v: str(v)[:24])
@@ -251,7 +274,7 @@ def test_openai_sdk(url, lvlm):
     reply = client.chat.completions.create(
         model="lvlm-fix", messages=body["messages"], max_tokens=6, extra_body={"interventions": []}
     )
-    expected = _solo(lvlm, "What is in the image?", image)
+    expected = _chat(lvlm, "What is in the image?", image)
     assert reply.choices[0].message.content == expected.text
     assert reply.usage.completion_tokens == len(expected.token_ids)
     stream = client.chat.completions.create(
@@ -284,16 +307,74 @@ def test_health_responsive_while_generating(url, http):
     assert max(during) < 1.0
 
 
-def test_metrics(http):
+def _metric(text: str, name: str, labels: str = '{model_name="lvlm-fix"}') -> float:
+    return metric_samples(text, "lvlm_fix:" + name).get(labels, 0.0)
+
+
+def test_metrics_count_as_vllm_does(http, url):
+    m = lambda: http.get("/metrics").text  # noqa: E731
+    before = m()
+    long = dict(max_tokens=24, temperature=2, seed=LONG_STREAM_SEED)  # runs to max_tokens
+    reply = http.post("/v1/chat/completions", json=chat_body(image=png(), **long)).json()
+    assert reply["choices"][0]["finish_reason"] == "length"
+    after = m()
+    grew = lambda name, labels='{model_name="lvlm-fix"}': (  # noqa: E731
+        _metric(after, name, labels) - _metric(before, name, labels)
+    )
+    for histogram in ("time_to_first_token", "e2e_request_latency", "request_queue_time"):
+        assert grew(f"{histogram}_seconds_count") == 1, histogram
+    for histogram in ("request_prefill_time", "request_decode_time"):
+        assert grew(f"{histogram}_seconds_count") == 1, histogram
+    assert grew("inter_token_latency_seconds_count") == 24 - 1  # between 24 decode steps
+    assert grew("prompt_tokens_total") == reply["usage"]["prompt_tokens"]
+    assert grew("generation_tokens_total") == 24
+    success = '{finished_reason="length",model_name="lvlm-fix"}'
+    assert grew("request_success_total", success) == 1
+    ttft, e2e = grew("time_to_first_token_seconds_sum"), grew("e2e_request_latency_seconds_sum")
+    decode = grew("request_decode_time_seconds_sum")
+    assert 0 < ttft < e2e and decode > 0 and ttft + decode <= e2e * 1.01
+
+    # A stream's end-to-end latency runs to its last byte, not to its headers.
+    body = chat_body(image=png(), stream=True, **{**long, "max_tokens": 48})
+    with http.stream("POST", "/v1/chat/completions", json=body) as stream:
+        lines = stream.iter_lines()
+        next(lines)
+        first = time.perf_counter()
+        list(lines)
+        reading = time.perf_counter() - first
+    streamed = m()
+    e2e = _metric(streamed, "e2e_request_latency_seconds_sum") - _metric(
+        after, "e2e_request_latency_seconds_sum"
+    )
+    assert e2e >= reading > 0, (e2e, reading)
+    assert (
+        _metric(streamed, "time_to_first_token_seconds_count")
+        == _metric(after, "time_to_first_token_seconds_count") + 1
+    )
+
+    # The model id asked for is the label: a preset's requests are counted under its id.
+    http.post("/v1/chat/completions", json=chat_body(model="lvlm-fix+vhr", max_tokens=2))
+    preset = '{model_name="lvlm-fix+vhr"}'
+    assert _metric(m(), "e2e_request_latency_seconds_count", preset) == 1
+
+    errors = metric_samples(m(), "lvlm_fix:request_errors_total")
+    assert errors['{code="400",model_name="lvlm-fix"}'] >= 1
+
+
+def test_running_and_waiting_gauges(http, url):
+    """The in-process engine runs one job at a time: of two long requests, one waits."""
+    body = chat_body(image=png(), max_tokens=64, temperature=2, seed=LONG_STREAM_SEED)
+    seen = set()
+    with ThreadPoolExecutor(2) as pool:
+        replies = [pool.submit(http.post, "/v1/chat/completions", json=body) for _ in range(2)]
+        while not all(reply.done() for reply in replies):
+            text = http.get("/metrics").text
+            seen.add((_metric(text, "num_requests_running"), _metric(text, "num_requests_waiting")))
+            time.sleep(0.02)
+    assert all(reply.result().status_code == 200 for reply in replies)
+    assert (1, 1) in seen, seen
     text = http.get("/metrics").text
-    assert metric_samples(text, "lvlm_errors_total")['{code="400"}'] >= 1
-    assert metric_samples(text, "lvlm_errors_total")['{code="422"}'] >= 1
-    assert metric_samples(text, "lvlm_time_to_first_token_seconds_count")[""] >= 1
-    assert metric_samples(text, "lvlm_tokens_per_second_count")[""] >= 1
-    assert metric_samples(text, "lvlm_batch_size_count")[""] >= 1
-    assert metric_samples(text, "lvlm_queue_depth")[""] == 0
-    latency = metric_samples(text, "lvlm_request_latency_seconds_count")
-    assert latency['{route="/v1/chat/completions"}'] >= 1
+    assert _metric(text, "num_requests_running") == _metric(text, "num_requests_waiting") == 0
 
 
 def test_serve_settings_merge_yaml_and_flags(tmp_path):
@@ -376,3 +457,149 @@ def test_abandoned_stream_stops_decoding(http, monkeypatch):
 def test_ready_once_the_model_is_loaded(url):
     reply = httpx.get(f"{url}/ready")
     assert reply.status_code == 200 and reply.json() == {"status": "ready"}
+
+
+# ---- OpenAI / vLLM compatibility -----------------------------------------------------------
+
+
+def lmms_eval_payload(model: str, question: str, image: bytes) -> dict:
+    """What lmms-eval's `openai_compatible` backend sends (lmms_eval/models/simple/
+    openai_compatible.py): the question, then each image as a PNG data URL, in one user turn;
+    model, max_tokens and temperature (0 unless the task says otherwise), nothing else."""
+    content = [{"type": "text", "text": question}]
+    content.append({"type": "image_url", "image_url": {"url": data_url(image)}})
+    return {
+        "messages": [{"role": "user", "content": content}],
+        "model": model,
+        "max_tokens": 8,
+        "temperature": 0,
+    }
+
+
+def test_presets_are_model_ids_for_lmms_eval(url, lvlm):
+    image = png(color="orange")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY)
+    assert [m.id for m in client.models.list()] == [
+        "lvlm-fix",
+        "lvlm-fix+vhr",
+        "lvlm-fix+ritual+vcd",
+    ]
+    for model, specs in [
+        ("lvlm-fix", []),
+        ("lvlm-fix+vhr", [{"name": "vhr"}]),
+        ("lvlm-fix+ritual+vcd", [{"name": "ritual"}, {"name": "vcd"}]),
+    ]:
+        reply = client.chat.completions.create(**lmms_eval_payload(model, "Is there a cup?", image))
+        expected = _chat(lvlm, "Is there a cup?", image, 8, specs)
+        assert reply.model == model
+        assert reply.system_fingerprint == lvlm.plan(specs).config_id == expected.config_id
+        assert reply.choices[0].message.content == expected.text, model
+    # A request's own interventions still win over its model id's preset.
+    override = client.chat.completions.create(
+        **lmms_eval_payload("lvlm-fix+vhr", "Is there a cup?", image),
+        extra_body={"interventions": []},
+    )
+    assert override.system_fingerprint == lvlm.plan([]).config_id
+    with pytest.raises(openai.NotFoundError, match="does not exist") as error:
+        client.chat.completions.create(**lmms_eval_payload("gpt-4o", "Is there a cup?", image))
+    assert error.value.code == "model_not_found"
+
+
+def test_presets_are_checked_at_startup(lvlm):
+    config = ServeConfig(presets={"lvlm-fix+bad": ({"name": "vhr", "alpha": -1},)})
+    with pytest.raises(ValueError, match="model id 'lvlm-fix\\+bad'.*alpha"):
+        build_app(lvlm, config)
+    with pytest.raises(ValueError, match="model_name's own id"):
+        ServeConfig(presets={"lvlm-fix": ()})
+
+
+def test_multi_turn_chat_through_the_template(http, lvlm):
+    image = png(color="pink")
+    messages = [
+        {"role": "developer", "content": "Answer briefly."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": data_url(image)}},
+                {"type": "text", "text": "What is it?"},
+            ],
+        },
+        {"role": "assistant", "content": "a square"},
+        {"role": "user", "content": "And its color?"},
+    ]
+    reply = http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 6})
+    assert reply.status_code == 200, reply.text
+    # The tiny template has no system role: the system text opens the first user turn.
+    chat = (
+        Turn("user", ("Answer briefly.\n", None, "What is it?")),
+        Turn("assistant", ("a square",)),
+        Turn("user", ("And its color?",)),
+    )
+    pil = Image.open(io.BytesIO(image)).convert("RGB")
+    sample = Sample("And its color?", (pil,), chat=chat)
+    prompt = sample.prompt(lvlm.processor)
+    assert prompt == (
+        "USER: Answer briefly.\n<image>\nWhat is it? ASSISTANT: a square</s>"
+        "USER: And its color? ASSISTANT:"
+    )
+    [expected] = lvlm.generate([sample], (), GenerationParams(max_new_tokens=6))
+    assert reply.json()["choices"][0]["token_ids"] == expected.token_ids
+    assert reply.json()["usage"]["prompt_tokens"] == expected.prompt_tokens
+
+
+def test_neutral_values_of_unimplemented_fields_are_accepted(http):
+    plain = http.post("/v1/chat/completions", json=chat_body(image=png())).json()
+    neutral = {
+        "response_format": {"type": "text"},
+        "tool_choice": "none",
+        "tools": [],
+        "parallel_tool_calls": False,
+        "user": "someone",
+        "presence_penalty": 0,
+        "frequency_penalty": 0,
+        "logit_bias": {},
+        "top_k": -1,
+        "min_tokens": 0,
+        "ignore_eos": False,
+        "stop_token_ids": [],
+        "repetition_penalty": 1.0,
+        "length_penalty": 1.0,
+        "best_of": 1,
+    }
+    reply = http.post("/v1/chat/completions", json=chat_body(image=png(), **neutral))
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["token_ids"] == plain["choices"][0]["token_ids"]
+
+
+def test_logprobs_from_the_combined_scores(http, lvlm):
+    image = png(color="gray")
+    body = chat_body(image=image, logprobs=True, top_logprobs=3, max_tokens=5)
+    for specs in ([], [{"name": "test_text_contrast", "alpha": 2.0}]):
+        reply = http.post("/v1/chat/completions", json={**body, "interventions": specs}).json()
+        [choice] = reply["choices"]
+        params = GenerationParams(max_new_tokens=5, logprobs=3)
+        [expected] = lvlm.generate([chat_sample("What is in the image?", image)], specs, params)
+        content = choice["logprobs"]["content"]
+        assert len(content) == len(choice["token_ids"]) == len(expected.logprobs)
+        steps = zip(content, choice["token_ids"], expected.logprobs, strict=True)
+        for entry, token_id, step in steps:
+            assert entry["logprob"] == pytest.approx(step.logprob, abs=1e-5)
+            assert entry["token"] == lvlm.processor.tokenizer.decode([token_id])
+            assert entry["bytes"] == list(entry["token"].encode())
+            assert len(entry["top_logprobs"]) == 3
+            # Greedy: the chosen token is the most likely one of the scores it was chosen from.
+            assert entry["top_logprobs"][0]["logprob"] == pytest.approx(entry["logprob"])
+    refused = http.post(
+        "/v1/chat/completions",
+        json={**body, "use_beam_search": True, "best_of": 2},
+    )
+    assert refused.status_code == 400 and "logprobs" in refused.json()["error"]["message"]
+
+
+def test_beam_search_as_vllm(http, lvlm):
+    image = png(color="cyan")
+    body = chat_body(image=image, use_beam_search=True, best_of=3, length_penalty=0.5)
+    reply = http.post("/v1/chat/completions", json=body).json()
+    params = GenerationParams(max_new_tokens=6, num_beams=3, length_penalty=0.5)
+    [expected] = lvlm.generate([chat_sample("What is in the image?", image)], (), params)
+    assert reply["choices"][0]["token_ids"] == expected.token_ids

@@ -7,7 +7,11 @@ import os
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when ray is imported
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+import asyncio  # noqa: E402
 import io  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
@@ -16,15 +20,17 @@ import openai  # noqa: E402
 import psutil  # noqa: E402
 import pytest  # noqa: E402
 import ray  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
 from PIL import Image  # noqa: E402
 from ray import serve  # noqa: E402
-from service_helpers import BAD_REQUESTS, chat_body, free_port, metric_samples, png  # noqa: E402
+from service_helpers import BAD_REQUESTS, chat_body, chat_sample, free_port, png  # noqa: E402
 
 from lvlm_fix import LVLM, GenerationParams, Sample  # noqa: E402
 from lvlm_fix.methods import REGISTRY  # noqa: E402
 from lvlm_fix.service import Client  # noqa: E402
 from lvlm_fix.service.config import ServeConfig  # noqa: E402
-from lvlm_fix.service.deployment import AppArgs, BatchSettings, build  # noqa: E402
+from lvlm_fix.service.deployment import AppArgs, BatchSettings, ModelServer, build  # noqa: E402
 from lvlm_fix.tiny import build_tiny  # noqa: E402
 
 SERVICE = ServeConfig(
@@ -55,7 +61,13 @@ def lvlm(tiny_path) -> LVLM:
 
 @pytest.fixture(scope="module")
 def url(tiny_path):
-    ray.init(num_cpus=2, include_dashboard=False)
+    # Workers report their metrics to the node's agent every 0.5 s instead of Ray's 10 s.
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        _system_config={"metrics_report_interval_ms": 500},
+    )
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -73,9 +85,40 @@ def http(url):
 
 
 def _solo(lvlm: LVLM, text: str, image: bytes, max_tokens: int = 6):
+    """What a task route generates (the image, then the text)."""
     pil = Image.open(io.BytesIO(image)).convert("RGB")
     params = GenerationParams(max_new_tokens=max_tokens)
     return lvlm.generate([Sample(text, (pil,))], (), params)[0]
+
+
+def _chat(lvlm: LVLM, text: str, image: bytes, max_tokens: int = 6):
+    """What the chat route generates for `chat_body(text, image)` (text, then image)."""
+    params = GenerationParams(max_new_tokens=max_tokens)
+    return lvlm.generate([chat_sample(text, image)], (), params)[0]
+
+
+def ray_metric(name: str, **labels: str) -> float:
+    """A metric as Ray's metrics agent of this node exports it, summed over the processes
+    (ingress and replicas) that recorded it: `lvlm_fix:x` is `ray_lvlm_fix_x` there."""
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    wanted = "ray_" + name.replace(":", "_")
+    total = 0.0
+    for line in text.splitlines():
+        head, _, value = line.rpartition(" ")
+        if line.startswith("#") or head.partition("{")[0] != wanted:
+            continue
+        if all(f'{key}="{val}"' in head for key, val in labels.items()):
+            total += float(value)
+    return total
+
+
+def wait_for(predicate, seconds: float = 30.0) -> None:
+    """Ray's metrics reach the agent on the workers' report interval: poll, bounded."""
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.25)
 
 
 def test_every_endpoint(http, url, lvlm):
@@ -88,14 +131,14 @@ def test_every_endpoint(http, url, lvlm):
         "/v1/chat/completions", json=chat_body(image=image), headers={"X-Request-Id": "ray-req-1"}
     )
     assert reply.status_code == 200 and reply.headers["x-request-id"] == "ray-req-1"
-    expected = _solo(lvlm, "What is in the image?", image)
+    expected = _chat(lvlm, "What is in the image?", image)
     assert reply.json()["choices"][0]["token_ids"] == expected.token_ids
     form = http.post(
         "/v1/vqa",
         files={"image": ("a.png", image, "image/png")},
         data={"question": "What is in the image?", "max_tokens": "6"},
     )
-    assert form.json()["text"] == expected.text
+    assert form.json()["text"] == _solo(lvlm, "What is in the image?", image).text
     with Client(url) as client:
         assert client.caption(image, max_tokens=6) == _solo(
             lvlm, "Please describe this image in detail.", image
@@ -117,7 +160,7 @@ def test_openai_sdk(url, lvlm):
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
     messages = chat_body(image=image)["messages"]
     reply = client.chat.completions.create(model="lvlm-fix", messages=messages, max_tokens=6)
-    expected = _solo(lvlm, "What is in the image?", image)
+    expected = _chat(lvlm, "What is in the image?", image)
     assert reply.choices[0].message.content == expected.text
     stream = client.chat.completions.create(
         model="lvlm-fix", messages=messages, max_tokens=6, stream=True
@@ -133,10 +176,31 @@ def test_concurrent_requests_are_batched_by_plan(http, lvlm):
         replies = list(pool.map(lambda b: http.post("/v1/chat/completions", json=b), bodies))
     assert all(r.status_code == 200 for r in replies)
     for body, reply in zip(bodies, replies, strict=True):
-        expected = _solo(lvlm, "What is in the image?", image, body["max_tokens"])
+        expected = _chat(lvlm, "What is in the image?", image, body["max_tokens"])
         assert reply.json()["choices"][0]["token_ids"] == expected.token_ids
-    sizes = metric_samples(http.get("/metrics").text, "lvlm_batch_size")
-    assert sizes["_sum"] > sizes["_count"], "no generate call ever served more than one request"
+    # Ray's histograms report bucket counts exactly (their sums are estimates).
+    wait_for(lambda: ray_metric("lvlm_fix:batch_size_count") >= 12)
+    singles = ray_metric("lvlm_fix:batch_size_bucket", le="1.0")
+    assert singles < ray_metric("lvlm_fix:batch_size_count"), "no batch ever held two requests"
+
+
+def test_metrics_recorded_through_ray(http):
+    """Ray's metrics agent exports what the ingress (latencies, tokens) and the model replica
+    (its gauges) recorded, under vLLM's names with `ray_` in front and ':' as '_'."""
+    before = ray_metric("lvlm_fix:request_success_total", model_name="lvlm-fix")
+    reply = http.post("/v1/chat/completions", json=chat_body(image=png(), max_tokens=4)).json()
+    reason = reply["choices"][0]["finish_reason"]
+    wait_for(
+        lambda: (
+            ray_metric("lvlm_fix:request_success_total", finished_reason=reason) > 0
+            and ray_metric("lvlm_fix:request_success_total", model_name="lvlm-fix") == before + 1
+        )
+    )
+    for name in ("time_to_first_token", "e2e_request_latency", "request_queue_time"):
+        assert ray_metric(f"lvlm_fix:{name}_seconds_count", model_name="lvlm-fix") >= 1, name
+    assert ray_metric("lvlm_fix:generation_tokens_total") >= reply["usage"]["completion_tokens"]
+    wait_for(lambda: ray_metric("lvlm_fix:num_requests_running", model_name="lvlm-fix") == 0)
+    assert http.get("/metrics").status_code == 404  # not the ingress's: Ray's agents export
 
 
 def test_bad_input_keeps_serving(http):
@@ -150,15 +214,18 @@ def test_bad_input_keeps_serving(http):
 
 def test_reconfigure_batch_size(http, tiny_path):
     serve.run(build(_args(tiny_path, 1)), name="lvlm-fix", route_prefix="/")
-    before = metric_samples(http.get("/metrics").text, "lvlm_batch_size")
+    count, singles = "lvlm_fix:batch_size_count", "lvlm_fix:batch_size_bucket"
+    wait_for(lambda: ray_metric(count) == ray_metric(count))  # the agent is reachable
+    time.sleep(1.5)  # earlier requests' reports have landed
+    before = (ray_metric(count), ray_metric(singles, le="1.0"))
     with ThreadPoolExecutor(6) as pool:
         replies = list(
             pool.map(lambda _: http.post("/v1/chat/completions", json=chat_body()), range(6))
         )
     assert all(r.status_code == 200 for r in replies)
-    after = metric_samples(http.get("/metrics").text, "lvlm_batch_size")
-    added = after["_count"] - before.get("_count", 0)
-    assert added == 6 and after["_sum"] - before.get("_sum", 0) == added  # every batch had 1
+    wait_for(lambda: ray_metric(count) >= before[0] + 6)
+    assert ray_metric(count) - before[0] == 6
+    assert ray_metric(singles, le="1.0") - before[1] == 6  # every batch had 1
 
 
 # Sampled at temperature 2, this request runs to max_tokens=600 (no EOS): seconds of decoding.
@@ -223,3 +290,104 @@ def test_dead_replica_gives_503_and_ready_follows(http):
         time.sleep(0.2)
     assert 503 in states and states[-1] == 200, states
     assert http.post("/v1/chat/completions", json=chat_body()).status_code == 200
+
+
+def test_health_check_runs_a_one_token_generation(tiny_path):
+    """ModelServer's check_health, on the class itself in this process: one forward when idle,
+    none while requests are in flight, and an error once the model is broken."""
+    server = ModelServer.func_or_class(tiny_path, "cpu", BatchSettings().model_dump())
+    forwards = []
+    server.lvlm.model.register_forward_hook(lambda *_: forwards.append(1))
+    asyncio.run(server.check_health())
+    assert len(forwards) == 1  # the prompt's prefill; one token needs no decode forward
+    server._in_flight = 1
+    asyncio.run(server.check_health())
+    assert len(forwards) == 1
+    server._in_flight = 0
+    server.lvlm.model.get_input_embeddings().weight.data = torch.empty(0)  # a broken model
+    with pytest.raises(AssertionError, match="num_embeddings"):
+        asyncio.run(server.check_health())
+
+
+def _serve_config(tiny_path: str) -> dict:
+    """A Serve-native config, as `serve run` / `serve deploy` read it (docker/serve-config.yaml
+    has the full version)."""
+    args = {
+        "model": tiny_path,
+        "num_cpus": 0.25,
+        "ingress_cpus": 0.25,
+        "service": {"model_name": "cfg-model", "presets": {"cfg-model+vhr": [{"name": "vhr"}]}},
+    }
+    app = {
+        "name": "cfg",
+        "route_prefix": "/cfg",
+        "import_path": "lvlm_fix.service.deployment:build",
+        "args": args,
+    }
+    return {"applications": [app]}
+
+
+def _wait_json(http: httpx.Client, path: str, seconds: float, process: subprocess.Popen):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the command exited"
+        reply = http.get(path)
+        if reply.status_code == 200:
+            return reply.json()
+        time.sleep(0.5)
+    raise TimeoutError(path)
+
+
+def _models(http: httpx.Client, prefix: str = "") -> list[str]:
+    reply = http.get(f"{prefix}/v1/models")
+    return [m["id"] for m in reply.json()["data"]] if reply.status_code == 200 else []
+
+
+def test_serve_config_file_and_cli_stop_only_their_app(http, url, tiny_path, tmp_path):
+    """Last in this module: `serve run` shuts all of Serve down when it stops.
+
+    `serve run` deploys the Serve-native config; then `lvlm-fix serve` joins the same cluster
+    with its own app, and stopping it removes that app only."""
+    config = tmp_path / "serve-config.yaml"
+    config.write_text(yaml.safe_dump(_serve_config(tiny_path)))
+    gcs = ray.get_runtime_context().gcs_address
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    log = open(tmp_path / "commands.log", "w")  # noqa: SIM115 (both processes write to it)
+    serve_run = subprocess.Popen(
+        [sys.executable, "-m", "ray.serve.scripts", "run", str(config), "--address", gcs],
+        stdout=log, stderr=log, env=env, start_new_session=True,
+    )  # fmt: skip
+    cli = None
+    try:
+        _wait_json(http, "/cfg/health", 120, serve_run)
+        assert _models(http, "/cfg") == ["cfg-model", "cfg-model+vhr"]  # args reached the app
+        cli_config = tmp_path / "cli.yaml"
+        cli_config.write_text(
+            yaml.safe_dump(
+                {"address": gcs, "port": int(url.rpartition(":")[2]), "model": tiny_path,
+                 "num_cpus": 0.25, "service": {"model_name": "cli-model"}}
+            )
+        )  # fmt: skip
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "lvlm_fix.cli", "serve", "--config", str(cli_config)],
+            stdout=log, stderr=log, env=env, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while _models(http) != ["cli-model"]:
+            assert time.monotonic() < deadline and cli.poll() is None, "the CLI's app never came"
+            time.sleep(0.5)
+        cli.send_signal(signal.SIGINT)
+        assert cli.wait(timeout=60) == 0
+        assert "lvlm-fix" not in serve.status().applications  # its own app is gone
+        assert http.get("/cfg/health").status_code == 200  # the other app still serves
+        assert _models(http, "/cfg") == ["cfg-model", "cfg-model+vhr"]
+    finally:
+        for process in (cli, serve_run):
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGINT)
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+        log.close()
+        print((tmp_path / "commands.log").read_text()[-3000:])

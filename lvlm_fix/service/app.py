@@ -25,6 +25,7 @@ from lvlm_fix.lvlm import LVLM
 from lvlm_fix.service import schemas as s
 from lvlm_fix.service.config import ServeConfig
 from lvlm_fix.service.engine import Engine, LocalEngine
+from lvlm_fix.service.metrics import Gauges, Metrics
 from lvlm_fix.service.serving import ServiceError, Serving, internal_error, new_request_id
 
 log = logging.getLogger(__name__)
@@ -38,17 +39,21 @@ def build_app(
     engine: LVLM | Engine | Serving,
     config: ServeConfig | None = None,
     *,
+    metrics: Metrics | None = None,
     proxy_echoes_request_id: bool = False,
 ) -> FastAPI:
     """An app over an in-process LVLM, any Engine (e.g. Ray's) or a ready Serving.
 
-    `proxy_echoes_request_id`: behind a proxy that sets `X-Request-Id` on responses itself
-    (Ray Serve's), the app leaves that header alone instead of adding a second value.
+    `metrics`: where the app records (default: a private Prometheus registry served at
+    /metrics; on Ray, Ray's metrics). `proxy_echoes_request_id`: behind a proxy that sets
+    `X-Request-Id` on responses itself (Ray Serve's), the app leaves that header alone instead
+    of adding a second value.
     """
     config = config or ServeConfig()
+    metrics = metrics or Metrics()
     if isinstance(engine, LVLM):
-        engine = LocalEngine(engine)
-    serving = engine if isinstance(engine, Serving) else Serving(engine, config)
+        engine = LocalEngine(engine, Gauges(metrics))
+    serving = engine if isinstance(engine, Serving) else Serving(engine, config, metrics)
     app = FastAPI(
         title="lvlm-fix",
         version=lvlm_fix.__version__,
@@ -66,7 +71,7 @@ def build_app(
 
 
 def _error(serving: Serving, error: ServiceError) -> JSONResponse:
-    serving.metrics.errors.labels(str(error.status)).inc()
+    serving.metrics.errors.inc(model_name=serving.config.model_name, code=str(error.status))
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
@@ -83,7 +88,8 @@ def _add_error_handlers(app: FastAPI, serving: Serving) -> None:
             return _error(serving, ServiceError(400, "request body is not valid JSON"))
         where = ".".join(loc)
         message = f"{where}: {first['msg']}" if where else first["msg"]
-        return _error(serving, ServiceError(422, message, where or None, first.get("type")))
+        # 400, as OpenAI's API and vLLM answer a request that does not fit the schema.
+        return _error(serving, ServiceError(400, message, where or None, first.get("type")))
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
@@ -126,15 +132,12 @@ def _add_auth_middleware(app: FastAPI, serving: Serving) -> None:
 
 def _add_request_middleware(app: FastAPI, serving: Serving, proxy_echoes: bool) -> None:
     @app.middleware("http")
-    async def request_id_and_latency(request: Request, call_next):
+    async def request_id_and_arrival(request: Request, call_next):
         request.state.request_id = request.headers.get("x-request-id") or new_request_id()
-        start = time.perf_counter()
+        request.state.arrived = time.perf_counter()  # latency metrics count from here
         response = await call_next(request)
         if not proxy_echoes:
             response.headers["X-Request-Id"] = request.state.request_id
-        route = request.scope.get("route")
-        if route is not None and request.url.path.startswith("/v1/"):
-            serving.metrics.latency.labels(route.path).observe(time.perf_counter() - start)
         return response
 
 
@@ -154,11 +157,23 @@ def _add_routes(app: FastAPI, serving: Serving) -> None:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(serving.metrics.render(), media_type="text/plain; version=0.0.4")
+        text = serving.metrics.render()
+        if text is None:
+            raise ServiceError(
+                404,
+                "on Ray, metrics are exported by Ray's metrics agent of each node (its metrics "
+                "export port), for every replica; see the README",
+                code="metrics_exported_by_ray",
+            )
+        return Response(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models", response_model=s.ModelList)
     async def models() -> s.ModelList:
         return serving.models()
+
+    @app.get("/v1/models/{model:path}", response_model=s.ModelCard)
+    async def model(model: str) -> s.ModelCard:
+        return serving.model(model)
 
     @app.get("/v1/interventions")
     async def interventions() -> dict:
@@ -167,25 +182,25 @@ def _add_routes(app: FastAPI, serving: Serving) -> None:
     @app.post(
         "/v1/chat/completions",
         response_model=s.ChatCompletionResponse,
-        responses={400: {"model": s.ErrorResponse}, 422: {"model": s.ErrorResponse}},
+        responses={400: {"model": s.ErrorResponse}, 404: {"model": s.ErrorResponse}},
     )
     async def chat(body: s.ChatCompletionRequest, request: Request):
         job = await serving.chat_job(body)
-        request_id = request.state.request_id
+        request_id, arrived = request.state.request_id, request.state.arrived
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = serving.chat_stream(job, request_id, usage)
+            events = serving.chat_stream(job, request_id, usage, arrived)
             return StreamingResponse(events, media_type="text/event-stream")
-        return await serving.chat(job, request_id)
+        return await serving.chat(job, request_id, arrived)
 
     async def task(kind: str, request: Request, schema: type[s.GenerationFields]):
         body, upload = await _read_task_body(request)
         try:
             parsed = schema.model_validate(body)
         except ValidationError as error:
-            raise ServiceError(422, s.first_error(error), None, "validation_error") from None
+            raise ServiceError(400, s.first_error(error), None, "validation_error") from None
         job = await serving.task_job(parsed, upload)
-        return await serving.task(kind, job, request.state.request_id)
+        return await serving.task(kind, job, request.state.request_id, request.state.arrived)
 
     @app.post(
         "/v1/caption", response_model=s.TaskResponse, openapi_extra=_task_openapi(s.CaptionRequest)

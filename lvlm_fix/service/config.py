@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 API_KEY_ENV = "LVLM_FIX_API_KEY"
 
@@ -64,8 +64,26 @@ class ServeConfig(BaseModel):
         "'auto' (the router next to the model) is offered when that file exists.",
     )
     default_interventions: tuple[dict[str, Any], ...] = Field(
-        (), description="Interventions used when a request sends none (empty = plain decoding)."
+        (),
+        description="Interventions of the model id `model_name`, used when a request names no "
+        "preset and sends no `interventions` (empty = plain decoding).",
     )
+    presets: dict[str, tuple[dict[str, Any], ...]] = Field(
+        {},
+        description="More model ids, each a set of interventions, e.g. "
+        "{'lvlm-fix+vhr': [{name: vhr}]}: listed by /v1/models and chosen by a request's "
+        "`model` (its `interventions` still override). Compiled at startup.",
+    )
+
+    @model_validator(mode="after")
+    def _distinct_ids(self) -> ServeConfig:
+        if self.model_name in self.presets:
+            raise ValueError(f"presets: {self.model_name!r} is model_name's own id")
+        return self
+
+    def model_ids(self) -> dict[str, tuple[dict[str, Any], ...]]:
+        """Every model id with its interventions, `model_name` first."""
+        return {self.model_name: self.default_interventions, **self.presets}
 
     def resolved_api_key(self) -> str | None:
         """The key in force: this config's, else the environment's (None = no auth)."""

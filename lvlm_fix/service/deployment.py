@@ -11,6 +11,13 @@ reaches a model replica. `build(AppArgs)` is the app builder (`serve run module:
 A client that disconnects makes Serve cancel its request in the ingress and in the model replica;
 the replica's stream then stops decoding at the next step. A replica that dies under a request
 answers it with 503 + Retry-After; `/ready` says 503 until the controller has a replica running.
+A replica's health check runs a one-token generation when it is idle (see `check_health`).
+
+Metrics go through Ray's (`metrics.RayBackend`): the ingress records request latencies and
+tokens, each model replica its waiting/running gauges; Ray's agents export them per node.
+
+Serve-native deployment (`serve run` / `serve deploy`, e.g. docker/serve-config.yaml):
+`import_path: lvlm_fix.service.deployment:build` with `args:` in `AppArgs`' schema.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ray
@@ -26,11 +34,14 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
+from lvlm_fix.decoding import Sample
 from lvlm_fix.lvlm import LVLM, Generation
 from lvlm_fix.model import ModelInfo
+from lvlm_fix.params import GenerationParams
 from lvlm_fix.service.app import build_app
 from lvlm_fix.service.config import ServeConfig
-from lvlm_fix.service.engine import EngineResult, Job, run_grouped, stream_job
+from lvlm_fix.service.engine import EngineResult, Job, Timing, arrive, run_grouped, stream_job
+from lvlm_fix.service.metrics import Gauges, Metrics, RayBackend
 from lvlm_fix.service.serving import ServiceError
 
 HEALTH_CHECK_PERIOD_S = 2.0
@@ -61,7 +72,14 @@ class AppArgs(BaseModel):
     )
     num_cpus: float = Field(1.0, gt=0, description="CPUs per model replica (fractions allowed).")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica (1 = one per GPU).")
+    accelerator_type: str | None = Field(
+        None, description="Place model replicas on nodes with this accelerator (e.g. H100)."
+    )
     ingress_cpus: float = Field(0.25, gt=0, description="CPUs per ingress replica.")
+    ingress_replicas: int = Field(1, ge=1, description="Ingress (HTTP app) replicas.")
+    runtime_env: dict[str, Any] | None = Field(
+        None, description="Ray runtime_env of every replica (env_vars, pip, working_dir, ...)."
+    )
     batch: BatchSettings = BatchSettings()
     service: ServeConfig = ServeConfig()
 
@@ -71,6 +89,11 @@ class ModelServer:
     def __init__(self, model: str | None, device: str, batch: dict):
         keep_replica_grpc_on_loopback()
         self.lvlm = LVLM.from_pretrained(model, device=device)
+        self.gauges = Gauges(Metrics(RayBackend()))
+        # All model work of this replica (batches, streams, health checks) runs on one thread,
+        # one job at a time: the processor's fast tokenizer cannot be shared between threads.
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="lvlm-model")
+        self._in_flight = 0
         self.reconfigure(batch)
 
     def reconfigure(self, config: dict) -> None:
@@ -82,20 +105,41 @@ class ModelServer:
         return self.lvlm.info
 
     async def generate(self, job: Job) -> EngineResult:
-        result = await self._batched(job)
+        self._in_flight += 1
+        try:
+            result = await self._batched(arrive(job, self.gauges))
+        finally:
+            self._in_flight -= 1
         if isinstance(result, Exception):
             raise result
         return result
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _batched(self, jobs: list[Job]) -> list[EngineResult | Exception]:
-        # Groups of agreeing plans run one after another on a worker thread, so the replica's
+        # Groups of agreeing plans run one after another on the worker thread, so the replica's
         # event loop keeps queueing the next batch meanwhile.
-        return await asyncio.to_thread(run_grouped, self.lvlm, jobs)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._worker, run_grouped, self.lvlm, jobs, self.gauges)
 
-    async def stream(self, job: Job) -> AsyncIterator[str | Generation]:
-        async for item in stream_job(self.lvlm, job):
-            yield item
+    async def stream(self, job: Job) -> AsyncIterator[str | Generation | Timing]:
+        self._in_flight += 1
+        try:
+            async for item in stream_job(self.lvlm, job, self.gauges, self._worker):
+                yield item
+        finally:
+            self._in_flight -= 1
+
+    async def check_health(self) -> None:
+        """Serve's health check: a one-token generation on a tiny text-only prompt, so a
+        replica whose model or device broke is replaced. Skipped while requests are in flight:
+        they exercise the model, and the check would queue behind them past its timeout."""
+        if self._in_flight:
+            return
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._worker, self._tiny_generation)
+
+    def _tiny_generation(self) -> None:
+        self.lvlm.generate([Sample("Hi")], (), GenerationParams(max_new_tokens=1))
 
 
 class RayEngine:
@@ -168,14 +212,19 @@ class Ingress:
         info = await self.model.info.remote()
         # Serve's proxy echoes X-Request-Id itself (the client's, or one it made up).
         engine = RayEngine(self.model, info)
-        return build_app(engine, self.config, proxy_echoes_request_id=True)
+        metrics = Metrics(RayBackend())
+        return build_app(engine, self.config, metrics=metrics, proxy_echoes_request_id=True)
 
 
 def build(args: AppArgs | dict) -> serve.Application:
     """The Serve app builder: `serve.run(build(AppArgs(...)))` or `serve run ...:build`."""
     args = AppArgs.model_validate(args)
+    actor = {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus}
+    if args.accelerator_type is not None:
+        actor["accelerator_type"] = args.accelerator_type
+    env = {} if args.runtime_env is None else {"runtime_env": args.runtime_env}
     options: dict[str, Any] = {
-        "ray_actor_options": {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
+        "ray_actor_options": {**actor, **env},
         "user_config": args.batch.model_dump(),
         # Let the batcher see a full batch's worth of requests at once.
         "max_ongoing_requests": max(args.batch.max_batch_size * 2, 8),
@@ -188,6 +237,8 @@ def build(args: AppArgs | dict) -> serve.Application:
         options["num_replicas"] = args.num_replicas
     model = ModelServer.options(**options).bind(args.model, args.device, args.batch.model_dump())
     ingress = Ingress.options(
-        ray_actor_options={"num_cpus": args.ingress_cpus}, max_ongoing_requests=1000
+        num_replicas=args.ingress_replicas,
+        ray_actor_options={"num_cpus": args.ingress_cpus, **env},
+        max_ongoing_requests=1000,
     )
     return ingress.bind(model, args.service)

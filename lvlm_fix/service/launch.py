@@ -10,11 +10,15 @@ serve.yaml (all keys optional; the schema is `deployment.AppArgs` plus `address`
     num_gpus: 1              # per model replica: one replica per GPU
     num_replicas: 2          # or, instead:
     # autoscaling: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8}
+    accelerator_type: H100   # model replicas only on such nodes (omit = any)
+    ingress_replicas: 1      # HTTP app replicas
+    runtime_env: {env_vars: {HF_HOME: /models}}   # every replica's Ray runtime_env
     batch: {max_batch_size: 8, batch_wait_ms: 10}
     service:                 # lvlm_fix.service.config.ServeConfig
       api_key: change-me
       max_image_bytes: 10485760
-      default_interventions: [{name: vhr}]
+      default_interventions: [{name: vhr}]       # the model id `lvlm-fix`
+      presets: {lvlm-fix+ritual+vcd: [{name: ritual}, {name: vcd}]}   # more model ids
 
 Command-line flags override the file.
 

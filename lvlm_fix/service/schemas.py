@@ -8,14 +8,16 @@ converts itself into `GenerationParams` and one `Sample` per choice (like vLLM's
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lvlm_fix.decoding import Sample
+from lvlm_fix.model import Turn
 from lvlm_fix.params import GenerationParams
 from lvlm_fix.service.config import ServeConfig
 
@@ -81,6 +83,9 @@ class InterventionSpec(BaseModel):
 class GenerationFields(_Wire):
     """Fields shared by every generation request (OpenAI's names and ranges)."""
 
+    model: str | None = Field(
+        None, description="A model id from GET /v1/models (unset = the server's default)."
+    )
     max_tokens: int | None = Field(None, ge=1, description="Generated tokens at most.")
     temperature: float | None = Field(
         None, ge=0, le=2, description="0 or unset = greedy (deterministic); > 0 = sampling."
@@ -93,7 +98,7 @@ class GenerationFields(_Wire):
     interventions: list[InterventionSpec] | None = Field(
         None,
         description="Not in OpenAI spec: hallucination interventions to apply "
-        "(unset = the server's defaults; [] = none).",
+        "(unset = the model id's preset; [] = none).",
     )
 
     def _stops(self) -> tuple[str, ...]:
@@ -102,8 +107,11 @@ class GenerationFields(_Wire):
             raise RequestError("at most 4 stop strings are allowed", "stop")
         return tuple(stops)
 
-    def to_params(self, config: ServeConfig, max_tokens: int | None = None) -> GenerationParams:
-        """The request's decoding settings as `GenerationParams` (400 naming a bad field)."""
+    def to_params(
+        self, config: ServeConfig, max_tokens: int | None = None, **more
+    ) -> GenerationParams:
+        """The request's decoding settings as `GenerationParams` (400 naming a bad field);
+        `more`: further GenerationParams fields (the chat route's)."""
         limit = max_tokens or self.max_tokens or config.default_max_tokens
         if limit > config.max_tokens_limit:
             raise RequestError(
@@ -119,62 +127,125 @@ class GenerationFields(_Wire):
                 top_p=self.top_p if self.top_p is not None else 1.0,
                 seed=self.seed,
                 stop=self._stops(),
+                **more,
             )
         except ValidationError as error:
-            raise RequestError(first_error(error), "stop") from None
+            field = str(error.errors()[0]["loc"][0]) if error.errors()[0]["loc"] else None
+            message = error.errors()[0]["msg"].removeprefix("Value error, ")
+            raise RequestError(message, PARAM_NAMES.get(field, field)) from None
+
+
+# GenerationParams' names -> the request fields that set them (for error messages).
+PARAM_NAMES = {"max_new_tokens": "max_tokens", "num_beams": "best_of", "logprobs": "top_logprobs"}
+
+
+# Fields of OpenAI's and vLLM's requests this server does not implement: accepted at their
+# neutral value (clients send those by default), refused otherwise. field -> (is neutral, which).
+UNSUPPORTED = {
+    "frequency_penalty": (lambda v: not v, "0"),
+    "presence_penalty": (lambda v: not v, "0"),
+    "logit_bias": (lambda v: not v, "{}"),
+    "response_format": (lambda v: v is None or v.get("type") == "text", '{"type": "text"}'),
+    "tools": (lambda v: not v, "[]"),
+    # "auto" with no tools chooses none.
+    "tool_choice": (lambda v: v in (None, "none", "auto"), '"none"'),
+    "min_p": (lambda v: not v, "0"),
+    "repetition_penalty": (lambda v: v in (None, 1), "1"),
+    # vLLM's, not in our decode loop (yet): refused rather than silently ignored.
+    "min_tokens": (lambda v: not v, "0"),
+    "ignore_eos": (lambda v: not v, "false"),
+    "stop_token_ids": (lambda v: not v, "[]"),
+}
 
 
 class ChatCompletionRequest(GenerationFields):
-    """POST /v1/chat/completions (OpenAI's fields). Single-turn conversations only."""
+    """POST /v1/chat/completions: OpenAI's fields, plus vLLM's sampling extras that the decode
+    loop has (top_k, use_beam_search/best_of, length_penalty) and our `interventions`."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    model: str | None = None
-    frequency_penalty: float | None = Field(None, description="Only 0/unset is supported.")
-    logit_bias: dict[str, float] | None = Field(None, description="Only unset is supported.")
-    logprobs: bool | None = Field(None, description="Only false/unset is supported.")
-    top_logprobs: int | None = Field(None, description="Only unset is supported.")
     max_completion_tokens: int | None = Field(None, ge=1, description="Overrides max_tokens.")
     n: int = Field(1, ge=1, description="Choices to generate; each gets its own seed.")
-    presence_penalty: float | None = Field(None, description="Only 0/unset is supported.")
     stream: bool = False
     stream_options: StreamOptions | None = None
+    logprobs: bool = Field(False, description="Log-prob of each generated token.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=20, description="Alternatives per position (needs logprobs=true)."
+    )
+    # Accepted with any value: metadata, or moot without tools.
     user: str | None = None
+    parallel_tool_calls: bool | None = None
+    # Accepted at their neutral value only (see UNSUPPORTED).
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    # vLLM's extras that map onto GenerationParams.
+    top_k: int | None = Field(None, ge=-1, description="Keep the k best tokens (0 or -1 = off).")
+    use_beam_search: bool = Field(False, description="vLLM: beam search of width best_of.")
+    best_of: int | None = Field(None, ge=1, le=16, description="vLLM: the beam width.")
+    length_penalty: float = Field(1.0, description="vLLM: beam score / length**penalty.")
 
-    @model_validator(mode="after")
-    def _unsupported(self) -> ChatCompletionRequest:
-        neutral = {
-            "frequency_penalty": not self.frequency_penalty,
-            "presence_penalty": not self.presence_penalty,
-            "logit_bias": not self.logit_bias,
-            "logprobs": not self.logprobs,
-            "top_logprobs": self.top_logprobs is None,
-        }
-        for field, ok in neutral.items():
-            if not ok:
-                raise ValueError(f"{field} is not supported by this server; leave it unset")
-        return self
-
-    def prompt(self) -> tuple[str, list[str]]:
-        """(text, image urls) of the one user turn; system text goes in front of it."""
-        if any(m.role == "assistant" for m in self.messages):
+    def check_supported(self) -> None:
+        """400 naming the first field set to something this server does not do."""
+        for field, (neutral, wording) in UNSUPPORTED.items():
+            value = getattr(self, field)
+            if not neutral(value):
+                raise RequestError(
+                    f"{field}={json.dumps(value)} is not supported by this server; leave it "
+                    f"unset or send {wording}",
+                    field,
+                )
+        if self.top_logprobs is not None and not self.logprobs:
+            raise RequestError("top_logprobs needs logprobs=true", "top_logprobs")
+        if self.logprobs and self.stream:
+            raise RequestError("logprobs are not available when streaming", "logprobs")
+        if self.use_beam_search and self.n != 1:
             raise RequestError(
-                "only single-turn chats are supported (no assistant turns)", "messages"
+                "use_beam_search returns the best beam only: send n=1 and the beam width as "
+                "best_of",
+                "n",
             )
-        users = [m for m in self.messages if m.role == "user"]
-        if len(users) != 1:
-            raise RequestError(f"expected exactly one user message, got {len(users)}", "messages")
-        texts, urls = [], []
+        if not self.use_beam_search and self.best_of not in (None, self.n):
+            raise RequestError("best_of other than n needs use_beam_search=true", "best_of")
+
+    def chat_params(self, config: ServeConfig) -> GenerationParams:
+        return self.to_params(
+            config,
+            self.max_completion_tokens or self.max_tokens,
+            top_k=max(self.top_k or 0, 0),
+            num_beams=(self.best_of or 1) if self.use_beam_search else 1,
+            length_penalty=self.length_penalty,
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+        )
+
+    def conversation(self) -> tuple[tuple[Turn, ...], list[str]]:
+        """The chat as turns (parts in the order sent, None where an image goes) and the
+        image URLs in that order. `developer` is OpenAI's new name for `system`."""
+        turns, urls = [], []
         for message in self.messages:
-            parts = message.content
-            parts = [TextPart(type="text", text=parts)] if isinstance(parts, str) else parts
+            role = "system" if message.role == "developer" else message.role
+            content = message.content
+            parts = [TextPart(type="text", text=content)] if isinstance(content, str) else content
+            out: list[str | None] = []
             for part in parts:
                 if isinstance(part, TextPart):
-                    texts.append(part.text)
-                elif message.role != "user":
-                    raise RequestError("images are only accepted in the user message", "messages")
+                    out.append(part.text)
+                elif role != "user":
+                    raise RequestError("images are only accepted in user messages", "messages")
                 else:
+                    out.append(None)
                     urls.append(part.image_url.url)
-        return "\n".join(texts), urls
+            turns.append(Turn(role, tuple(out)))
+        if not any(turn.role == "user" for turn in turns):
+            raise RequestError("a chat needs at least one user message", "messages")
+        return tuple(turns), urls
 
     def to_samples(self, images: tuple[Image.Image, ...], params: GenerationParams) -> list[Sample]:
         """One Sample per choice; choices get consecutive seeds so sampled choices differ.
@@ -182,14 +253,17 @@ class ChatCompletionRequest(GenerationFields):
         One choice without a seed keeps seed None, exactly like `LVLM.generate` (views then use
         their fixed default randomness and sampling is nondeterministic).
         """
-        text, _ = self.prompt()
+        turns, _ = self.conversation()
+        text = chat_text(turns)
         if params.seed is None and self.n == 1:
-            return [Sample(text, images)]
+            return [Sample(text, images, chat=turns)]
         base = params.seed if params.seed is not None else secrets.randbelow(2**31)
-        return [Sample(text, images, base + i) for i in range(self.n)]
+        return [Sample(text, images, base + i, chat=turns) for i in range(self.n)]
 
-    def max_new_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
+
+def chat_text(turns: tuple[Turn, ...]) -> str:
+    """All text of a chat, one part a line (the prompt-length check reads it)."""
+    return "\n".join(part for turn in turns for part in turn.parts if part is not None)
 
 
 class CaptionRequest(GenerationFields):
@@ -226,11 +300,25 @@ class AssistantMessage(_Open):
     content: str
 
 
+class TopLogprob(_Open):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(_Open):
+    content: list[TokenLogprob]
+
+
 class Choice(_Open):
     index: int
     message: AssistantMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     token_ids: list[int] | None = Field(None, description="Not in OpenAI spec: generated ids.")
 
 
@@ -281,10 +369,16 @@ class TaskResponse(_Open):
 
 
 class ModelCard(_Open):
+    """A model id: the server's model (its default interventions) or a preset on it, which
+    names the model as `parent`, as vLLM lists LoRA adapters."""
+
     id: str
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str = "lvlm-fix"
+    root: str
+    parent: str | None = None
+    interventions: list[dict[str, Any]] = Field(description="Not in OpenAI spec: the preset.")
 
 
 class ModelList(_Open):

@@ -29,13 +29,13 @@ from lvlm_fix.decoding import Sample
 from lvlm_fix.lvlm import Generation
 from lvlm_fix.methods import REGISTRY
 from lvlm_fix.methods.dyvte import ROUTER_FILE
-from lvlm_fix.model import FAMILIES, ModelInfo, render_prompt
+from lvlm_fix.model import FAMILIES, ModelInfo
 from lvlm_fix.params import GenerationParams
 from lvlm_fix.plan import compile_plan
 from lvlm_fix.service import image_urls
 from lvlm_fix.service import schemas as s
 from lvlm_fix.service.config import ServeConfig
-from lvlm_fix.service.engine import Engine, Job
+from lvlm_fix.service.engine import Engine, EngineResult, Job, Timing
 from lvlm_fix.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -95,8 +95,8 @@ class PromptCounter:
         text_config = AutoConfig.from_pretrained(info.path).text_config
         return cls(processor, text_config.max_position_embeddings)
 
-    def count(self, text: str, images: tuple[Image.Image, ...]) -> int:
-        prompt = render_prompt(self.processor, text, len(images))
+    def count(self, sample: Sample) -> int:
+        prompt, images = sample.prompt(self.processor), sample.images
         sizes = [(image.height, image.width) for image in images]
         with self._lock:
             tokens = len(self.processor.tokenizer(prompt)["input_ids"])
@@ -114,8 +114,7 @@ class Serving:
         self.api_key = config.resolved_api_key()
         self.prompt_counter = PromptCounter.load(engine.info)
         self.routers = self._check_routers()
-        # Fail at startup, not on the first request, if the defaults are wrong.
-        compile_plan(list(config.default_interventions), engine.info, GenerationParams())
+        self.presets = self._check_presets()
 
     def _check_routers(self) -> dict[str, str]:
         """DyVTE routers requests may name (name -> file), each loaded once here so a bad file
@@ -129,6 +128,18 @@ class Serving:
         for path in routers.values():
             compile_plan([{"name": "dyvte", "router": path}], self.engine.info, GenerationParams())
         return routers
+
+    def _check_presets(self) -> dict[str, list[dict]]:
+        """Every model id's interventions, compiled now: a bad preset fails at startup, naming
+        itself, not on its first request. Presets are the operator's: router paths allowed."""
+        presets = {}
+        for model, specs in self.config.model_ids().items():
+            try:
+                compile_plan(list(specs), self.engine.info, GenerationParams())
+            except ValueError as error:
+                raise ValueError(f"model id {model!r}: {error}") from None
+            presets[model] = [dict(spec) for spec in specs]
+        return presets
 
     # ---- validation --------------------------------------------------------------------------
 
@@ -241,12 +252,10 @@ class Serving:
                 400, f"{n_images} images given; the limit is {self.config.max_images}", "messages"
             )
 
-    async def _check_context(
-        self, text: str, images: tuple[Image.Image, ...], max_tokens: int
-    ) -> None:
+    async def _check_context(self, sample: Sample, max_tokens: int) -> None:
         """Prompt tokens (chat template and image tokens included) + max_tokens must fit the
         model's positions; past them a model answers garbage. Tokenizing runs off the loop."""
-        prompt = await asyncio.to_thread(self.prompt_counter.count, text, images)
+        prompt = await asyncio.to_thread(self.prompt_counter.count, sample)
         context = self.prompt_counter.context
         if prompt + max_tokens > context:
             raise ServiceError(
@@ -258,11 +267,16 @@ class Serving:
                 "context_length_exceeded",
             )
 
-    def _specs(self, request: s.GenerationFields) -> list[dict]:
-        """The request's interventions, or the server's defaults when it gives none."""
+    def _specs(self, request: s.GenerationFields) -> tuple[str, list[dict]]:
+        """(model id, interventions): the request's own, else its model id's preset."""
+        model = request.model or self.config.model_name
+        if model not in self.presets:
+            raise ServiceError(
+                404, f"The model `{model}` does not exist.", "model", "model_not_found"
+            )
         if request.interventions is None:
-            return [dict(spec) for spec in self.config.default_interventions]
-        return [self._server_side(spec.model_dump()) for spec in request.interventions]
+            return model, [dict(spec) for spec in self.presets[model]]
+        return model, [self._server_side(spec.model_dump()) for spec in request.interventions]
 
     def _server_side(self, spec: dict) -> dict:
         """A client names a DyVTE router; only the server knows (and opens) its file. The
@@ -280,13 +294,25 @@ class Serving:
         return {**spec, "router": self.routers[name]}
 
     def make_job(
-        self, samples: list[Sample], specs: list[dict], params: GenerationParams, stream: bool
+        self,
+        samples: list[Sample],
+        model: str,
+        specs: list[dict],
+        params: GenerationParams,
+        stream: bool,
     ) -> Job:
         """Compile the plan now (cheap, no model) so bad interventions fail as a 400."""
         try:
             plan = compile_plan(specs, self.engine.info, params)
         except ValueError as error:
             raise ServiceError(400, str(error), "interventions", "invalid_intervention") from None
+        if params.logprobs is not None and not getattr(plan.search, "reports_logprobs", False):
+            raise ServiceError(
+                400,
+                "logprobs are only available with greedy decoding or sampling, not with "
+                f"{[i.name for i in plan.interventions] or 'beam search'}",
+                "logprobs",
+            )
         if stream and plan.search.width > 1:
             raise ServiceError(
                 400,
@@ -298,25 +324,28 @@ class Serving:
             if not intervention.is_neutral():
                 views = len(intervention.contribute(self.engine.info).views)
                 if views:
-                    self.metrics.extra_forwards.labels(intervention.name).inc(views * len(samples))
-        return Job(tuple(samples), tuple(specs), params, plan.config_id)
+                    self.metrics.extra_forwards.inc(
+                        views * len(samples), model_name=model, method=intervention.name
+                    )
+        return Job(tuple(samples), tuple(specs), params, plan.config_id, model)
 
     async def chat_job(self, request: s.ChatCompletionRequest) -> Job:
         try:
+            request.check_supported()
             if request.n > self.config.max_n:
                 raise s.RequestError(f"n={request.n} exceeds the limit of {self.config.max_n}", "n")
             if request.stream and request.n > 1:
                 raise s.RequestError("stream=true supports n=1 only", "n")
-            text, urls = request.prompt()
-            self._check_prompt(text, len(urls))
-            params = request.to_params(self.config, request.max_new_tokens())
+            turns, urls = request.conversation()
+            self._check_prompt(s.chat_text(turns), len(urls))
+            params = request.chat_params(self.config)
         except s.RequestError as error:
             raise ServiceError(error.status, str(error), error.param) from None
-        specs = self._specs(request)
+        model, specs = self._specs(request)
         images = tuple([await self.load_image(url) for url in urls])
-        await self._check_context(text, images, params.max_new_tokens)
         samples = request.to_samples(images, params)
-        return self.make_job(samples, specs, params, request.stream)
+        await self._check_context(samples[0], params.max_new_tokens)
+        return self.make_job(samples, model, specs, params, request.stream)
 
     async def task_job(self, request: s.CaptionRequest | s.VQARequest, upload: bytes | None) -> Job:
         if (upload is None) == (request.image is None):
@@ -328,57 +357,99 @@ class Serving:
             params = request.to_params(self.config)
         except s.RequestError as error:
             raise ServiceError(error.status, str(error), error.param) from None
-        specs = self._specs(request)
+        model, specs = self._specs(request)
         if upload is not None:
             image = await asyncio.to_thread(self.decode_image, upload)
         else:
             image = await self.load_image(request.image)
-        await self._check_context(request.text(), (image,), params.max_new_tokens)
         sample = Sample(request.text(), (image,), params.seed)
-        return self.make_job([sample], specs, params, False)
+        await self._check_context(sample, params.max_new_tokens)
+        return self.make_job([sample], model, specs, params, False)
 
     # ---- generation --------------------------------------------------------------------------
 
-    async def _generate(self, job: Job) -> list[Generation]:
-        self.metrics.queue_depth.inc()
-        start = time.perf_counter()
+    async def _generate(self, job: Job) -> EngineResult:
         try:
             result = await self.engine.generate(job)
         except (ValueError, TypeError) as error:  # the core's way to name a bad request
             raise _refused(error) from None
-        finally:
-            self.metrics.queue_depth.dec()
-        elapsed = time.perf_counter() - start
-        tokens = sum(len(g.token_ids) for g in result.generations)
-        self.metrics.batch_size.observe(result.batch_size)
-        self.metrics.tokens_per_s.observe(tokens / max(elapsed, 1e-6))
-        return result.generations
+        self.metrics.batch_size.observe(result.batch_size, model_name=job.model)
+        return result
 
-    async def chat(self, job: Job, request_id: str) -> s.ChatCompletionResponse:
-        outputs = await self._generate(job)
+    def _record(self, job: Job, outputs: list[Generation], timing: Timing, ttft: float) -> None:
+        """A finished request's metrics, the way vLLM counts them (metrics.py)."""
+        m, model = self.metrics, job.model
+        m.ttft.observe(ttft, model_name=model)
+        m.queue_time.observe(timing.queued_s, model_name=model)
+        m.prefill_time.observe(timing.prefill_s, model_name=model)
+        m.decode_time.observe(timing.decode_s, model_name=model)
+        for gap in timing.step_gaps:
+            m.inter_token.observe(gap, model_name=model)
+        usage = _usage(outputs)
+        m.prompt_tokens.inc(usage.prompt_tokens, model_name=model)
+        m.generation_tokens.inc(usage.completion_tokens, model_name=model)
+        for output in outputs:
+            m.success.inc(model_name=model, finished_reason=output.finish_reason)
+
+    def _finished(self, job: Job, result: EngineResult, arrived: float) -> None:
+        """Metrics of a request answered in one piece. Its first token was ready when the engine
+        began decoding: the wait for the whole answer less the decode time after that token."""
+        e2e = time.perf_counter() - arrived
+        timing = result.timing or Timing(0.0, 0.0, 0.0)
+        self._record(job, result.generations, timing, max(e2e - timing.decode_s, 0.0))
+        self.metrics.e2e.observe(e2e, model_name=job.model)
+
+    async def chat(self, job: Job, request_id: str, arrived: float) -> s.ChatCompletionResponse:
+        result = await self._generate(job)
+        outputs = result.generations
         choices = [
             s.Choice(
                 index=i,
                 message=s.AssistantMessage(content=g.text),
                 finish_reason=g.finish_reason,
                 token_ids=g.token_ids,
+                logprobs=self._logprobs(g),
             )
             for i, g in enumerate(outputs)
         ]
+        self._finished(job, result, arrived)
         return s.ChatCompletionResponse(
             id=f"chatcmpl-{request_id}",
-            model=self.config.model_name,
+            model=job.model,
             system_fingerprint=job.config_id,
             choices=choices,
             usage=_usage(outputs),
         )
 
-    async def task(self, kind: str, job: Job, request_id: str) -> s.TaskResponse:
-        [out] = await self._generate(job)
+    def _logprobs(self, output: Generation) -> s.ChoiceLogprobs | None:
+        """OpenAI's logprobs object: each token as text, its bytes, its log-prob and the top
+        alternatives. -inf (a token an intervention ruled out) becomes -9999.0, as in vLLM: JSON
+        has no infinity."""
+        if output.logprobs is None:
+            return None
+        tokenizer = self.prompt_counter.processor.tokenizer
+
+        def entry(token_id: int, logprob: float) -> dict:
+            text = tokenizer.decode([token_id])
+            return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode())}
+
+        content = [
+            s.TokenLogprob(
+                **entry(token_id, step.logprob),
+                top_logprobs=[s.TopLogprob(**entry(i, lp)) for i, lp in step.top],
+            )
+            for token_id, step in zip(output.token_ids, output.logprobs, strict=True)
+        ]
+        return s.ChoiceLogprobs(content=content)
+
+    async def task(self, kind: str, job: Job, request_id: str, arrived: float) -> s.TaskResponse:
+        result = await self._generate(job)
+        [out] = result.generations
+        self._finished(job, result, arrived)
         return s.TaskResponse(
             id=f"{kind}-{request_id}",
             object=kind,
-            model=self.config.model_name,
+            model=job.model,
             text=out.text,
             token_ids=out.token_ids,
             finish_reason=out.finish_reason,
@@ -387,14 +458,15 @@ class Serving:
         )
 
     async def chat_stream(
-        self, job: Job, request_id: str, include_usage: bool
+        self, job: Job, request_id: str, include_usage: bool, arrived: float
     ) -> AsyncIterator[str]:
-        """Server-sent events: a role chunk, content chunks, a finish chunk, `data: [DONE]`."""
+        """Server-sent events: a role chunk, content chunks, a finish chunk, `data: [DONE]`.
+        Its end-to-end latency is taken after the last chunk was handed to the server."""
 
         def chunk(delta: s.Delta, finish=None, usage=None) -> str:
             body = s.ChatCompletionChunk(
                 id=f"chatcmpl-{request_id}",
-                model=self.config.model_name,
+                model=job.model,
                 system_fingerprint=job.config_id,
                 usage=usage,
                 choices=[s.ChunkChoice(index=0, delta=delta, finish_reason=finish)]
@@ -403,23 +475,21 @@ class Serving:
             )
             return f"data: {body.model_dump_json(exclude_none=True)}\n\n"
 
-        start, first = time.perf_counter(), True
-        self.metrics.queue_depth.inc()
+        ttft, final = None, None
         try:
             yield chunk(s.Delta(role="assistant", content=""))
             async for item in self.engine.stream(job):
-                if first:
-                    self.metrics.ttft.observe(time.perf_counter() - start)
-                    first = False
                 if isinstance(item, str):
+                    ttft = ttft if ttft is not None else time.perf_counter() - arrived
                     yield chunk(s.Delta(content=item))
-                    continue
-                yield chunk(s.Delta(), finish=item.finish_reason)
-                elapsed = time.perf_counter() - start
-                self.metrics.tokens_per_s.observe(len(item.token_ids) / max(elapsed, 1e-6))
-                self.metrics.batch_size.observe(1)
-                if include_usage:
-                    yield chunk(None, usage=_usage([item]))
+                elif isinstance(item, Generation):
+                    final = item
+                    yield chunk(s.Delta(), finish=item.finish_reason)
+                    if include_usage:
+                        yield chunk(None, usage=_usage([item]))
+                else:  # the engine's Timing comes last
+                    first = ttft if ttft is not None else time.perf_counter() - arrived
+                    self._record(job, [final], item, first)
         except Exception as error:  # headers are sent: report in-band, as OpenAI does
             if isinstance(error, ServiceError):  # the engine's own answer, e.g. 503
                 failure = error
@@ -428,16 +498,24 @@ class Serving:
             else:
                 log.exception("request %s: streamed generation failed", request_id)
                 failure = internal_error(request_id)
-            self.metrics.errors.labels(str(failure.status)).inc()
+            self.metrics.errors.inc(model_name=job.model, code=str(failure.status))
             yield f"data: {json.dumps(failure.body())}\n\n"
-        finally:
-            self.metrics.queue_depth.dec()
         yield "data: [DONE]\n\n"
+        self.metrics.e2e.observe(time.perf_counter() - arrived, model_name=job.model)
 
     # ---- catalogue ---------------------------------------------------------------------------
 
     def models(self) -> s.ModelList:
-        return s.ModelList(data=[s.ModelCard(id=self.config.model_name)])
+        return s.ModelList(data=[self.model(name) for name in self.presets])
+
+    def model(self, model: str) -> s.ModelCard:
+        if model not in self.presets:
+            raise ServiceError(
+                404, f"The model `{model}` does not exist.", "model", "model_not_found"
+            )
+        base = self.config.model_name
+        parent = None if model == base else base
+        return s.ModelCard(id=model, root=base, parent=parent, interventions=self.presets[model])
 
     def interventions(self) -> dict:
         """Every registered method: JSON schema, defaults, hooks, and what it composes with."""
@@ -458,6 +536,7 @@ class Serving:
             "object": "list",
             "data": out,
             "default_interventions": list(self.config.default_interventions),
+            "presets": self.presets,
         }
 
     def _example_specs(self) -> dict[str, dict]:
