@@ -8,6 +8,8 @@ import pytest
 
 from lvlm_fix.cli import main as cli
 from lvlm_fix.gym.make_eval import main as make_eval
+from lvlm_fix.methods import dyvte_exits
+from lvlm_fix.model import default_model_path
 
 
 @pytest.fixture(scope="module")
@@ -38,3 +40,15 @@ def test_chair_on_gym_files(gym_eval, tmp_path):
     assert code == 0
     chair = json.loads((tmp_path / "metrics.json").read_text())["methods"]["baseline"]["metrics"]
     assert chair["n_captions"] == 6 and chair["recall"] >= 50  # captions name the true objects
+
+
+def test_dyvte_exit_counter_on_gym_files(gym_eval, capsys):
+    dyvte_exits.main(["--model", str(default_model_path()), "--images", str(gym_eval / "images"),
+                      "--data", str(gym_eval / "gym_pope_random.json"), "--limit", "4",
+                      "--batch-size", "4", "--device", "cpu"])  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("gym_pope_random: 4 questions, exit on ")
+    per_layer = [line for line in lines if line.startswith("  layer ")]
+    assert len(per_layer) == 3  # one router per layer but the last of the 4-layer model
+    for line in per_layer:
+        assert line.endswith("/4") and "agree" in line
