@@ -112,8 +112,6 @@ class LVLM:
     def _run(self, samples, interventions, params) -> Iterator[tuple[DecodeEvent, Plan]]:
         params = params or GenerationParams()
         plan = self.plan(interventions, params)
-        if params.logprobs is not None and not getattr(plan.search, "reports_logprobs", False):
-            raise ValueError("logprobs are only available with greedy decoding or sampling")
         samples = [_as_sample(s, params.seed) for s in samples]
         if not samples:
             raise ValueError("no samples to generate for")

@@ -109,6 +109,11 @@ def compile_plan(
     view_users = [i.name for i, c in contributions if any(not v.prefill_only for v in c.views)]
     if searches and view_users and not getattr(search, "handles_views", True):
         raise PlanConflict(f"{searches[0][0].name!r} and {view_users[0]!r} cannot be combined")
+    if params.logprobs is not None and not getattr(search, "reports_logprobs", False):
+        raise PlanConflict(
+            "logprobs are only available with greedy decoding or sampling, not with "
+            + (repr(searches[0][0].name) if searches else "beam search")
+        )
     return Plan(
         interventions=tuple(interventions),
         views=tuple(v for _, c in contributions for v in c.views),

@@ -168,6 +168,8 @@ def test_config_validation_and_plan(lvlm):
         parse_intervention({"name": "opera", "candidates": 0})
     with pytest.raises(ValueError, match="num_beams"):
         lvlm.plan([{"name": "opera"}], GenerationParams(num_beams=2))
+    with pytest.raises(ValueError, match="logprobs are only available"):
+        lvlm.plan([{"name": "opera"}], GenerationParams(logprobs=2))
 
 
 # -- the captured attention row ------------------------------------------------------------

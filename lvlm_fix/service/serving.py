@@ -306,13 +306,6 @@ class Serving:
             plan = compile_plan(specs, self.engine.info, params)
         except ValueError as error:
             raise ServiceError(400, str(error), "interventions", "invalid_intervention") from None
-        if params.logprobs is not None and not getattr(plan.search, "reports_logprobs", False):
-            raise ServiceError(
-                400,
-                "logprobs are only available with greedy decoding or sampling, not with "
-                f"{[i.name for i in plan.interventions] or 'beam search'}",
-                "logprobs",
-            )
         if stream and plan.search.width > 1:
             raise ServiceError(
                 400,
