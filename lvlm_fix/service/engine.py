@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -100,6 +101,19 @@ def arrive(job: Job, gauges: Gauges) -> Job:
     return replace(job, arrived=time.monotonic())
 
 
+@contextmanager
+def running(gauges: Gauges, models: Sequence[str]) -> Iterator[None]:
+    """Jobs (by model id) move from waiting to running for the length of their model run."""
+    for model in models:
+        gauges.add("waiting", model, -1)
+        gauges.add("running", model, 1)
+    try:
+        yield
+    finally:
+        for model in models:
+            gauges.add("running", model, -1)
+
+
 def run_grouped(lvlm: LVLM, jobs: list[Job], gauges: Gauges) -> list[EngineResult | Exception]:
     """Run jobs as few `generate` calls as their plans allow; one result (or error) per job."""
     groups: dict[tuple, list[int]] = {}
@@ -111,18 +125,15 @@ def run_grouped(lvlm: LVLM, jobs: list[Job], gauges: Gauges) -> list[EngineResul
         samples = [sample for i in members for sample in jobs[i].samples]
         clock = Clock(first.arrived)
         clock.start()
-        for i in members:
-            gauges.add("waiting", jobs[i].model, -1)
-            gauges.add("running", jobs[i].model, 1)
         try:
-            outputs = lvlm.generate(samples, first.interventions, first.params, on_step=clock.token)
+            with running(gauges, [jobs[i].model for i in members]):
+                outputs = lvlm.generate(
+                    samples, first.interventions, first.params, on_step=clock.token
+                )
         except Exception as error:  # one bad group must not fail the others
             for i in members:
                 results[i] = error
             continue
-        finally:
-            for i in members:
-                gauges.add("running", jobs[i].model, -1)
         start = 0
         for i in members:
             count = len(jobs[i].samples)
@@ -148,15 +159,11 @@ async def stream_job(
 
     def timed() -> Iterator[str | Generation]:
         clock.start()
-        gauges.add("waiting", job.model, -1)
-        gauges.add("running", job.model, 1)
-        try:
+        with running(gauges, [job.model]):
             for item in lvlm.stream(sample, job.interventions, job.params, cancel=cancel):
                 if isinstance(item, str):
                     clock.token()
                 yield item
-        finally:
-            gauges.add("running", job.model, -1)
 
     try:
         async for item in iterate_in_thread(timed(), cancel, executor):
