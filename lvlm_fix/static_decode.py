@@ -143,8 +143,8 @@ def static_steps(
     static None: on a GPU, for requests of MIN_GRAPH_STEPS tokens or more; True: whenever
     there is a step to take (on CPU without a graph); False: never. And the request must
     allow it: graph-safe hooks, cached steps (no recompute), one row per sample and view (no
-    beams), every layer holding
-    every prompt column (no pruning) and full attention in every layer.
+    beams), every layer holding every prompt column (no pruning) and full attention in every
+    layer.
     """
     if static is None:
         wanted = device.type == "cuda" and max_new_tokens >= MIN_GRAPH_STEPS
