@@ -84,15 +84,18 @@ def lvlm_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     ctx = current()
-    if ctx is None or not ctx.plan.attention_hooks:
+    # A step over a cache whose filled columns end at key_end (the engine's slots, a static
+    # decode step) runs our kernel even without edits: it reads each row from its key_start
+    # to key_end, where stock SDPA would read every column of the cache.
+    if ctx is None or (not ctx.plan.attention_hooks and ctx.key_end is None):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     call = AttentionCall(module.layer_idx, query, key, value, scale, ctx)
     requests = [r for hook in ctx.plan.attention_hooks if (r := hook.edits(call))]
-    if requests:
-        edits = AttentionEdits(**merge_edits(call, requests))
+    if requests or ctx.key_end is not None:
+        edits = AttentionEdits(**merge_edits(call, requests)) if requests else AttentionEdits()
         # Our hooks build the edits to the kernel's contract, so the hot loop skips re-checking
         # it (tests hold the methods to it); public callers of edited_attention keep the checks.
         out, stats = edited_attention(

@@ -286,31 +286,34 @@ class DecodeEvent:
     view_notes: tuple[dict[str, list[str]], ...] = ()  # per sample, see PromptBatch
 
 
-def decode(
-    model, processor, info, plan: Plan, samples: list[Sample], limits: Limits,
-    static: bool | None = None,
-) -> Iterator[DecodeEvent]:  # fmt: skip
-    """Run one request: prefill, then one event per step, then the final result.
+@dataclass
+class Prefilled:
+    """A request after its prefill: the Runner holds the decode rows (prefill-only views
+    dropped, rows repeated per beam) and `logits` [R, V] (fp32) are their next-token logits."""
 
-    static: decode steps over a static cache where the request allows (static_decode.py);
-    None = on a GPU, for requests long enough to earn a CUDA graph back; True = always, on CPU
-    too (no graph there); False = never.
-    """
-    device = model.device
-    batch = build_rows(processor, info.image_token_id, plan, samples, device)
+    runner: Runner
+    logits: torch.Tensor
+    prompt_tokens: tuple[int, ...]  # per sample, original view, padding excluded
+    view_notes: tuple[dict[str, list[str]], ...]  # per sample, see PromptBatch
+
+
+def prefill(model, info, plan: Plan, batch: PromptBatch, n_samples: int) -> Prefilled:
+    """Run the prefill rows `batch` (from `build_rows`), then keep the rows that decode."""
     rows_per_sample = len(plan.views) + 1
     prompt_tokens = tuple(batch.attention_mask[::rows_per_sample].sum(-1).tolist())
-    runner = Runner(
-        model, batch, plan, RowState.start(plan.views, len(samples), device), info.num_layers
-    )
-    search = plan.search
+    state = RowState.start(plan.views, n_samples, batch.input_ids.device)
+    runner = Runner(model, batch, plan, state, info.num_layers)
     logits = runner.prefill()
-    steps = limits.max_new_tokens
-    runner.static_steps = static_steps(static, device, model, plan, runner.layout, steps)
-    rows = _after_prefill_rows(plan, len(samples), search.width, device)
+    rows = _after_prefill_rows(plan, n_samples, plan.search.width, batch.input_ids.device)
     runner.select_rows(rows)
-    logits = logits[rows]
-    state = search.start(len(samples), limits, device)
+    return Prefilled(runner, logits[rows], prompt_tokens, batch.view_notes)
+
+
+def decode_steps(prefilled: Prefilled, plan: Plan, limits: Limits) -> Iterator[DecodeEvent]:
+    """One event per step of a prefilled request, then its result (the search drives it)."""
+    runner, logits, search = prefilled.runner, prefilled.logits, plan.search
+    n_samples = logits.shape[0] // (search.width * plan.n_views)
+    state = search.start(n_samples, limits, logits.device)
     step_index = 0
     while True:
         scores = combine_views(logits, plan, step_index, search.width)
@@ -326,7 +329,26 @@ def decode(
         else:
             tokens = step.tokens.repeat_interleave(plan.n_views, dim=1).reshape(-1, 1)
             logits = runner.forward(tokens)[:, -1]
-    yield DecodeEvent(None, search.result(state), prompt_tokens, batch.view_notes)
+    result = search.result(state)
+    yield DecodeEvent(None, result, prefilled.prompt_tokens, prefilled.view_notes)
+
+
+def decode(
+    model, processor, info, plan: Plan, samples: list[Sample], limits: Limits,
+    static: bool | None = None,
+) -> Iterator[DecodeEvent]:  # fmt: skip
+    """Run one request on its own: prefill, then one event per step, then the final result.
+
+    static: decode steps over a static cache where the request allows (static_decode.py);
+    None = on a GPU, for requests long enough to earn a CUDA graph back; True = always, on CPU
+    too (no graph there); False = never.
+    """
+    batch = build_rows(processor, info.image_token_id, plan, samples, model.device)
+    prefilled = prefill(model, info, plan, batch, len(samples))
+    layout = prefilled.runner.layout  # after prefill: pruned layers cannot run static steps
+    steps = static_steps(static, model.device, model, plan, layout, limits.max_new_tokens)
+    prefilled.runner.static_steps = steps
+    yield from decode_steps(prefilled, plan, limits)
 
 
 def _beam_rows(parents: torch.Tensor, n_views: int) -> torch.Tensor:

@@ -1,0 +1,501 @@
+"""The engine: one per loaded model, continuously batching requests whose interventions differ.
+
+Requests are submitted from any thread and return at once; one scheduler thread owns the model.
+Each iteration it
+  1. admits waiting requests in arrival order, within a prompt-token budget: builds their rows,
+     runs each one's prefill (its own forward: its views and prefill hooks are its own), and
+     places its decode rows in the shared batch or gives it a lane of its own;
+  2. takes one decode step of the shared batch (`slots.SlotBatch`): every running row of every
+     request in one forward, each row's attention edits read from per-slot tables;
+  3. takes one step of each request in its own lane;
+  4. chooses each sample's next token (its views combined, greedy or sampled with the
+     sample's own generator), and retires finished or cancelled requests, freeing their slots.
+
+Two lanes, because some strategies reorder, crop or re-run rows:
+  - shared: greedy or sampling (one row per sample and view), decode edits fixed after prefill
+    (VAR, VHR, PAI and the view methods RITUAL, VCD, M3ID, PAI-CFG), every layer holding every
+    prompt column. Nearly all traffic.
+  - own: beam search and OPERA (rows are reordered and cropped every step), LLM-side pruning
+    (FastV, DyVTE, FlowCut on anyres: per-layer KV lengths), FastV's per-step re-run, and
+    hooks whose edits change per step. Each such request runs `decoding.decode_steps` over
+    its own cache, one step per iteration, interleaved with the shared batch, and admitted
+    whenever it arrives.
+
+A request's tokens do not depend on its batch-mates: its prefill is its own forward, the shared
+step computes rows independently, and each sample samples from its own generator.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import get_layer_types_and_kwargs
+
+from lvlm_fix.decoding import (
+    DecodeEvent,
+    Prefilled,
+    Sample,
+    build_rows,
+    combine_views,
+    decode_steps,
+    prefill,
+)
+from lvlm_fix.generation import Generation, generation, sampling_generator, stop_hit
+from lvlm_fix.params import GenerationParams
+from lvlm_fix.plan import Plan
+from lvlm_fix.search import Limits, SingleSearch, _logprobs, _per_sample, warp
+from lvlm_fix.slots import SlotBatch, decode_edits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How much an engine holds at once. None = sized at start (see `Engine`)."""
+
+    slots: int | None = None  # decode rows of the shared batch (a sample takes one per view)
+    max_len: int | None = None  # cache columns per row: prompt + new tokens must fit
+    prefill_tokens: int = 16384  # prompt tokens prefilled per iteration (at least one request)
+    own_lane: int = 8  # requests decoding in lanes of their own at once
+    graphs: bool | None = None  # CUDA graphs of the shared step (None = on a GPU)
+    buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)  # captured batch sizes
+    memory_share: float = 0.4  # of the free GPU memory at start, for the slots (slots None)
+
+
+class Cancelled(Exception):
+    """The request was cancelled before it finished."""
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One request's time in the engine, as vLLM reports a request's."""
+
+    queued_s: float  # arrival at the engine to the start of its prefill
+    prefill_s: float  # prefill start to the first token
+    decode_s: float  # first token to the last
+    step_gaps: tuple[float, ...] = ()  # between consecutive tokens (inter-token latency)
+
+
+@dataclass
+class Clock:
+    """Marks of one request: arrival, start, and each token (decode step or streamed piece)."""
+
+    arrived: float
+    started: float = 0.0
+    tokens: list[float] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.started = time.monotonic()
+
+    def token(self) -> None:
+        self.tokens.append(time.monotonic())
+
+    def timing(self) -> Timing:
+        first = self.tokens[0] if self.tokens else self.started
+        last = self.tokens[-1] if self.tokens else self.started
+        gaps = tuple(b - a for a, b in zip(self.tokens, self.tokens[1:], strict=False))
+        return Timing(
+            max(self.started - self.arrived, 0.0), first - self.started, last - first, gaps
+        )
+
+
+@dataclass(frozen=True)
+class Event:
+    """What a request's listener gets: after each step, the token each sample chose (None for
+    a sample that finished before); once at the end, its generations or its error."""
+
+    tokens: tuple[int | None, ...] = ()
+    generations: list[Generation] | None = None
+    error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.generations is not None or self.error is not None
+
+
+Listener = Callable[[Event], None]
+
+
+class Request:
+    """A submitted request. `listener(event)` runs on the engine's thread (keep it short);
+    `result()` waits for the generations; `cancel()` (any thread) ends it at the next step."""
+
+    def __init__(self, samples: list[Sample], plan: Plan, params: GenerationParams,
+                 listener: Listener | None):  # fmt: skip
+        self.samples, self.plan, self.params = samples, plan, params
+        self.clock = Clock(time.monotonic())
+        self._listener = listener
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._outcome: Event | None = None
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> list[Generation]:
+        if not self._done.wait(timeout):
+            raise TimeoutError("the request is still running")
+        if self._outcome.error is not None:
+            raise self._outcome.error
+        return self._outcome.generations
+
+    @property
+    def timing(self) -> Timing:
+        return self.clock.timing()
+
+    def _emit(self, event: Event) -> None:
+        if event.done:
+            self._outcome = event
+        elif event.tokens:
+            self.clock.token()
+        if self._listener is not None:
+            try:
+                self._listener(event)
+            except Exception:  # a consumer's bug must not stop the engine
+                log.exception("a request listener failed")
+        if event.done:
+            self._done.set()
+
+
+@dataclass
+class _Seq:
+    """One sample of a request in the shared batch: its slots (view 0 first) and tokens."""
+
+    sample: int
+    slots: list[int]
+    position: int  # position of the next fed token
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    reason: str | None = None  # "stop" / "length" once finished
+
+
+@dataclass
+class _Job:
+    request: Request
+    batch: object | None = None  # the PromptBatch, built when it is first considered
+    prefilled: Prefilled | None = None
+    seqs: list[_Seq] = field(default_factory=list)  # shared lane
+    steps: object | None = None  # own lane: the decode_steps iterator
+    step: int = 0  # tokens chosen so far
+
+    @property
+    def plan(self) -> Plan:
+        return self.request.plan
+
+    @property
+    def params(self) -> GenerationParams:
+        return self.request.params
+
+
+class Engine:
+    """One model's scheduler (see the module docstring). `lvlm` is a loaded `LVLM`.
+
+    Sizes (`EngineConfig`): max_len None = the model's context (at most 4096); slots None = as
+    many as `memory_share` of the free GPU memory holds (at most 64), 8 on CPU.
+    """
+
+    def __init__(self, lvlm, config: EngineConfig | None = None):
+        config = config or EngineConfig()
+        self.lvlm, self.config = lvlm, config
+        self.model, self.processor, self.info = lvlm.model, lvlm.processor, lvlm.info
+        self.device = self.model.device
+        tokenizer = self.processor.tokenizer
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        text = self.model.config.get_text_config(decoder=True)
+        layer_types, _ = get_layer_types_and_kwargs(text)
+        self.full_attention = all(kind == "full_attention" for kind in layer_types)
+        max_len = config.max_len or min(getattr(text, "max_position_embeddings", 4096), 4096)
+        slots = config.slots or self._default_slots(max_len)
+        graphs = self.device.type == "cuda" if config.graphs is None else config.graphs
+        started = time.monotonic()
+        self.slots = SlotBatch(self.model, self.info, slots, max_len, graphs, config.buckets)
+        self.warmup_s = time.monotonic() - started
+        self._inbox: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
+        self._waiting: deque[_Job] = deque()
+        self._shared: list[_Job] = []
+        self._own: list[_Job] = []
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="lvlm-engine", daemon=True)
+        self._thread.start()
+
+    def _default_slots(self, max_len: int) -> int:
+        if self.device.type != "cuda":
+            return 8
+        per_column = 2 * self.info.num_layers * self.info.num_kv_heads * self.info.head_dim
+        per_slot = per_column * max_len * self.model.dtype.itemsize
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return max(1, min(64, int(free * self.config.memory_share) // per_slot))
+
+    # ----- the public side (any thread) -----
+
+    def submit(self, samples: Sequence[Sample], plan: Plan, params: GenerationParams,
+               listener: Listener | None = None) -> Request:  # fmt: skip
+        """Queue a request (samples with their seeds set, a compiled plan); returns at once."""
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+        if not samples:
+            raise ValueError("no samples to generate for")
+        request = Request(list(samples), plan, params, listener)
+        self._inbox.put(request)
+        return request
+
+    @property
+    def running(self) -> int:
+        return len(self._shared) + len(self._own)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting) + self._inbox.qsize()
+
+    def close(self) -> None:
+        """Stop the scheduler; requests not finished end with `Cancelled`."""
+        self._closed = True
+        self._inbox.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    # ----- the scheduler thread -----
+
+    def _loop(self) -> None:
+        while True:
+            idle = not (self._waiting or self._shared or self._own)
+            if not self._collect(block=idle):
+                break
+            self._retire_cancelled()
+            self._admit()
+            if self._shared:
+                self._step_shared()
+            for job in list(self._own):
+                self._step_own(job)
+        for job in [*self._waiting, *self._shared, *self._own]:
+            self._end(job, Event(error=Cancelled("the engine was closed")))
+
+    def _collect(self, block: bool) -> bool:
+        """Move submitted requests to the waiting queue; False once the engine is closing."""
+        while True:
+            try:
+                request = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            if request is None:
+                return False
+            self._waiting.append(_Job(request))
+            block = False
+
+    def _retire_cancelled(self) -> None:
+        for job in [j for j in (*self._waiting, *self._shared, *self._own) if j.request.cancelled]:
+            self._end(job, Event(error=Cancelled("the request was cancelled")))
+
+    def _end(self, job: _Job, event: Event) -> None:
+        """Take a job out of the engine (freeing its slots) and tell its listener."""
+        for lane in (self._waiting, self._shared, self._own):
+            if job in lane:
+                lane.remove(job)
+        self.slots.release([s for seq in job.seqs for s in seq.slots])
+        job.seqs = []
+        if job.steps is not None:
+            job.steps.close()
+        job.request._emit(event)
+
+    def _shared_lane(self, plan: Plan) -> bool:
+        """Before prefill: whether the plan can decode in the shared batch."""
+        return (
+            isinstance(plan.search, SingleSearch)
+            and plan.graph_safe
+            and not plan.recompute
+            and not plan.prune_hooks
+            and self.full_attention
+        )
+
+    def _admit(self) -> None:
+        budget, admitted = self.config.prefill_tokens, 0
+        while self._waiting:
+            job = self._waiting[0]
+            try:
+                if job.batch is None:
+                    job.batch = build_rows(self.processor, self.info.image_token_id, job.plan,
+                                           job.request.samples, self.device)  # fmt: skip
+                rows, prompt = job.batch.input_ids.shape
+                if admitted and rows * prompt > budget:
+                    return
+                shared = self._shared_lane(job.plan)
+                decode_rows = len(job.request.samples) * job.plan.n_views
+                if shared and decode_rows <= self.slots.slots:
+                    max_new = job.params.max_new_tokens
+                    if decode_rows > self.slots.free_slots() or not self.slots.fit(prompt, max_new):
+                        return  # first come, first served: later requests wait behind it
+                elif len(self._own) >= self.config.own_lane:
+                    return
+                self._waiting.popleft()
+                budget -= rows * prompt
+                admitted += 1
+                self._start(job, shared and decode_rows <= self.slots.slots)
+            except Exception as error:  # this request's fault (or its prefill's): it alone fails
+                log.debug("request failed at admission", exc_info=True)
+                self._end(job, Event(error=error))
+
+    def _start(self, job: _Job, shared: bool) -> None:
+        """Prefill a job, then place it in the shared batch or its own lane."""
+        request, plan = job.request, job.plan
+        request.clock.start()
+        n = len(request.samples)
+        job.prefilled = prefill(self.model, self.info, plan, job.batch, n)
+        job.batch = None  # the cache holds what decoding needs
+        runner = job.prefilled.runner
+        edits = None
+        if shared and all(c is None for c in runner.layout.columns):
+            edits = decode_edits(job.prefilled, plan, self.info)
+        if edits is None:  # a lane of its own
+            job.steps = decode_steps(job.prefilled, plan, self._limits(request))
+            self._own.append(job)
+            return
+        slots = self.slots.place(job.prefilled, edits, job.params.max_new_tokens)
+        positions = (runner.positions + 1).tolist()
+        views = plan.n_views
+        for b, sample in enumerate(request.samples):
+            mine = slots[b * views : (b + 1) * views]
+            generator = None
+            if job.params.do_sample:
+                generator = sampling_generator(sample.seed, self.device)
+            job.seqs.append(_Seq(b, mine, positions[b * views], generator))
+        job.prefilled.runner = None  # its rows live in the slots now
+        self._shared.append(job)
+        self._choose([(job, seq, job.prefilled.logits[b * views : (b + 1) * views])
+                      for b, seq in enumerate(job.seqs)])  # fmt: skip
+
+    def _limits(self, request: Request) -> Limits:
+        params, tokenizer = request.params, self.processor.tokenizer
+        hit = None
+        if params.stop:
+
+            def hit(_: int, ids: list[int]) -> bool:
+                return stop_hit(tokenizer, params.stop, ids)
+
+        return Limits(
+            eos_id=self.eos_id,
+            pad_id=self.pad_id,
+            max_new_tokens=params.max_new_tokens,
+            generators=[sampling_generator(s.seed, self.device) for s in request.samples],
+            stop_hit=hit,
+        )
+
+    def _step_shared(self) -> None:
+        live = [(job, seq) for job in self._shared for seq in job.seqs if seq.reason is None]
+        rows = self.slots.bucket()
+        tokens, positions = [self.pad_id] * rows, [0] * rows
+        for _, seq in live:
+            for slot in seq.slots:
+                tokens[slot], positions[slot] = seq.tokens[-1], seq.position
+        try:
+            logits = self.slots.step(tokens, positions)
+        except Exception as error:  # the shared forward failed: every job in it fails
+            log.exception("the shared decode step failed")
+            for job in list(self._shared):
+                self._end(job, Event(error=error))
+            return
+        for _, seq in live:
+            seq.position += 1
+        self._choose([(job, seq, logits[seq.slots]) for job, seq in live])
+
+    def _choose(self, pending: list[tuple[_Job, _Seq, torch.Tensor]]) -> None:
+        """Next tokens of shared-lane samples from their views' logits [views, V]: combined,
+        then greedy or sampled. One host sync for all of them."""
+        if not pending:
+            return
+        scores = torch.cat([
+            combine_views(logits, job.plan, job.step, 1)[:, 0] if job.plan.combines_views
+            else logits[:1]
+            for job, _, logits in pending
+        ])  # fmt: skip
+        chosen = scores.argmax(-1)
+        for i, (job, seq, _) in enumerate(pending):
+            params = job.params
+            if params.do_sample:
+                probs = warp(scores[i : i + 1], params).softmax(-1)
+                chosen[i] = torch.multinomial(probs[0], 1, generator=seq.generator)[0]
+            if params.logprobs is not None:
+                seq.logprobs.append(
+                    _logprobs(scores[i : i + 1], chosen[i : i + 1], params.logprobs)
+                )
+        ids = chosen.tolist()
+        stepped: dict[int, tuple[_Job, dict[int, int]]] = {}  # job -> (job, sample -> token)
+        for (job, seq, _), token in zip(pending, ids, strict=True):
+            stepped.setdefault(id(job), (job, {}))[1][seq.sample] = token
+            self._record(job, seq, token)
+        for job, tokens in stepped.values():
+            job.step += 1
+            job.request._emit(Event(tokens=tuple(tokens.get(s.sample) for s in job.seqs)))
+            if all(seq.reason is not None for seq in job.seqs):
+                self._end(job, Event(generations=self._generations(job)))
+
+    def _record(self, job: _Job, seq: _Seq, token: int) -> None:
+        """Append a sample's token; finish it at EOS, a stop string or its length limit."""
+        params = job.params
+        if token == self.eos_id:
+            seq.reason = "stop"
+        else:
+            seq.tokens.append(token)
+            if params.stop and stop_hit(self.processor.tokenizer, params.stop, seq.tokens):
+                seq.reason = "stop"
+            elif len(seq.tokens) >= params.max_new_tokens:
+                seq.reason = "length"
+        if seq.reason is not None:
+            self.slots.release(seq.slots)
+            seq.slots = []
+
+    def _generations(self, job: _Job) -> list[Generation]:
+        prefilled, params, plan = job.prefilled, job.params, job.plan
+        notes = prefilled.view_notes or ({},) * len(job.seqs)
+        outputs = []
+        for seq in job.seqs:
+            logprobs = None
+            if params.logprobs is not None:
+                [logprobs] = _per_sample(seq.logprobs, [len(seq.tokens)])
+            outputs.append(generation(
+                self.processor.tokenizer, seq.tokens, seq.reason, params.stop,
+                prefilled.prompt_tokens[seq.sample], plan.config_id, notes[seq.sample], logprobs,
+            ))  # fmt: skip
+        return outputs
+
+    def _step_own(self, job: _Job) -> None:
+        try:
+            event: DecodeEvent = next(job.steps)
+        except Exception as error:
+            log.debug("own-lane step failed", exc_info=True)
+            self._end(job, Event(error=error))
+            return
+        if event.result is None:
+            job.step += 1
+            job.request._emit(Event(tokens=tuple(event.tokens[:, 0].tolist())))
+            return
+        result, params = event.result, job.params
+        notes = event.view_notes or ({},) * len(result.tokens)
+        logprobs = result.logprobs or (None,) * len(result.tokens)
+        tokenizer, config_id = self.processor.tokenizer, job.plan.config_id
+        rows = zip(result.tokens, result.finish_reasons, event.prompt_tokens, notes, logprobs,
+                   strict=True)  # fmt: skip
+        outputs = [
+            generation(tokenizer, ids, reason, params.stop, prompt, config_id, views, steps)
+            for ids, reason, prompt, views, steps in rows
+        ]
+        self._end(job, Event(generations=outputs))
+
+
+__all__ = ["Cancelled", "Engine", "EngineConfig", "Event", "Request", "Timing"]

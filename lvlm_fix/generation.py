@@ -1,0 +1,83 @@
+"""What a finished sample becomes (`Generation`), and the text rules shared by every way of
+getting one: the answer is cut at the first stop string and stripped; a streamed piece is sent
+only once later tokens cannot change it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from pydantic import BaseModel
+
+from lvlm_fix.search import TokenLogprobs
+
+
+class Generation(BaseModel):
+    """One sample's output. The HTTP client returns the same objects."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" or "length"
+    prompt_tokens: int
+    config_id: str  # stable hash of the interventions used
+    views: dict[str, list[str]] = {}  # what each image-transforming view applied, per image
+    logprobs: list[TokenLogprobs] | None = None  # with params.logprobs: one per token_ids entry
+
+
+def decode_text(tokenizer, ids: Sequence[int]) -> str:
+    # No clean-up of spaces: it rewrites earlier text as tokens arrive (" ." -> "."), so streamed
+    # pieces could not add up to the final text (and transformers warns about it for BPE).
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def answer(tokenizer, ids: Sequence[int], stops: Sequence[str]) -> tuple[str, bool]:
+    """The answer text of generated `ids`: cut before the first stop string, then stripped of
+    surrounding whitespace; and whether a stop string was found."""
+    text = decode_text(tokenizer, ids)
+    cut = min((text.index(stop) for stop in stops if stop in text), default=None)
+    return text[:cut].strip(), cut is not None
+
+
+def settled(text: str, stops: Sequence[str]) -> str:
+    """The part of an unfinished answer that later tokens cannot change.
+
+    Later tokens can complete a trailing replacement character (a multi-byte character split
+    over tokens) or a stop string begun by the text's end (which cuts the answer there), and
+    the final answer drops whitespace before either cut or its end.
+    """
+    text = text.rstrip("\ufffd")
+    begun = [n for stop in stops for n in range(1, len(stop)) if text.endswith(stop[:n])]
+    return text[: len(text) - max(begun, default=0)].rstrip()
+
+
+def stop_hit(tokenizer, stops: Sequence[str], ids: Sequence[int]) -> bool:
+    """Whether the last tokens of `ids` spell one of the stop strings."""
+    text = decode_text(tokenizer, ids[-32:])
+    return any(stop in text for stop in stops)
+
+
+def sampling_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A sample's own token-sampling generator (seeded: its tokens never depend on others)."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def generation(
+    tokenizer, ids: list[int], reason: str, stops: Sequence[str], prompt_tokens: int,
+    config_id: str, views: dict[str, list[str]], logprobs: list[TokenLogprobs] | None,
+) -> Generation:  # fmt: skip
+    """One sample's `Generation` from its generated ids (EOS excluded)."""
+    text, stopped = answer(tokenizer, ids, stops)
+    return Generation(
+        text=text,
+        token_ids=ids,
+        finish_reason="stop" if stopped else reason,
+        prompt_tokens=prompt_tokens,
+        config_id=config_id,
+        views=views,
+        logprobs=logprobs,
+    )
