@@ -318,7 +318,7 @@ class Engine:
         """Before prefill: whether the plan can decode in the shared batch."""
         return (
             isinstance(plan.search, SingleSearch)
-            and plan.graph_safe
+            and plan.shared_decode
             and not plan.recompute
             and not plan.prune_hooks
             and self.full_attention

@@ -39,7 +39,9 @@ class Plan:
     search: Search
     config_id: str
     prune_hooks: tuple[Any, ...] = ()  # `hooks.PruneHook`s (LLM token pruning)
-    graph_safe: bool = True  # decode steps may replay a CUDA graph (see Contribution.graph_safe)
+    shared_decode: bool = (
+        True  # may decode in the engine's shared batch (Contribution.shared_decode)
+    )
     recompute: bool = False  # decode steps re-run the whole sequence (see Contribution.recompute)
 
     @property
@@ -125,6 +127,6 @@ def compile_plan(
         search=search,
         config_id=config_hash(interventions),
         prune_hooks=tuple(c.prune for _, c in contributions if c.prune),
-        graph_safe=all(c.graph_safe for _, c in contributions),
+        shared_decode=all(c.shared_decode for _, c in contributions),
         recompute=any(c.recompute for _, c in contributions),
     )

@@ -10,7 +10,7 @@ from its key_start to key_end (the edited-attention kernel with per-row starts),
 the columns rows hold, not the cache's width, and free slots cost one column.
 
 Interventions are per-slot data. When a request joins, its attention hooks are asked once, per
-layer, for their decode edits (fixed once prefill is done: `Contribution.graph_safe`), and the
+layer, for their decode edits (fixed once prefill is done: `Contribution.shared_decode`), and the
 answers are written into `EditTables` at the request's slots; rows of other requests hold
 neutral values there (PAI gain 0, head scale 1, VAR rows off). A step hands each layer its
 slice of the tables.
@@ -217,6 +217,7 @@ class SlotBatch:
         self.starts = [0] * slots  # host copy of key_start
         self.ends = [0] * slots  # the last column each occupied slot may write
         self.edited = [False] * slots  # the slot's request has decode edits
+        self.shifts = 0  # how often rows moved to make room (a measure of a too-short cache)
         self.buckets = tuple(sorted(b for b in buckets if b <= slots)) or (slots,)
         if self.buckets[-1] != slots:
             self.buckets += (slots,)
@@ -262,6 +263,7 @@ class SlotBatch:
         """Move every row's columns by delta (the cache, col_group, starts, the column)."""
         if delta == 0:
             return
+        self.shifts += 1
         width = self.max_len - abs(delta)
         src, dst = (0, delta) if delta > 0 else (-delta, 0)
         for layer in self.cache.layers:

@@ -84,10 +84,12 @@ class Contribution:
     vision: VisionHook | None = None  # vision-tower token pruning (one per plan)
     prune: PruneHook | None = None  # LLM token pruning at decoder-layer inputs
     conflicts: frozenset[str] = frozenset()  # names it cannot run with on this model (+ class's)
-    # Its decode-time hooks only run tensor ops on tensors that stay put (no host reads, no
-    # per-step Python state), so a decode step may be captured once as a CUDA graph and replayed
-    # (static_decode.py). False keeps the request's steps eager (OPERA's per-step recorder).
-    graph_safe: bool = True
+    # Its attention edits at decode are fixed once prefill is done (functions of the RowState,
+    # not of the step) and its hooks look at nothing during decode steps, so the engine asks
+    # for the edits once and decodes the request's rows in its shared batch (slots.py), whose
+    # steps replay CUDA graphs. False: the request decodes in a lane of its own (OPERA's
+    # per-step recorder).
+    shared_decode: bool = True
     # Every decode step re-runs the whole sequence (prompt + tokens so far) as a prefill, without
     # the KV cache, so prune hooks choose again each step (FastV's per-step mode).
     recompute: bool = False

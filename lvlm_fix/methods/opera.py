@@ -113,8 +113,8 @@ class Opera(Intervention):
     )
 
     def contribute(self, model: ModelInfo) -> Contribution:
-        # graph_safe=False: the recorder appends each step's attention row in Python
-        return Contribution(search=OperaSearch(self), attention=LastRowHook(), graph_safe=False)
+        # shared_decode=False: the recorder looks at every decode step's attention row
+        return Contribution(search=OperaSearch(self), attention=LastRowHook(), shared_decode=False)
 
 
 @dataclass
