@@ -67,7 +67,7 @@ def test_each_request_equals_the_per_request_loop(lvlm, images):
         assert ours == alone(lvlm, samples, interventions, params), interventions
 
 
-def test_mixed_plans_joining_mid_flight_equal_alone(lvlm, images):
+def mixed_join_equals_alone(lvlm: LVLM, images) -> None:
     """All kinds at once, each joining while the earlier ones decode: every request's tokens
     equal its tokens alone, and the shared batch really held several requests."""
     expected = []
@@ -92,6 +92,23 @@ def test_mixed_plans_joining_mid_flight_equal_alone(lvlm, images):
     got = [[g.token_ids for g in request.result(timeout=300)] for request in requests]
     assert got == expected
     assert most_running >= 3
+
+
+def test_mixed_plans_joining_mid_flight_equal_alone(lvlm, images):
+    mixed_join_equals_alone(lvlm, images)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["llava", "llava_onevision"])
+def test_mixed_plans_joining_mid_flight_equal_alone_on_a_gpu(tiny_paths, images, family):
+    """bf16, CUDA graphs: still each request's own tokens, whatever joins it."""
+    lvlm = LVLM.from_pretrained(tiny_paths[family], device="cuda", dtype=torch.bfloat16,
+                                engine=EngineConfig(slots=12))  # fmt: skip
+    try:
+        mixed_join_equals_alone(lvlm, images)
+    finally:
+        lvlm.close()
 
 
 def test_several_samples_of_one_request_and_their_seeds(lvlm, images):
