@@ -383,9 +383,11 @@ def test_custom_op_fake_and_schema():
     q, k, v, key_start, col_group, g = make_case(seed=17)
     e = all_edits(col_group, 2, 4, 6, g)
     end = torch.tensor([14])  # a static cache filled up to column 14 of 16
-    args = (q, k, v, key_start, end, 0.3, e.col_group, e.image_gain, e.gain_rows, e.var_rows,
-            e.var_keep, e.var_rho, e.var_summ, e.n_image, e.head_scale, True, False)  # fmt: skip
-    torch.library.opcheck(_edited_attention_op, args)
+    var = torch.tensor([[0.6, 0.5, 0.2], [0.3, 0.8, 0.1]])  # per row (keep, rho, summ)
+    for var_params in (var, None):
+        args = (q, k, v, key_start, end, 0.3, e.col_group, e.image_gain, e.gain_rows, e.var_rows,
+                var_params, e.n_image, e.head_scale, True, False)  # fmt: skip
+        torch.library.opcheck(_edited_attention_op, args)
 
 
 def test_public_op_traces_in_one_graph():
@@ -399,6 +401,23 @@ def test_public_op_traces_in_one_graph():
     out, stats = torch.compile(step, backend="aot_eager", fullgraph=True)(q, k, v)
     want, want_stats = ref.edited_attention(q, k, v, scale=0.3, key_start=key_start, edits=edits)
     assert torch.equal(out, want) and torch.equal(stats["last_row"], want_stats["last_row"])
+
+
+def test_public_op_traces_per_row_var_params():
+    """Per-row VAR tensors are graph inputs: new values reuse the graph and take effect."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    q, k, v, key_start, col_group, g = make_case(B=3, seed=41, key_start=(0, 3, 1))
+    batch, _ = per_row_var_case(col_group, 6, g)
+    backend = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(edited_attention, backend=backend, fullgraph=True)
+    for keep in (batch.var_keep, batch.var_keep.flip(0)):
+        edits = dataclasses.replace(batch, var_keep=keep)
+        kw = dict(scale=0.3, key_start=key_start, edits=edits)
+        out, stats = compiled(q, k, v, **kw)
+        want, want_stats = ref.edited_attention(q, k, v, **kw)
+        assert torch.equal(out, want) and torch.equal(stats["last_row"], want_stats["last_row"])
+    assert backend.frame_count == 1
 
 
 @pytest.mark.parametrize(
