@@ -2,7 +2,9 @@
 
 The Plan is immutable: the views (extra rows) and their logit weights, the attention hooks, the
 layer-input hooks, one search strategy and the vision stage. Per-request tensors live beside it
-in a `RowState`, created by the decode loop.
+in a `RowState`, created by the decode loop. It is plain data (no lambdas or closures, see
+`methods.base`): it pickles, to cross process boundaries, and two compilations of the same
+interventions and params are equal.
 """
 
 from __future__ import annotations

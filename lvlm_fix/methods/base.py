@@ -2,8 +2,10 @@
 
 A method file declares a config class (frozen, extra="forbid", every field documented with its
 neutral value), registers it under a short name, and implements `contribute(model)`. It returns a
-`Contribution`: the hook points it uses, as plain data and pure functions. A method never drives
-the decode loop, never keeps state on modules, and never registers torch hooks itself.
+`Contribution`: the hook points it uses, as plain data: frozen dataclasses (with `__call__` where
+a function is wanted), never lambdas or closures, because a Plan is pickled across processes and
+compared by value. A method never drives the decode loop, never keeps state on modules or on its
+hooks (per-request tensors live in `RowState`), and never registers torch hooks itself.
 
 Hook points (see ARCHITECTURE.md):
 - views:      extra batch rows (another image, or none) and their logit weights per step
@@ -58,6 +60,9 @@ class View:
 
     weight(t) is this view's logit weight at generated step t. The original view (index 0) is
     implicit and weighs 1 + the sum of every contribution's `base_weight(t)`.
+
+    Its functions are frozen dataclasses with `__call__` (or module-level functions), never
+    lambdas or closures: the Plan is pickled across processes and compared by value.
     """
 
     name: str
@@ -69,6 +74,16 @@ class View:
     pixel_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
     prefill_only: bool = False  # dropped after prefill (VHR's counterfactual pass)
     edited: bool = True  # attention edits apply to this view's rows (PAI-CFG's uncond: False)
+
+
+@dataclass(frozen=True)
+class ConstantWeight:
+    """A logit weight that is the same at every step (`View.weight`, `Contribution.base_weight`)."""
+
+    value: float
+
+    def __call__(self, step: int) -> float:
+        return self.value
 
 
 @dataclass(frozen=True)
