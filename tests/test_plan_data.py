@@ -108,7 +108,7 @@ def run(lvlm, plan, samples):
     tokenizer = lvlm.processor.tokenizer
     limits = Limits(tokenizer.eos_token_id, tokenizer.pad_token_id, PARAMS.max_new_tokens,
                     [None] * len(samples))  # fmt: skip
-    *_, last = decode(lvlm.model, lvlm.processor, lvlm.info, plan, samples, limits, static=False)
+    *_, last = decode(lvlm.model, lvlm.processor, lvlm.info, plan, samples, limits)
     return last.result.tokens, last.view_notes
 
 
