@@ -191,7 +191,7 @@ class OldEngine:
 class NewEngine:
     """The persistent engine of this tree (`lvlm_fix.engine`), one request per submit."""
 
-    def __init__(self, lvlm, slots: int):
+    def __init__(self, lvlm, slots: int, max_len: int):
         where = Path(lvlm_fix.__file__).parent
         spec = importlib.util.find_spec("lvlm_fix.engine")  # not one an editable install maps in
         if spec is None or not Path(spec.origin).is_relative_to(where):
@@ -200,9 +200,11 @@ class NewEngine:
             from lvlm_fix.engine import Engine, EngineConfig
         except ImportError as error:
             raise SystemExit(f"--engine new: cannot import lvlm_fix.engine: {error}") from None
-        self.make = lambda: Engine(lvlm, EngineConfig(slots=slots))
+        del Engine  # the LVLM owns its engine; this import only checks it exists
+        self.lvlm = lvlm
+        lvlm.engine_config = EngineConfig(slots=slots, max_len=max_len)
         start = time.monotonic()
-        self.engine = self.make()  # captures CUDA graphs on a GPU
+        self.engine = lvlm.engine  # starts it: captures CUDA graphs on a GPU
         self.startup_s = time.monotonic() - start
         self.records: list[Record] = []
 
@@ -217,18 +219,18 @@ class NewEngine:
 
         params = GenerationParams(max_new_tokens=request.max_new_tokens)
         sample, interventions = [request.sample], request.interventions
-        self.engine.submit(sample, interventions, params, listener=listener)
+        self.lvlm.submit(sample, interventions, params, listener=listener)
         self.records.append(record)
 
     def drain(self) -> None:
         """After a timeout: restart the engine if requests are still running in it."""
         if not all(record.finished.is_set() for record in self.records):
-            self.engine.close()
-            self.engine = self.make()
+            self.lvlm.close()
+            self.engine = self.lvlm.engine
         self.records = []
 
     def close(self) -> None:
-        self.engine.close()
+        self.lvlm.close()
 
 
 def run_rate(engine, requests: list[Request], times: list[float], timeout: float):
@@ -283,7 +285,7 @@ def bench(args: argparse.Namespace) -> dict:
     if args.engine == "old":
         engine = OldEngine(lvlm, args.max_batch_size, args.batch_wait_ms / 1e3)
     else:
-        engine = NewEngine(lvlm, args.slots)
+        engine = NewEngine(lvlm, args.slots, args.max_len)
     lengths = [int(n) for n in args.lengths.split(",")]
     warm = [make_request(args.seed + 1, i, [max(lengths)], MIX[i % len(MIX)])
             for i in range(args.warmup)]  # fmt: skip
@@ -412,6 +414,9 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=8, help="old: requests per batch")
     parser.add_argument("--batch-wait-ms", type=float, default=10, help="old: wait for more")
     parser.add_argument("--slots", type=int, default=32, help="new: EngineConfig(slots=...)")
+    parser.add_argument(
+        "--max-len", type=int, default=2048, help="new: EngineConfig(max_len=...), cache columns"
+    )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     if args.engine == "both":

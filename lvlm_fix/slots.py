@@ -191,7 +191,7 @@ class SlotBatch:
     """
 
     def __init__(self, model, info: ModelInfo, slots: int, max_len: int, graphs: bool,
-                 buckets: tuple[int, ...]):  # fmt: skip
+                 buckets: tuple[int, ...], always_edited: bool = False):  # fmt: skip
         self.model, self.info = model, info
         self.slots, self.max_len = slots, max_len
         device, dtype = model.device, model.dtype
@@ -218,6 +218,7 @@ class SlotBatch:
         self.ends = [0] * slots  # the last column each occupied slot may write
         self.edited = [False] * slots  # the slot's request has decode edits
         self.shifts = 0  # how often rows moved to make room (a measure of a too-short cache)
+        self.always_edited = always_edited  # every step with the tables (batch-invariant)
         self.buckets = tuple(sorted(b for b in buckets if b <= slots)) or (slots,)
         if self.buckets[-1] != slots:
             self.buckets += (slots,)
@@ -325,7 +326,7 @@ class SlotBatch:
         self.tokens[:rows, 0] = torch.tensor(tokens, device=self.device)
         self.positions[:rows, 0] = torch.tensor(positions, device=self.device)
         self.key_end.fill_(self.column + 1)
-        edited = any(self.edited[:rows])
+        edited = self.always_edited or any(self.edited[:rows])
         graph = self.graphs.get((rows, edited))
         with torch.inference_mode():
             if graph is not None:
@@ -364,7 +365,7 @@ class SlotBatch:
         pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
             for rows in sorted(self.buckets, reverse=True):
-                for edited in (False, True):
+                for edited in (True,) if self.always_edited else (False, True):
                     self._forward(rows, edited)  # compile kernels, settle allocations
                     self.graphs[(rows, edited)] = self._capture(rows, edited, pool)
         torch.cuda.synchronize()
