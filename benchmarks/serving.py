@@ -293,6 +293,8 @@ def bench(args: argparse.Namespace) -> dict:
     run_rate(engine, warm, [0.0] * len(warm), timeout=600)
     engine.drain()
     warmup_s = time.monotonic() - start
+    alone = batch_one_latency(engine, args.seed + 2)
+    print(json.dumps({"alone_itl_p50_ms": alone}), flush=True)
     count = args.requests or None
     results, skipped = [], []
     for rate in [float(r) for r in args.rates.split(",")]:
@@ -315,7 +317,22 @@ def bench(args: argparse.Namespace) -> dict:
             "torch": torch.__version__, "lvlm_fix": str(Path(lvlm_fix.__file__).parent),
             "startup_s": round(engine.startup_s, 2), "warmup_s": round(warmup_s, 2),
             "skipped_rates": skipped, "args": vars(args)}  # fmt: skip
-    return {"meta": meta, "results": results}
+    return {"meta": meta, "alone_itl_p50_ms": alone, "results": results}
+
+
+def batch_one_latency(engine, seed: int, repeats: int = 3, tokens: int = 128) -> dict[str, float]:
+    """Per-token latency at batch 1 (median gap between tokens, ms): requests one at a time,
+    with no intervention and with VAR+VHR+PAI."""
+    alone = {}
+    for entry in (MIX[0], MIX[2]):
+        gaps = []
+        for i in range(repeats):
+            request = make_request(seed, i, [tokens], entry)
+            [record], _, _ = run_rate(engine, [request], [0.0], timeout=120)
+            engine.drain()
+            gaps += [b - a for a, b in itertools.pairwise(record.marks[: record.tokens])]
+        alone[entry[1]] = round(float(np.median(gaps)) * 1e3, 2) if gaps else None
+    return alone
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -330,6 +347,7 @@ def print_table(result: dict) -> None:
     m = result["meta"]
     timing = f"startup {m['startup_s']:.1f} s, warm-up {m['warmup_s']:.1f} s"
     print(f"\n{m['engine']}: {m['model']}, {m['device']}, {m['dtype']}, {timing}, {m['lvlm_fix']}")
+    print(f"batch 1, ms per token (median): {result['alone_itl_p50_ms']}")
     print("| rate/s | done | req/s | out tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | "
           "E2E p50 | E2E p99 | peak GiB |\n" + "|---" * 11 + "|")  # fmt: skip
     for r in result["results"]:
@@ -389,6 +407,10 @@ def drive(args: argparse.Namespace, argv: list[str]) -> int:
                 {"rate": n["rate"], "tok_per_s": tokens, "ttft_p99": ttft, "timed_out": late}
             )
             print(f"| {n['rate']:g} | {_f(tokens, '.2f')} | {_f(ttft, '.2f')} | {' '.join(late)} |")
+        for kind, new in runs["new"]["alone_itl_p50_ms"].items():
+            old = runs["old"]["alone_itl_p50_ms"].get(kind)
+            print(f"batch 1, {kind}: {_f(new, '.2f')} ms/token new, {_f(old, '.2f')} old, "
+                  f"new/old {_f(_ratio(new, old), '.3f')}")  # fmt: skip
     for engine, why in failures.items():
         print(f"\n{engine} engine: no results ({why})")
     if args.out:

@@ -50,13 +50,15 @@ TABLE_FIELDS = frozenset(
 
 class SlotLayer(CacheLayerMixin):
     """One decoder layer's keys and values [slots, Hkv, max_len, D]; a step's forward of N rows
-    writes column `column` of slots 0..N-1 and attends over those slots' whole rows."""
+    writes column `column` of slots 0..N-1 and attends over those slots' rows: all columns in
+    a CUDA graph (the kernel stops at key_end), the first `width` in an eager step."""
 
     is_compileable = True
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, column: torch.Tensor):
         super().__init__()
         self.keys, self.values, self.column = keys, values, column
+        self.width: int | None = None  # eager steps: the filled columns (None = all)
         self.is_initialized = True
 
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -64,7 +66,7 @@ class SlotLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         rows = key_states.shape[0]
-        keys, values = self.keys[:rows], self.values[:rows]
+        keys, values = self.keys[:rows, :, : self.width], self.values[:rows, :, : self.width]
         keys.index_copy_(2, self.column, key_states)
         values.index_copy_(2, self.column, value_states)
         return keys, values
@@ -333,7 +335,11 @@ class SlotBatch:
                 graph[0].replay()
                 logits = graph[1].float()  # a copy: the next replay overwrites the buffer
             else:
+                for layer in self.cache.layers:  # read only the filled columns
+                    layer.width = self.column + 1
                 logits = self._forward(rows, edited).float()
+                for layer in self.cache.layers:
+                    layer.width = None
         self.column += 1
         self.column_t.fill_(self.column)
         return logits
