@@ -1,6 +1,7 @@
 """lvlm_fix: composable, training-free hallucination interventions for LLaVA-family models."""
 
 from lvlm_fix.decoding import Sample
+from lvlm_fix.engine import EngineConfig
 from lvlm_fix.lvlm import LVLM, Generation
 from lvlm_fix.methods import REGISTRY as INTERVENTIONS
 from lvlm_fix.methods import Intervention, parse_intervention
@@ -17,6 +18,7 @@ def load(name_or_path: str | None = None, **kwargs) -> LVLM:
 __all__ = [
     "__version__",
     "INTERVENTIONS",
+    "EngineConfig",
     "LVLM",
     "Generation",
     "GenerationParams",
