@@ -284,14 +284,22 @@ class Engine:
             idle = not (self._waiting or self._shared or self._own)
             if not self._collect(block=idle):
                 break
-            self._retire_cancelled()
-            self._admit()
-            if self._shared:
-                self._step_shared()
-            for job in list(self._own):
-                self._step_own(job)
+            try:
+                self._iterate()
+            except Exception as error:  # a bug of ours: fail what is in flight, keep serving
+                log.exception("engine iteration failed; failing the requests in flight")
+                for job in [*self._shared, *self._own]:
+                    self._end(job, Event(error=error))
         for job in [*self._waiting, *self._shared, *self._own]:
             self._end(job, Event(error=Cancelled("the engine was closed")))
+
+    def _iterate(self) -> None:
+        self._retire_cancelled()
+        self._admit()
+        if self._shared:
+            self._step_shared()
+        for job in list(self._own):
+            self._step_own(job)
 
     def _collect(self, block: bool) -> bool:
         """Move submitted requests to the waiting queue; False once the engine is closing."""
