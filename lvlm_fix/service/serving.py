@@ -106,6 +106,10 @@ class PromptCounter:
         # Each image's one placeholder token becomes its feature tokens.
         return tokens + sum(n - 1 for n in expanded["num_image_tokens"])
 
+    def token_text(self, token_id: int) -> str:
+        with self._lock:
+            return self.processor.tokenizer.decode([token_id])
+
 
 class Serving:
     def __init__(self, engine: Engine, config: ServeConfig, metrics: Metrics | None = None):
@@ -420,10 +424,9 @@ class Serving:
         has no infinity."""
         if output.logprobs is None:
             return None
-        tokenizer = self.prompt_counter.processor.tokenizer
 
         def entry(token_id: int, logprob: float) -> dict:
-            text = tokenizer.decode([token_id])
+            text = self.prompt_counter.token_text(token_id)
             return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode())}
 
         content = [
