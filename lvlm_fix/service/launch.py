@@ -9,11 +9,11 @@ serve.yaml (all keys optional; the schema is `deployment.AppArgs` plus `address`
     device: cuda
     num_gpus: 1              # per model replica: one replica per GPU
     num_replicas: 2          # or, instead:
-    # autoscaling: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8}
+    # autoscaling: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 32}
     accelerator_type: H100   # model replicas only on such nodes (omit = any)
     ingress_replicas: 1      # HTTP app replicas
     runtime_env: {env_vars: {HF_HOME: /models}}   # every replica's Ray runtime_env
-    batch: {max_batch_size: 8, batch_wait_ms: 10}
+    max_ongoing_requests: 256   # per model replica; its engine queues what it cannot hold yet
     service:                 # lvlm_fix.service.config.ServeConfig
       api_key: change-me
       max_image_bytes: 10485760
@@ -52,8 +52,6 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ray", action="store_true", help="one process under uvicorn")
     parser.add_argument("--config", type=Path, default=None, help="serve.yaml (see module doc)")
     parser.add_argument("--replicas", type=int, default=None, help="model replicas (Ray)")
-    parser.add_argument("--max-batch-size", type=int, default=None, help="Ray dynamic batching")
-    parser.add_argument("--batch-wait-ms", type=float, default=None, help="Ray batch wait")
     parser.add_argument("--num-cpus", type=float, default=None, help="CPUs given to local Ray")
     parser.add_argument("--api-key", default=None, help="require this Bearer key")
     parser.epilog = (
@@ -74,7 +72,6 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         if not isinstance(settings, dict):
             raise ValueError(f"{args.config}: expected a mapping at the top level")
     service = dict(settings.get("service") or {})
-    batch = dict(settings.get("batch") or {})
     overrides = {
         "model": args.model,
         "host": args.host,
@@ -84,23 +81,13 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.device != "cpu" or "device" not in settings:
         overrides["device"] = args.device
     settings.update({k: v for k, v in overrides.items() if v is not None})
-    batch.update(
-        {
-            k: v
-            for k, v in {
-                "max_batch_size": args.max_batch_size,
-                "batch_wait_ms": args.batch_wait_ms,
-            }.items()
-            if v is not None
-        }
-    )
     if args.intervention:
         service["default_interventions"] = args.intervention
     for spec in service.get("default_interventions", ()):
         parse_intervention(spec)  # fail now (ValueError naming it), not inside a replica
     if args.api_key:
         service["api_key"] = args.api_key
-    settings["service"], settings["batch"] = service, batch
+    settings["service"] = service
     settings.setdefault("host", "127.0.0.1")
     settings.setdefault("port", 8000)
     return settings

@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from functools import cached_property
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from PIL import Image, UnidentifiedImageError
 from transformers import AutoConfig
 
 from lvlm_fix.decoding import Sample
-from lvlm_fix.lvlm import Generation
+from lvlm_fix.engine import Timing
+from lvlm_fix.generation import Generation
 from lvlm_fix.methods import REGISTRY
 from lvlm_fix.methods.dyvte import ROUTER_FILE
 from lvlm_fix.model import FAMILIES, ModelInfo
@@ -35,7 +37,7 @@ from lvlm_fix.plan import compile_plan
 from lvlm_fix.service import image_urls
 from lvlm_fix.service import schemas as s
 from lvlm_fix.service.config import ServeConfig
-from lvlm_fix.service.engine import Engine, EngineResult, Job, Timing
+from lvlm_fix.service.engine import Engine, EngineResult, Job
 from lvlm_fix.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -305,7 +307,8 @@ class Serving:
         params: GenerationParams,
         stream: bool,
     ) -> Job:
-        """Compile the plan now (cheap, no model) so bad interventions fail as a 400."""
+        """Compile the plan, once: a bad one fails as a 400 before any model work, and the
+        engine runs the job with this plan."""
         try:
             plan = compile_plan(specs, self.engine.info, params)
         except ValueError as error:
@@ -324,7 +327,7 @@ class Serving:
                     self.metrics.extra_forwards.inc(
                         views * len(samples), model_name=model, method=intervention.name
                     )
-        return Job(tuple(samples), tuple(specs), params, plan.config_id, model)
+        return Job(tuple(samples), plan, params, model)
 
     async def chat_job(self, request: s.ChatCompletionRequest) -> Job:
         try:
@@ -367,11 +370,9 @@ class Serving:
 
     async def _generate(self, job: Job) -> EngineResult:
         try:
-            result = await self.engine.generate(job)
+            return await self.engine.generate(job)
         except (ValueError, TypeError) as error:  # the core's way to name a bad request
             raise _refused(error) from None
-        self.metrics.batch_size.observe(result.batch_size, model_name=job.model)
-        return result
 
     def _record(self, job: Job, outputs: list[Generation], timing: Timing, ttft: float) -> None:
         """A finished request's metrics, the way vLLM counts them (metrics.py)."""
@@ -392,7 +393,7 @@ class Serving:
         """Metrics of a request answered in one piece. Its first token was ready when the engine
         began decoding: the wait for the whole answer less the decode time after that token."""
         e2e = time.perf_counter() - arrived
-        timing = result.timing or Timing(0.0, 0.0, 0.0)
+        timing = result.timing
         self._record(job, result.generations, timing, max(e2e - timing.decode_s, 0.0))
         self.metrics.e2e.observe(e2e, model_name=job.model)
 
@@ -413,7 +414,7 @@ class Serving:
         return s.ChatCompletionResponse(
             id=f"chatcmpl-{request_id}",
             model=job.model,
-            system_fingerprint=job.config_id,
+            system_fingerprint=job.plan.config_id,
             choices=choices,
             usage=_usage(outputs),
         )
@@ -463,7 +464,7 @@ class Serving:
             body = s.ChatCompletionChunk(
                 id=f"chatcmpl-{request_id}",
                 model=job.model,
-                system_fingerprint=job.config_id,
+                system_fingerprint=job.plan.config_id,
                 usage=usage,
                 choices=[s.ChunkChoice(index=0, delta=delta, finish_reason=finish)]
                 if delta
@@ -474,18 +475,21 @@ class Serving:
         ttft, final = None, None
         try:
             yield chunk(s.Delta(role="assistant", content=""))
-            async for item in self.engine.stream(job):
-                if isinstance(item, str):
-                    ttft = ttft if ttft is not None else time.perf_counter() - arrived
-                    yield chunk(s.Delta(content=item))
-                elif isinstance(item, Generation):
-                    final = item
-                    yield chunk(s.Delta(), finish=item.finish_reason)
-                    if include_usage:
-                        yield chunk(None, usage=_usage([item]))
-                else:  # the engine's Timing comes last
-                    first = ttft if ttft is not None else time.perf_counter() - arrived
-                    self._record(job, [final], item, first)
+            # aclosing: a client that leaves closes this generator, and with it the engine's
+            # stream at once, which cancels the request.
+            async with aclosing(self.engine.stream(job)) as items:
+                async for item in items:
+                    if isinstance(item, str):
+                        ttft = ttft if ttft is not None else time.perf_counter() - arrived
+                        yield chunk(s.Delta(content=item))
+                    elif isinstance(item, Generation):
+                        final = item
+                        yield chunk(s.Delta(), finish=item.finish_reason)
+                        if include_usage:
+                            yield chunk(None, usage=_usage([item]))
+                    else:  # the engine's Timing comes last
+                        first = ttft if ttft is not None else time.perf_counter() - arrived
+                        self._record(job, [final], item, first)
         except Exception as error:  # headers are sent: report in-band, as OpenAI does
             if isinstance(error, ServiceError):  # the engine's own answer, e.g. 503
                 failure = error
