@@ -28,7 +28,7 @@ from service_helpers import (
 )
 
 from lvlm_fix import LVLM, GenerationParams, Sample
-from lvlm_fix.engine import Cancelled, Request
+from lvlm_fix.engine import Cancelled, EngineConfig, Request
 from lvlm_fix.methods import REGISTRY, Contribution, Intervention, View
 from lvlm_fix.model import Turn
 from lvlm_fix.service import AsyncClient, Client, ServiceError
@@ -390,12 +390,12 @@ def test_serve_settings_merge_yaml_and_flags(tmp_path):
     config = tmp_path / "serve.yaml"
     config.write_text(
         "address: auto\nport: 9000\nnum_replicas: 2\ndevice: cuda\n"
-        "service: {api_key: k, max_n: 2}\n"
+        "engine: {slots: 4, max_len: 512}\nservice: {api_key: k, max_n: 2}\n"
     )
     parser = argparse.ArgumentParser()
     add_model_args(parser)
     add_serve_args(parser)
-    args = parser.parse_args(["--config", str(config), "--replicas", "3"])
+    args = parser.parse_args(["--config", str(config), "--slots", "16", "--replicas", "3"])
     settings = _settings(args)
     assert (settings.pop("address"), settings.pop("host"), settings.pop("port")) == (
         "auto",
@@ -404,6 +404,7 @@ def test_serve_settings_merge_yaml_and_flags(tmp_path):
     )
     app = AppArgs.model_validate(settings)
     assert (app.num_replicas, app.device) == (3, "cuda")
+    assert app.engine.config() == EngineConfig(slots=16, max_len=512)
     assert app.service.api_key == "k" and app.service.max_n == 2
     bad = parser.parse_args(["--intervention", "no_such"])
     with pytest.raises(ValueError, match="unknown intervention 'no_such'"):

@@ -31,7 +31,7 @@ from lvlm_fix import LVLM, GenerationParams, Sample  # noqa: E402
 from lvlm_fix.engine import Cancelled  # noqa: E402
 from lvlm_fix.methods import REGISTRY  # noqa: E402
 from lvlm_fix.service import Client  # noqa: E402
-from lvlm_fix.service.config import ServeConfig  # noqa: E402
+from lvlm_fix.service.config import EngineSettings, ServeConfig  # noqa: E402
 from lvlm_fix.service.deployment import AppArgs, ModelServer, build  # noqa: E402
 from lvlm_fix.tiny import build_tiny  # noqa: E402
 
@@ -286,8 +286,9 @@ def test_health_check_runs_a_one_token_generation(tiny_path, monkeypatch):
     """ModelServer's check_health, on the class itself in this process: a one-token generation
     through the replica's engine when it is idle, none while it holds requests, and an error once
     the model is broken."""
-    server = ModelServer.func_or_class(tiny_path, "cpu")
+    server = ModelServer.func_or_class(tiny_path, "cpu", EngineSettings(slots=3))
     lvlm, submit, probes = server.lvlm, server.lvlm.submit, []
+    assert lvlm.engine.slots.slots == 3  # the replica's engine has the sizes it was given
 
     def counted(*args, **kwargs):
         probes.append(submit(*args, **kwargs))

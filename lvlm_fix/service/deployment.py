@@ -42,7 +42,7 @@ from lvlm_fix.lvlm import LVLM
 from lvlm_fix.model import ModelInfo
 from lvlm_fix.params import GenerationParams
 from lvlm_fix.service.app import build_app
-from lvlm_fix.service.config import ServeConfig
+from lvlm_fix.service.config import EngineSettings, ServeConfig
 from lvlm_fix.service.engine import EngineResult, Job, LocalEngine
 from lvlm_fix.service.metrics import Gauges, Metrics, RayBackend
 from lvlm_fix.service.serving import ServiceError
@@ -78,14 +78,15 @@ class AppArgs(BaseModel):
     runtime_env: dict[str, Any] | None = Field(
         None, description="Ray runtime_env of every replica (env_vars, pip, working_dir, ...)."
     )
+    engine: EngineSettings = EngineSettings()
     service: ServeConfig = ServeConfig()
 
 
 @serve.deployment
 class ModelServer:
-    def __init__(self, model: str | None, device: str):
+    def __init__(self, model: str | None, device: str, engine: EngineSettings):
         keep_replica_grpc_on_loopback()
-        self.lvlm = LVLM.from_pretrained(model, device=device)
+        self.lvlm = LVLM.from_pretrained(model, device=device, engine=engine.config())
         self.engine = LocalEngine(self.lvlm, Gauges(Metrics(RayBackend())))
         self._probe = LocalEngine(self.lvlm)  # health checks: not requests, so not counted
         params = GenerationParams(max_new_tokens=1)
@@ -203,7 +204,7 @@ def build(args: AppArgs | dict) -> serve.Application:
         options["autoscaling_config"] = args.autoscaling
     else:
         options["num_replicas"] = args.num_replicas
-    model = ModelServer.options(**options).bind(args.model, args.device)
+    model = ModelServer.options(**options).bind(args.model, args.device, args.engine)
     ingress = Ingress.options(
         num_replicas=args.ingress_replicas,
         ray_actor_options={"num_cpus": args.ingress_cpus, **env},

@@ -14,6 +14,7 @@ serve.yaml (all keys optional; the schema is `deployment.AppArgs` plus `address`
     ingress_replicas: 1      # HTTP app replicas
     runtime_env: {env_vars: {HF_HOME: /models}}   # every replica's Ray runtime_env
     max_ongoing_requests: 256   # per model replica; its engine queues what it cannot hold yet
+    engine: {slots: 32, max_len: 2048}   # each model's engine, --no-ray too (config.EngineSettings)
     service:                 # lvlm_fix.service.config.ServeConfig
       api_key: change-me
       max_image_bytes: 10485760
@@ -52,6 +53,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ray", action="store_true", help="one process under uvicorn")
     parser.add_argument("--config", type=Path, default=None, help="serve.yaml (see module doc)")
     parser.add_argument("--replicas", type=int, default=None, help="model replicas (Ray)")
+    parser.add_argument(
+        "--slots", type=int, default=None, help="decode rows of each model's engine"
+    )
+    parser.add_argument(
+        "--max-len", type=int, default=None, help="prompt + new tokens per engine row"
+    )
     parser.add_argument("--num-cpus", type=float, default=None, help="CPUs given to local Ray")
     parser.add_argument("--api-key", default=None, help="require this Bearer key")
     parser.epilog = (
@@ -72,6 +79,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         if not isinstance(settings, dict):
             raise ValueError(f"{args.config}: expected a mapping at the top level")
     service = dict(settings.get("service") or {})
+    engine = dict(settings.get("engine") or {})
     overrides = {
         "model": args.model,
         "host": args.host,
@@ -81,13 +89,16 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.device != "cpu" or "device" not in settings:
         overrides["device"] = args.device
     settings.update({k: v for k, v in overrides.items() if v is not None})
+    engine.update(
+        {k: v for k, v in {"slots": args.slots, "max_len": args.max_len}.items() if v is not None}
+    )
     if args.intervention:
         service["default_interventions"] = args.intervention
     for spec in service.get("default_interventions", ()):
         parse_intervention(spec)  # fail now (ValueError naming it), not inside a replica
     if args.api_key:
         service["api_key"] = args.api_key
-    settings["service"] = service
+    settings["service"], settings["engine"] = service, engine
     settings.setdefault("host", "127.0.0.1")
     settings.setdefault("port", 8000)
     return settings
@@ -114,10 +125,12 @@ def _serve_uvicorn(settings: dict, host: str, port: int) -> int:
 
     from lvlm_fix.lvlm import LVLM
     from lvlm_fix.service.app import build_app
-    from lvlm_fix.service.config import ServeConfig
+    from lvlm_fix.service.config import EngineSettings, ServeConfig
 
     config = ServeConfig.model_validate(settings.get("service", {}))
-    lvlm = LVLM.from_pretrained(settings.get("model"), device=settings.get("device", "cpu"))
+    engine = EngineSettings.model_validate(settings.get("engine", {})).config()
+    lvlm = LVLM.from_pretrained(settings.get("model"), device=settings.get("device", "cpu"),
+                                engine=engine)  # fmt: skip
     uvicorn.run(build_app(lvlm, config), host=host, port=port)
     return 0
 
