@@ -13,6 +13,7 @@ import io  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
@@ -300,9 +301,10 @@ def test_health_check_runs_a_one_token_generation(tiny_path, monkeypatch):
     asyncio.run(server.check_health())
     assert len(probes) == len(forwards) == 1  # the prompt's prefill; one token needs no step
     sampled = GenerationParams(max_new_tokens=600, do_sample=True, temperature=2)
-    long = submit(
-        [chat_sample("What is in the image?", LONG["image"], LONG["seed"])], params=sampled
-    )
+    decoding = threading.Event()
+    sample = chat_sample("What is in the image?", LONG["image"], LONG["seed"])
+    long = submit([sample], params=sampled, listener=lambda _: decoding.set())
+    assert decoding.wait(timeout=60)
     asyncio.run(server.check_health())  # the engine holds a request: no probe
     assert len(probes) == 1
     long.cancel()
