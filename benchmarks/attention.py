@@ -10,11 +10,12 @@ random weights in bf16: speed does not depend on the weights. Two parts, one run
    prefill (the whole prompt) and decode (one query row), with no edit, PAI, VAR, VHR and all three
    (do_bench, launch overhead included). On CUDA it also runs the kernels' own benchmark table
    (benchmarks/attention_kernels.py: CUDA-graph timings, ragged batches) into "kernel_graph".
-2. End to end: `LVLM.generate` tokens/s with no intervention, VAR, VHR, PAI and VAR+VHR+PAI, on our
-   engine (decode steps replayed from a CUDA graph over a static cache, the default on a GPU),
-   on our engine with eager steps (`static_decode=False`; none and VAR+VHR+PAI only), and on the
-   eager path the reference repositories use: transformers' eager attention over a DynamicCache,
-   and for the methods our plain-torch oracle (materialised fp32 probabilities) on every layer.
+2. End to end: tokens/s with no intervention, VAR, VHR, PAI and VAR+VHR+PAI, on our engine
+   (`LVLM.generate`: decode steps replayed from CUDA graphs over the engine's slots), on the
+   per-request eager loop with our attention (`decoding.decode`; none and VAR+VHR+PAI only), and
+   on the eager path the reference repositories use: the same loop with transformers' eager
+   attention over a DynamicCache, and for the methods our plain-torch oracle (materialised fp32
+   probabilities) on every layer.
 
 Random weights have no massive activations, so VAR gets a low `tau` here to find sinks.
 """
@@ -41,8 +42,10 @@ from transformers import AttentionInterface  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 
 from lvlm_fix import LVLM, GenerationParams, Sample, attention  # noqa: E402
+from lvlm_fix.decoding import decode  # noqa: E402
 from lvlm_fix.hooks import AttentionCall, current  # noqa: E402
 from lvlm_fix.kernels import AttentionEdits, edited_attention, reference  # noqa: E402
+from lvlm_fix.search import Limits  # noqa: E402
 
 ORACLE = "lvlm_fix_oracle"
 QUESTION = "Please help me describe the image in detail."
@@ -121,13 +124,24 @@ def method_settings(tau: float, sink_dims: list[int]) -> dict[str, list[dict]]:
     return {"none": [], "var": [var], "vhr": [vhr], "pai": [pai], "var+vhr+pai": [var, vhr, pai]}
 
 
-def timed_generate(lvlm: LVLM, samples, interventions, tokens: int, device) -> tuple[float, int]:
-    """Seconds for one `generate` call, and the tokens it produced."""
+def timed_generate(lvlm: LVLM, samples, interventions, tokens: int, device, engine: bool):
+    """Seconds for one request, and the tokens it produced: through the engine, or the
+    per-request eager loop (`decoding.decode`)."""
+    params = GenerationParams(max_new_tokens=tokens)
     sync(device)
     start = time.perf_counter()
-    outs = lvlm.generate(samples, interventions, GenerationParams(max_new_tokens=tokens))
+    if engine:
+        generated = sum(len(o.token_ids) for o in lvlm.generate(samples, interventions, params))
+    else:
+        plan = lvlm.plan(interventions, params)
+        tokenizer = lvlm.processor.tokenizer
+        limits = Limits(tokenizer.eos_token_id, tokenizer.pad_token_id or 0, tokens,
+                        [None] * len(samples))  # fmt: skip
+        events = decode(lvlm.model, lvlm.processor, lvlm.info, plan, samples, limits)
+        result = [e for e in events if e.result is not None][0].result
+        generated = sum(len(ids) for ids in result.tokens)
     sync(device)
-    return time.perf_counter() - start, sum(len(o.token_ids) for o in outs)
+    return time.perf_counter() - start, generated
 
 
 def bench_e2e(lvlm: LVLM, samples, settings, new_tokens: int, device, rounds: int) -> list[dict]:
@@ -139,31 +153,33 @@ def bench_e2e(lvlm: LVLM, samples, settings, new_tokens: int, device, rounds: in
     which other work on a shared machine inflates at random: the best round is the least
     disturbed measurement, the median shows the spread.
     """
-    # (engine, attention for plain layers, for edited layers, static decode, methods)
+    # (engine, attention for plain layers, for edited layers, through the engine, methods)
     engines = (
-        ("ours", attention.NAME, attention.NAME, None, settings),
+        ("ours", attention.NAME, attention.NAME, True, settings),
         ("ours-eager-steps", attention.NAME, attention.NAME, False, ("none", "var+vhr+pai")),
         ("eager", "eager", ORACLE, False, settings),
     )
-    cases = [(engine, plain if not settings[method] else edited, static, method, settings[method])
-             for engine, plain, edited, static, methods in engines
+    cases = [(engine, plain if not settings[method] else edited, on_engine, method,
+              settings[method])
+             for engine, plain, edited, on_engine, methods in engines
              for method in methods]  # fmt: skip
 
-    def use(impl: str, static: bool | None) -> None:
+    def use(impl: str) -> None:
         lvlm.model.set_attn_implementation({"text_config": impl, "vision_config": "sdpa"})
-        lvlm.static_decode = static
 
-    for _, impl, static, _, interventions in cases:  # warm-up at full length
-        use(impl, static)
-        timed_generate(lvlm, samples, interventions, new_tokens, device)
+    for _, impl, on_engine, _, interventions in cases:  # warm-up at full length
+        use(impl)
+        timed_generate(lvlm, samples, interventions, new_tokens, device, on_engine)
     runs: dict[tuple[str, str], list[tuple[float, float, int]]] = {}
     for _ in range(rounds):
-        for engine, impl, static, method, interventions in cases:
-            use(impl, static)
-            prefill, _ = timed_generate(lvlm, samples, interventions, 1, device)
-            total, generated = timed_generate(lvlm, samples, interventions, new_tokens, device)
+        for engine, impl, on_engine, method, interventions in cases:
+            use(impl)
+            prefill, _ = timed_generate(lvlm, samples, interventions, 1, device, on_engine)
+            total, generated = timed_generate(
+                lvlm, samples, interventions, new_tokens, device, on_engine
+            )
             runs.setdefault((engine, method), []).append((prefill, total, generated))
-    use(attention.NAME, None)
+    use(attention.NAME)
     rows = []
     for (engine, method), timings in runs.items():
         rates = sorted((g - len(samples)) / (t - p) for p, t, g in timings)

@@ -31,7 +31,6 @@ from lvlm_fix.model import (
 )
 from lvlm_fix.plan import Plan
 from lvlm_fix.search import Limits, SearchResult
-from lvlm_fix.static_decode import StaticDecode, fits_in_memory, static_steps
 
 
 @dataclass(frozen=True)
@@ -57,15 +56,11 @@ class Sample:
 class Runner:
     """Model forward + KV cache + per-row state for one request (rows as described above).
 
-    static_steps > 0: plain one-token steps (up to that many) run over a static cache, captured
-    as a CUDA graph on a GPU (see static_decode.py); anything else (selecting rows, cropping,
-    several tokens) hands the cache back to a DynamicCache and goes on eagerly.
+    The engine decodes most requests in its shared batch (slots.py) and uses a Runner for
+    their prefill; a request in a lane of its own (beams, OPERA, pruning) decodes here too.
     """
 
-    def __init__(
-        self, model, batch: PromptBatch, plan: Plan, state: RowState, num_layers: int,
-        static_steps: int = 0,
-    ):  # fmt: skip
+    def __init__(self, model, batch: PromptBatch, plan: Plan, state: RowState, num_layers: int):
         self.model, self.plan, self.state = model, plan, state
         self.batch = batch
         self.layout = batch.layout
@@ -73,8 +68,6 @@ class Runner:
         self.cache = DynamicCache(config=model.config.get_text_config())
         self.attention_mask = batch.attention_mask
         self.positions = batch.position_ids[:, -1]  # long [R]: position of the last column
-        self.static_steps = static_steps
-        self.static: StaticDecode | None = None
 
     def _context(self, phase: Phase) -> ForwardContext:
         return ForwardContext(self.plan, self.state, self.layout, phase, self.num_layers)
@@ -133,18 +126,10 @@ class Runner:
         """
         if self.plan.recompute:
             return self._rerun(tokens)
-        plain = mask is None and tokens.shape[1] == 1
-        if not plain:
-            self._leave_static()
         mask = self.attention_mask.new_ones(tokens.shape) if mask is None else mask
         self.attention_mask = torch.cat([self.attention_mask, mask.to(self.attention_mask)], 1)
         positions = self.positions[:, None] + mask.long().cumsum(1)
         self.positions = positions[:, -1]
-        if plain and self.static is None and self.static_steps > 0:
-            self._enter_static(capture=tokens.is_cuda)
-        if plain and self.static is not None:
-            with torch.inference_mode():
-                return self.static.step(tokens, positions)
         ctx = self._context("decode")
         ctx.attention_mask = self.attention_mask  # pruned layers read generated columns here
         with forward_context(ctx), torch.inference_mode():
@@ -159,7 +144,6 @@ class Runner:
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep/duplicate/reorder rows (long [R']): cache, mask, positions, layout and state."""
-        self._leave_static()
         self.cache.reorder_cache(rows)
         self.attention_mask = self.attention_mask[rows]
         self.positions = self.positions[rows]
@@ -168,29 +152,12 @@ class Runner:
 
     def crop(self, length: int) -> None:
         """Forget every cache column from `length` on (OPERA's rollback)."""
-        self._leave_static()
         removed = self.attention_mask[:, length:].sum(-1)  # real columns only: holes take none
         # transformers 5: negative = remove. Every layer loses the same trailing (generated)
         # columns, pruned layers included: they hold fewer prompt columns, not fewer generated.
         self.cache.crop(length - self.attention_mask.shape[1])
         self.attention_mask = self.attention_mask[:, :length]
         self.positions = self.positions - removed
-
-    def _enter_static(self, capture: bool) -> None:
-        """Move the cache into a static one sized for the remaining steps, if it fits."""
-        if not fits_in_memory(self.cache, self.static_steps):
-            self.static_steps = 0
-            return
-        prompt = self.attention_mask[:, :-1]  # the columns before this step's
-        ctx = self._context("decode")
-        self.static = StaticDecode(self.model, self.cache, prompt, self.static_steps, ctx, capture)
-        self.cache = self.static.cache
-
-    def _leave_static(self) -> None:
-        """From here on, eager steps over a DynamicCache of the filled columns."""
-        if self.static is not None:
-            self.cache = self.static.dynamic_cache()
-            self.static, self.static_steps = None, 0
 
 
 def image_kwargs(model, batch: PromptBatch) -> dict:
@@ -334,21 +301,12 @@ def decode_steps(prefilled: Prefilled, plan: Plan, limits: Limits) -> Iterator[D
 
 
 def decode(
-    model, processor, info, plan: Plan, samples: list[Sample], limits: Limits,
-    static: bool | None = None,
-) -> Iterator[DecodeEvent]:  # fmt: skip
-    """Run one request on its own: prefill, then one event per step, then the final result.
-
-    static: decode steps over a static cache where the request allows (static_decode.py);
-    None = on a GPU, for requests long enough to earn a CUDA graph back; True = always, on CPU
-    too (no graph there); False = never.
-    """
+    model, processor, info, plan: Plan, samples: list[Sample], limits: Limits
+) -> Iterator[DecodeEvent]:
+    """Run one request on its own, outside the engine: prefill, then one event per step, then
+    the final result (the reference the engine's tests compare with)."""
     batch = build_rows(processor, info.image_token_id, plan, samples, model.device)
-    prefilled = prefill(model, info, plan, batch, len(samples))
-    layout = prefilled.runner.layout  # after prefill: pruned layers cannot run static steps
-    steps = static_steps(static, model.device, model, plan, layout, limits.max_new_tokens)
-    prefilled.runner.static_steps = steps
-    yield from decode_steps(prefilled, plan, limits)
+    yield from decode_steps(prefill(model, info, plan, batch, len(samples)), plan, limits)
 
 
 def _beam_rows(parents: torch.Tensor, n_views: int) -> torch.Tensor:

@@ -62,10 +62,14 @@ class EngineConfig:
 
     slots: int | None = None  # decode rows of the shared batch (a sample takes one per view)
     max_len: int | None = None  # cache columns per row: prompt + new tokens must fit
-    prefill_tokens: int = 16384  # prompt tokens prefilled per iteration (at least one request)
+    prefill_tokens: int = 4096  # prompt tokens prefilled per iteration (at least one request)
     own_lane: int = 8  # requests decoding in lanes of their own at once
     graphs: bool | None = None  # CUDA graphs of the shared step (None = on a GPU)
     buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)  # captured batch sizes
+    # Every shared step at full width with the edit tables, so a row's arithmetic never depends
+    # on what else runs: bit-identical tokens alone or in company on a GPU too (bf16 matrix
+    # kernels differ between batch sizes), at the cost of full-width steps at low load.
+    batch_invariant: bool = False
     memory_share: float = 0.4  # of the free GPU memory at start, for the slots (slots None)
 
 
@@ -225,7 +229,9 @@ class Engine:
         slots = config.slots or self._default_slots(max_len)
         graphs = self.device.type == "cuda" if config.graphs is None else config.graphs
         started = time.monotonic()
-        self.slots = SlotBatch(self.model, self.info, slots, max_len, graphs, config.buckets)
+        buckets = (slots,) if config.batch_invariant else config.buckets
+        self.slots = SlotBatch(self.model, self.info, slots, max_len, graphs, buckets,
+                               always_edited=config.batch_invariant)  # fmt: skip
         self.warmup_s = time.monotonic() - started
         self._inbox: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
         self._waiting: deque[_Job] = deque()
@@ -318,7 +324,7 @@ class Engine:
         """Before prefill: whether the plan can decode in the shared batch."""
         return (
             isinstance(plan.search, SingleSearch)
-            and plan.graph_safe
+            and plan.shared_decode
             and not plan.recompute
             and not plan.prune_hooks
             and self.full_attention

@@ -47,8 +47,9 @@ class ForwardContext:
     scratch: dict[str, Any] = field(default_factory=dict)
     image_sizes: torch.Tensor | None = None  # long [n_images, 2] (NeXT) at prefill
     attention_mask: torch.Tensor | None = None  # [R, S + generated]: the loop's mask at decode
-    # A static cache's decode step (see static_decode.py): long [1], the cache columns filled
-    # so far, this step's included. The keys past it are empty; the query sits at key_end - 1.
+    # A decode step over a preallocated cache (the engine's slots, slots.py): long [1], the
+    # cache columns filled so far, this step's included. The keys past it are empty (or stale);
+    # the query sits at key_end - 1, and each row's keys start at layout.key_start.
     key_end: torch.Tensor | None = None
 
 
@@ -106,10 +107,10 @@ class AttentionCall:
 class AttentionHook(Protocol):
     """An intervention's view of attention: edits before the kernel, a look after it.
 
-    With static decode (a GPU, greedy or sampling), a decode step's hooks run for the first
-    step and once more while the step is captured as a CUDA graph; later steps replay the
-    graph. So at decode they may only run tensor ops on tensors that stay where they are, or
-    their Contribution sets graph_safe=False.
+    In the engine's shared batch (greedy or sampling, the usual case) `edits` is asked once per
+    layer for a request's decode steps, after prefill, and `after` is not called at decode:
+    a hook whose decode edits change per step, or that looks at decode steps, sets
+    `Contribution.shared_decode=False` and its requests decode in a lane of their own.
     """
 
     def edits(self, call: AttentionCall) -> dict[str, Any] | None:

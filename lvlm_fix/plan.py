@@ -2,7 +2,9 @@
 
 The Plan is immutable: the views (extra rows) and their logit weights, the attention hooks, the
 layer-input hooks, one search strategy and the vision stage. Per-request tensors live beside it
-in a `RowState`, created by the decode loop.
+in a `RowState`, created by the decode loop. It is plain data (no lambdas or closures, see
+`methods.base`): it pickles, to cross process boundaries, and two compilations of the same
+interventions and params are equal.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ class Plan:
     search: Search
     config_id: str
     prune_hooks: tuple[Any, ...] = ()  # `hooks.PruneHook`s (LLM token pruning)
-    graph_safe: bool = True  # decode steps may replay a CUDA graph (see Contribution.graph_safe)
+    shared_decode: bool = (
+        True  # may decode in the engine's shared batch (Contribution.shared_decode)
+    )
     recompute: bool = False  # decode steps re-run the whole sequence (see Contribution.recompute)
 
     @property
@@ -125,6 +129,6 @@ def compile_plan(
         search=search,
         config_id=config_hash(interventions),
         prune_hooks=tuple(c.prune for _, c in contributions if c.prune),
-        graph_safe=all(c.graph_safe for _, c in contributions),
+        shared_decode=all(c.shared_decode for _, c in contributions),
         recompute=any(c.recompute for _, c in contributions),
     )

@@ -8,7 +8,7 @@ sequences; the decode loop only feeds tokens and keeps the KV cache rows aligned
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -50,6 +50,10 @@ class Limits:
 
 
 class Search(Protocol):
+    """A search is plain data, like the Plan that holds it: a frozen dataclass of its config,
+    compared by value and pickled across processes. What it learns during a request lives in
+    the `state` that `start` returns, never on the search."""
+
     width: int  # beams per sample (rows per sample, before views)
     # A search that runs its own forwards may not support extra view rows; it then sets
     # `handles_views = False` and the Plan refuses view methods with it.
@@ -98,14 +102,14 @@ class _SingleState:
     logprobs: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
 class SingleSearch:
     """Greedy (argmax) or sampling: one beam per sample."""
 
-    width = 1
-    reports_logprobs = True  # other searches leave the attribute out: logprobs are refused
+    width: ClassVar[int] = 1
+    reports_logprobs: ClassVar[bool] = True  # other searches leave it out: logprobs are refused
 
-    def __init__(self, params: GenerationParams):
-        self.params = params
+    params: GenerationParams
 
     def start(self, batch_size: int, limits: Limits, device: torch.device) -> _SingleState:
         finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
@@ -182,12 +186,15 @@ class _BeamState:
     length: int = 0
 
 
+@dataclass(frozen=True)
 class BeamSearch:
     """Beam search with transformers' exact selection rules (so outputs match `generate`)."""
 
-    def __init__(self, params: GenerationParams):
-        self.width = params.num_beams
-        self.params = params
+    params: GenerationParams
+
+    @property
+    def width(self) -> int:
+        return self.params.num_beams
 
     def start(self, batch_size: int, limits: Limits, device: torch.device) -> _BeamState:
         shape = (batch_size, self.width, limits.max_new_tokens)
@@ -267,17 +274,34 @@ def advance_beams(
     return Step(tokens=tokens, parents=parents, done=done)
 
 
+@dataclass(frozen=True)
 class Recording:
     """A search that passes every call to `inner` and keeps its state for inspection afterwards
-    (e.g. OPERA's rollback log in tests and benchmarks): `replace(plan, search=Recording(...))`."""
+    (e.g. OPERA's rollback log in tests and benchmarks): `replace(plan, search=Recording(...))`.
 
-    def __init__(self, inner: Search):
-        self.inner, self.width, self.state = inner, inner.width, None
-        self.handles_views = getattr(inner, "handles_views", True)
+    The one search that keeps something: a test instrument, not for plans that are shared or
+    sent elsewhere. The record is left out of equality: Recordings of equal searches are equal."""
+
+    inner: Search
+    started: list[Any] = field(default_factory=list, compare=False, repr=False)  # each state
+
+    @property
+    def width(self) -> int:
+        return self.inner.width
+
+    @property
+    def handles_views(self) -> bool:
+        return getattr(self.inner, "handles_views", True)
+
+    @property
+    def state(self) -> Any:
+        """The state of the latest request (None before any)."""
+        return self.started[-1] if self.started else None
 
     def start(self, batch_size: int, limits: Limits, device: torch.device) -> Any:
-        self.state = self.inner.start(batch_size, limits, device)
-        return self.state
+        state = self.inner.start(batch_size, limits, device)
+        self.started.append(state)
+        return state
 
     def step(self, scores: torch.Tensor, state: Any, runner: Any) -> Step:
         return self.inner.step(scores, state, runner)

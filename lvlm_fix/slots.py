@@ -10,7 +10,7 @@ from its key_start to key_end (the edited-attention kernel with per-row starts),
 the columns rows hold, not the cache's width, and free slots cost one column.
 
 Interventions are per-slot data. When a request joins, its attention hooks are asked once, per
-layer, for their decode edits (fixed once prefill is done: `Contribution.graph_safe`), and the
+layer, for their decode edits (fixed once prefill is done: `Contribution.shared_decode`), and the
 answers are written into `EditTables` at the request's slots; rows of other requests hold
 neutral values there (PAI gain 0, head scale 1, VAR rows off). A step hands each layer its
 slice of the tables.
@@ -191,7 +191,7 @@ class SlotBatch:
     """
 
     def __init__(self, model, info: ModelInfo, slots: int, max_len: int, graphs: bool,
-                 buckets: tuple[int, ...]):  # fmt: skip
+                 buckets: tuple[int, ...], always_edited: bool = False):  # fmt: skip
         self.model, self.info = model, info
         self.slots, self.max_len = slots, max_len
         device, dtype = model.device, model.dtype
@@ -217,6 +217,8 @@ class SlotBatch:
         self.starts = [0] * slots  # host copy of key_start
         self.ends = [0] * slots  # the last column each occupied slot may write
         self.edited = [False] * slots  # the slot's request has decode edits
+        self.shifts = 0  # how often rows moved to make room (a measure of a too-short cache)
+        self.always_edited = always_edited  # every step with the tables (batch-invariant)
         self.buckets = tuple(sorted(b for b in buckets if b <= slots)) or (slots,)
         if self.buckets[-1] != slots:
             self.buckets += (slots,)
@@ -262,6 +264,7 @@ class SlotBatch:
         """Move every row's columns by delta (the cache, col_group, starts, the column)."""
         if delta == 0:
             return
+        self.shifts += 1
         width = self.max_len - abs(delta)
         src, dst = (0, delta) if delta > 0 else (-delta, 0)
         for layer in self.cache.layers:
@@ -323,7 +326,7 @@ class SlotBatch:
         self.tokens[:rows, 0] = torch.tensor(tokens, device=self.device)
         self.positions[:rows, 0] = torch.tensor(positions, device=self.device)
         self.key_end.fill_(self.column + 1)
-        edited = any(self.edited[:rows])
+        edited = self.always_edited or any(self.edited[:rows])
         graph = self.graphs.get((rows, edited))
         with torch.inference_mode():
             if graph is not None:
@@ -362,7 +365,7 @@ class SlotBatch:
         pool = torch.cuda.graph_pool_handle()
         with torch.inference_mode():
             for rows in sorted(self.buckets, reverse=True):
-                for edited in (False, True):
+                for edited in (True,) if self.always_edited else (False, True):
                     self._forward(rows, edited)  # compile kernels, settle allocations
                     self.graphs[(rows, edited)] = self._capture(rows, edited, pool)
         torch.cuda.synchronize()

@@ -294,6 +294,68 @@ def test_batch_rows_are_independent():
             torch.testing.assert_close(st[name], stats[name][b : b + 1], atol=1e-7, rtol=1e-6)
 
 
+def per_row_var_case(col_group, Q, g):
+    """Edits of a 3-row batch whose rows carry their own VAR (keep, rho, summ) as tensors, and
+    each row's edits alone with floats. Row 2 has no VAR: var_rows False in the batch (its
+    parameters would edit every row), no VAR fields alone."""
+    keep = torch.tensor([0.6, 0.3, 0.2])
+    rho = torch.tensor([0.5, 0.8, 1.0])
+    summ = torch.tensor([0.1, 0.05, 0.0])
+    var_rows = torch.rand(3, Q, generator=g) > 0.2
+    var_rows[2] = False
+    stats = dict(want_group_mass=True, want_last_row=True)
+    batch = AttentionEdits(col_group=col_group, var_rows=var_rows, var_keep=keep, var_rho=rho,
+                           var_summ=summ, **stats)  # fmt: skip
+    alone = [
+        AttentionEdits(
+            col_group=col_group[b : b + 1],
+            var_rows=var_rows[b : b + 1],
+            var_keep=float(keep[b]),
+            var_rho=float(rho[b]),
+            var_summ=float(summ[b]),
+            **stats,
+        )
+        for b in range(2)
+    ]
+    return batch, [*alone, AttentionEdits(col_group=col_group[2:], **stats)]
+
+
+def test_per_row_var_params_equal_each_row_alone():
+    """Rows of different VAR settings (and one without VAR) in one call: each row's output and
+    statistics are those of the row run alone with its own floats."""
+    q, k, v, key_start, col_group, g = make_case(B=3, Q=6, seed=31, key_start=(0, 3, 1))
+    q = q * 2.0  # peakier rows: some selected
+    batch, alone = per_row_var_case(col_group, 6, g)
+    out, stats = ref.edited_attention(q, k, v, scale=0.3, key_start=key_start, edits=batch)
+    f_sink, _ = ref.var_weights(stats["group_mass"], batch)
+    for b in range(3):
+        o, st = ref.edited_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], scale=0.3,
+                                     key_start=key_start[b : b + 1], edits=alone[b])  # fmt: skip
+        torch.testing.assert_close(o, out[b : b + 1], atol=1e-6, rtol=1e-6)
+        for name in ("group_mass", "last_row"):
+            torch.testing.assert_close(st[name], stats[name][b : b + 1], atol=1e-7, rtol=1e-6)
+        edited = f_sink[b] != 1  # the case must edit the VAR rows, each with its own keep
+        assert edited.any() == (b < 2)
+        assert (f_sink[b][edited] == batch.var_keep[b]).all()
+
+
+@pytest.mark.parametrize("fields", ["var_keep", "all"])
+def test_var_params_as_tensors_equal_floats(fields):
+    """Per-row tensors holding the float values give bit-identical results (also when only
+    var_keep is a tensor: the floats fill the other columns)."""
+    q, k, v, key_start, col_group, g = make_case(seed=37)
+    floats = all_edits(col_group, 2, 4, 6, g, var_rho=0.7, var_summ=0.1)
+    names = ("var_keep",) if fields == "var_keep" else ("var_keep", "var_rho", "var_summ")
+    rows = {n: torch.full((2,), getattr(floats, n), dtype=torch.float32) for n in names}
+    tensors = dataclasses.replace(floats, **rows)
+    kw = dict(scale=0.3, key_start=key_start)
+    want, want_stats = edited_attention(q, k, v, edits=floats, **kw)
+    got, got_stats = edited_attention(q, k, v, edits=tensors, **kw)
+    assert torch.equal(got, want)
+    for name, value in want_stats.items():
+        assert torch.equal(got_stats[name], value)
+
+
 def test_fully_padded_rows_are_zero_not_nan():
     q, k, v, _, col_group, g = make_case(B=2, Q=6, K=8)
     key_start = torch.tensor([0, 5])  # row b=1, i=0..2 see key columns <= 2..4: nothing
@@ -321,9 +383,11 @@ def test_custom_op_fake_and_schema():
     q, k, v, key_start, col_group, g = make_case(seed=17)
     e = all_edits(col_group, 2, 4, 6, g)
     end = torch.tensor([14])  # a static cache filled up to column 14 of 16
-    args = (q, k, v, key_start, end, 0.3, e.col_group, e.image_gain, e.gain_rows, e.var_rows,
-            e.var_keep, e.var_rho, e.var_summ, e.n_image, e.head_scale, True, False)  # fmt: skip
-    torch.library.opcheck(_edited_attention_op, args)
+    var = torch.tensor([[0.6, 0.5, 0.2], [0.3, 0.8, 0.1]])  # per row (keep, rho, summ)
+    for var_params in (var, None):
+        args = (q, k, v, key_start, end, 0.3, e.col_group, e.image_gain, e.gain_rows, e.var_rows,
+                var_params, e.n_image, e.head_scale, True, False)  # fmt: skip
+        torch.library.opcheck(_edited_attention_op, args)
 
 
 def test_public_op_traces_in_one_graph():
@@ -339,6 +403,23 @@ def test_public_op_traces_in_one_graph():
     assert torch.equal(out, want) and torch.equal(stats["last_row"], want_stats["last_row"])
 
 
+def test_public_op_traces_per_row_var_params():
+    """Per-row VAR tensors are graph inputs: new values reuse the graph and take effect."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    q, k, v, key_start, col_group, g = make_case(B=3, seed=41, key_start=(0, 3, 1))
+    batch, _ = per_row_var_case(col_group, 6, g)
+    backend = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(edited_attention, backend=backend, fullgraph=True)
+    for keep in (batch.var_keep, batch.var_keep.flip(0)):
+        edits = dataclasses.replace(batch, var_keep=keep)
+        kw = dict(scale=0.3, key_start=key_start, edits=edits)
+        out, stats = compiled(q, k, v, **kw)
+        want, want_stats = ref.edited_attention(q, k, v, **kw)
+        assert torch.equal(out, want) and torch.equal(stats["last_row"], want_stats["last_row"])
+    assert backend.frame_count == 1
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [
@@ -347,6 +428,8 @@ def test_public_op_traces_in_one_graph():
         (dict(var_rows=torch.ones(2, 6, dtype=torch.bool)), "col_group"),
         (dict(head_scale=torch.ones(2, 3)), "head_scale"),
         (dict(col_group=torch.zeros(2, 16, dtype=torch.int8), var_keep=1.5), "var_keep"),
+        (dict(var_rho=torch.ones(3)), "var_rho"),
+        (dict(var_summ=torch.ones(2, dtype=torch.float64)), "var_summ"),
         (dict(want_group_mass=True), "col_group"),
         (dict(col_group=torch.zeros(2, 17, dtype=torch.int8)), "G <= K"),
     ],
@@ -356,6 +439,8 @@ def test_public_op_traces_in_one_graph():
         "var_without_groups",
         "head_scale_shape",
         "keep_range",
+        "per_row_rho_shape",
+        "per_row_summ_dtype",
         "mass_without_groups",
         "col_group_wider_than_keys",
     ],

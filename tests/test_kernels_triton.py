@@ -8,6 +8,7 @@ runs). When something imported triton earlier (transformers does), they are skip
 Tiny shapes, fp32 and fp16 only: bf16 is not supported by the interpreter.
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -31,6 +32,8 @@ if not TRITON_PRELOADED:
         del os.environ["TRITON_INTERPRET"]
     else:
         os.environ["TRITON_INTERPRET"] = _previous
+
+from test_kernels import per_row_var_case  # noqa: E402
 
 from lvlm_fix.kernels import AttentionEdits  # noqa: E402
 from lvlm_fix.kernels import reference as ref  # noqa: E402
@@ -215,3 +218,43 @@ def test_decode_key_end(kind):
         torch.testing.assert_close(got_value, value, atol=stat_atol, rtol=1e-3)
     if kind == "all":
         assert torch.equal(got_stats["last_row"][..., E:], torch.zeros(B, H, K - E))
+
+
+@in_process
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_per_row_var_params(kernel):
+    """Rows of different VAR settings (and one without VAR) in one call: each row's output and
+    statistics are those of the row run alone with its own floats, and the reference's."""
+    q, k, v, ks, col_group, g = make_case(3, 2, 1, 5, 33, 16, (0, 2, 1), torch.float32, seed=7)
+    batch, alone = per_row_var_case(col_group, 5, g)
+    fn = ta.prefill_attention if kernel == "prefill" else ta.decode_attention
+    out, stats = fn(q, k, v, scale=0.25, key_start=ks, edits=batch)
+    want, want_stats = ref.edited_attention(q, k, v, scale=0.25, key_start=ks, edits=batch)
+    atol, rtol, stat_atol = TOL[torch.float32]
+    torch.testing.assert_close(out, want, atol=atol, rtol=rtol)
+    for name, value in want_stats.items():
+        torch.testing.assert_close(stats[name], value, atol=stat_atol, rtol=1e-3)
+    f_sink, _ = ref.var_weights(want_stats["group_mass"], batch)
+    for b in range(3):
+        assert (f_sink[b] != 1).any() == (b < 2)  # the VAR rows are edited, row 2 is not
+        o, st = fn(q[b : b + 1], k[b : b + 1], v[b : b + 1], scale=0.25,
+                   key_start=ks[b : b + 1], edits=alone[b])  # fmt: skip
+        torch.testing.assert_close(o, out[b : b + 1], atol=atol, rtol=rtol)
+        for name, value in st.items():
+            torch.testing.assert_close(value, stats[name][b : b + 1], atol=stat_atol, rtol=1e-3)
+
+
+@in_process
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_var_params_as_tensors_equal_floats(kernel):
+    """Per-row tensors holding the float values give bit-identical output and statistics."""
+    q, k, v, ks, col_group, g = make_case(2, 2, 1, 5, 33, 16, (0, 2), torch.float32, seed=8)
+    floats = dataclasses.replace(edits_for("all", col_group, 2, 2, 5, g), var_rho=0.7)
+    rows = {n: torch.full((2,), getattr(floats, n)) for n in ("var_keep", "var_rho", "var_summ")}
+    tensors = dataclasses.replace(floats, **rows)
+    fn = ta.prefill_attention if kernel == "prefill" else ta.decode_attention
+    want, want_stats = fn(q, k, v, scale=0.25, key_start=ks, edits=floats)
+    got, got_stats = fn(q, k, v, scale=0.25, key_start=ks, edits=tensors)
+    assert torch.equal(got, want)
+    for name, value in want_stats.items():
+        assert torch.equal(got_stats[name], value)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .edits import AttentionEdits, check_edits, check_inputs
+from .edits import AttentionEdits, check_edits, check_inputs, var_params
 
 __all__ = ["AttentionEdits", "edited_attention"]
 
@@ -28,18 +28,22 @@ def _edited_attention_op(
     image_gain: Tensor | None,
     gain_rows: Tensor | None,
     var_rows: Tensor | None,
-    var_keep: float,
-    var_rho: float,
-    var_summ: float,
+    var_params: Tensor | None,
     n_image: Tensor | None,
     head_scale: Tensor | None,
     want_group_mass: bool,
     want_last_row: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(out, group_mass, last_row); a statistic not asked for comes back as an empty tensor."""
+    """(out, group_mass, last_row); a statistic not asked for comes back as an empty tensor.
+    var_params: float32 [B, 3] per-row VAR (keep, rho, summ), None when VAR is off."""
+    var = {}
+    if var_params is not None:
+        keep, rho, summ = var_params.unbind(1)
+        var = {"var_keep": keep, "var_rho": rho, "var_summ": summ}
     edits = AttentionEdits(
-        col_group, image_gain, gain_rows, var_rows, var_keep, var_rho, var_summ, n_image,
-        head_scale, want_group_mass, want_last_row,
+        col_group=col_group, image_gain=image_gain, gain_rows=gain_rows, var_rows=var_rows,
+        **var, n_image=n_image, head_scale=head_scale, want_group_mass=want_group_mass,
+        want_last_row=want_last_row,
     )  # fmt: skip
     out, stats = _run(q, k, v, scale, key_start, key_end, edits, validate=False)  # checked
     empty = q.new_empty(0, dtype=torch.float32)
@@ -47,8 +51,8 @@ def _edited_attention_op(
 
 
 @_edited_attention_op.register_fake
-def _(q, k, v, key_start, key_end, scale, col_group, image_gain, gain_rows, var_rows, var_keep,
-      var_rho, var_summ, n_image, head_scale, want_group_mass, want_last_row):  # fmt: skip
+def _(q, k, v, key_start, key_end, scale, col_group, image_gain, gain_rows, var_rows,
+      var_params, n_image, head_scale, want_group_mass, want_last_row):  # fmt: skip
     B, H, Q, D = q.shape
     f32 = torch.float32
     out = q.new_empty(B, Q, H, D)
@@ -89,11 +93,12 @@ def edited_attention(
         check_edits(edits, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
     if not torch.compiler.is_compiling():  # eager: the op's dispatch would only add host time
         return _run(q, k, v, scale, key_start, key_end, edits, validate=False)
+    # Floats and per-row tensors alike go in as one tensor: the schema has no per-row float.
+    var = var_params(edits, q.shape[0], q.device) if edits.var_on else None
     out, mass, last = _edited_attention_op(
         q, k, v, key_start, key_end, float(scale), edits.col_group, edits.image_gain,
-        edits.gain_rows, edits.var_rows, float(edits.var_keep), float(edits.var_rho),
-        float(edits.var_summ), edits.n_image, edits.head_scale, edits.want_group_mass,
-        edits.want_last_row,
+        edits.gain_rows, edits.var_rows, var, edits.n_image, edits.head_scale,
+        edits.want_group_mass, edits.want_last_row,
     )  # fmt: skip
     stats = {}
     if edits.want_group_mass:

@@ -2,6 +2,8 @@
 
 Shapes: B batch rows, H query heads, Q query rows, K key columns. Every field at its default
 (None / False / 1.0) means "off", and a call with every edit off is plain causal attention.
+VAR's three parameters are each a float (every batch row) or a float32 [B] tensor (one value
+per row), so one call can serve rows of requests with different VAR settings.
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ class AttentionEdits:
     """bool [B, Q]: query rows PAI applies to. Required with image_gain."""
     var_rows: Tensor | None = None
     """bool [B, Q]: query rows eligible for VAR redistribution (None or all False = VAR off)."""
-    var_keep: float = 1.0
-    """p_code: fraction of sink mass kept (1.0 = identity, VAR is skipped)."""
-    var_rho: float = 0.5
-    """rho_code: a row is selected only if A_Sv / (A_V + n_image*1e-6) <= var_rho."""
-    var_summ: float = 0.2
-    """... and A_V >= var_summ."""
+    var_keep: float | Tensor = 1.0
+    """float or float32 [B]: p_code, the fraction of sink mass kept (a float 1.0 = identity, VAR
+    is skipped; a row that wants no VAR next to rows that do has var_rows all False)."""
+    var_rho: float | Tensor = 0.5
+    """float or float32 [B]: rho_code; a row is selected only if
+    A_Sv / (A_V + n_image*1e-6) <= var_rho."""
+    var_summ: float | Tensor = 0.2
+    """float or float32 [B]: ... and A_V >= var_summ."""
     n_image: Tensor | None = None
     """float32 [B]: image columns per row, for the epsilon term (None = count col_group >= 2)."""
     head_scale: Tensor | None = None
@@ -54,7 +58,15 @@ class AttentionEdits:
     @property
     def var_on(self) -> bool:
         # keep == 1 scales sinks by 1 and images by 1 + 0*x: exactly the identity, so skip it.
-        return self.var_rows is not None and self.var_keep != 1.0
+        # A per-row keep is not read (that would sync with the device): VAR runs.
+        if self.var_rows is None:
+            return False
+        return isinstance(self.var_keep, Tensor) or self.var_keep != 1.0
+
+    @property
+    def var_per_row(self) -> bool:
+        """Whether any of VAR's parameters is a per-row tensor (else all are floats)."""
+        return any(isinstance(v, Tensor) for v in (self.var_keep, self.var_rho, self.var_summ))
 
     @property
     def needs_groups(self) -> bool:
@@ -65,6 +77,17 @@ def full_col_group(col_group: Tensor, K: int) -> Tensor:
     """int8 [B, K]: col_group [B, G] with columns G.. filled with group 0 (REST)."""
     extra = K - col_group.shape[1]
     return torch.nn.functional.pad(col_group, (0, extra), value=REST) if extra else col_group
+
+
+def var_params(edits: AttentionEdits, B: int, device: torch.device) -> Tensor:
+    """float32 [B, 3]: each batch row's VAR (keep, rho, summ); a float goes to every row."""
+
+    def column(value: float | Tensor) -> Tensor:
+        if isinstance(value, Tensor):
+            return value
+        return torch.full((B,), value, dtype=torch.float32, device=device)
+
+    return torch.stack([column(edits.var_keep), column(edits.var_rho), column(edits.var_summ)], 1)
 
 
 def resolved_n_image(edits: AttentionEdits) -> Tensor:
@@ -137,24 +160,31 @@ def check_edits(
         "head_scale": ((B, H), torch.float32),
     }
     for name, (shape, dtype) in expected.items():
-        t = getattr(edits, name)
-        if t is None:
-            continue
-        if not isinstance(t, Tensor) or tuple(t.shape) != shape or t.dtype != dtype:
-            raise ValueError(f"edits.{name} must be {dtype} {list(shape)}, got {_describe(t)}")
-        if t.device != device:
-            raise ValueError(f"edits.{name} is on {t.device}, attention runs on {device}")
+        if getattr(edits, name) is not None:
+            _check_tensor(edits, name, shape, dtype, device)
     if (edits.image_gain is None) != (edits.gain_rows is None):
         raise ValueError("edits.image_gain and edits.gain_rows must be given together (PAI)")
     needs_cols = edits.pai_on or edits.var_rows is not None or edits.want_group_mass
     if needs_cols and edits.col_group is None:
         raise ValueError("PAI, VAR and want_group_mass need edits.col_group")
-    if not 0.0 <= edits.var_keep <= 1.0:
-        raise ValueError(f"edits.var_keep is a kept fraction in [0, 1], got {edits.var_keep}")
-    for name in ("var_rho", "var_summ"):
+    for name in ("var_keep", "var_rho", "var_summ"):
         value = getattr(edits, name)
-        if not 0.0 <= value < float("inf"):
+        if isinstance(value, Tensor):  # per row: the values stay on the device, unchecked
+            _check_tensor(edits, name, (B,), torch.float32, device)
+        elif name == "var_keep" and not 0.0 <= value <= 1.0:
+            raise ValueError(f"edits.var_keep is a kept fraction in [0, 1], got {value}")
+        elif not 0.0 <= value < float("inf"):
             raise ValueError(f"edits.{name} must be finite and >= 0, got {value}")
+
+
+def _check_tensor(
+    edits: AttentionEdits, name: str, shape: tuple, dtype: torch.dtype, device: torch.device
+) -> None:
+    t = getattr(edits, name)
+    if not isinstance(t, Tensor) or tuple(t.shape) != shape or t.dtype != dtype:
+        raise ValueError(f"edits.{name} must be {dtype} {list(shape)}, got {_describe(t)}")
+    if t.device != device:
+        raise ValueError(f"edits.{name} is on {t.device}, attention runs on {device}")
 
 
 def _describe(t: object) -> str:

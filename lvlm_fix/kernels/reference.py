@@ -22,6 +22,7 @@ from .edits import (
     check_inputs,
     full_col_group,
     resolved_n_image,
+    var_params,
 )
 
 
@@ -67,14 +68,16 @@ def var_weights(mass: Tensor, edits: AttentionEdits) -> tuple[Tensor, Tensor]:
     a_t, a_sv, a_u = mass[..., TEXT_SINK], mass[..., VISUAL_SINK], mass[..., IMAGE]
     a_v = a_sv + a_u
     n_image = resolved_n_image(edits)[:, None, None]  # [B, 1, 1]
-    keep = edits.var_keep
+    # Floats become fp32 per-row values too, so both forms compute as the kernels do (in fp32).
+    params = var_params(edits, mass.shape[0], mass.device)[:, :, None, None]  # [B, 3, 1, 1]
+    keep, rho, summ = params.unbind(1)
     sel = (
         edits.var_rows[:, None, :]
-        & (a_v >= edits.var_summ)
-        & (a_sv / (a_v + n_image * 1e-6) <= edits.var_rho)
+        & (a_v >= summ)
+        & (a_sv / (a_v + n_image * 1e-6) <= rho)
         & (a_u > 0)  # nowhere to send the budget: leave the row unchanged
     )
-    f_sink = torch.where(sel, torch.full_like(a_u, keep), torch.ones_like(a_u))
+    f_sink = torch.where(sel, keep, torch.ones_like(a_u))
     f_image = 1.0 + (1.0 - keep) * (a_sv + a_t) / torch.where(sel, a_u, torch.ones_like(a_u))
     return f_sink, torch.where(sel, f_image, torch.ones_like(a_u))
 

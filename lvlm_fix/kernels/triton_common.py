@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .edits import AttentionEdits, check_edits, check_inputs
+from .edits import AttentionEdits, check_edits, check_inputs, var_params
 
 # Finite start for the running max: a row that sees no key keeps m = -1e30, p = exp2(-inf) = 0,
 # l = 0 and writes zeros instead of NaN.
@@ -106,6 +106,16 @@ def _n_image(NImage, group_ptrs, b, NG, HAS_N_IMAGE: tl.constexpr, BLOCK: tl.con
             count += (group >= 2).to(tl.float32)
         n = tl.sum(count, 0)
     return n
+
+
+@triton.jit
+def _row_var_params(VarParams, b, keep, rho, summ, VAR_PER_ROW: tl.constexpr):
+    """VAR's (keep, rho, summ) for batch row b: row b of VarParams [B, 3], or the scalars."""
+    if VAR_PER_ROW:
+        keep = tl.load(VarParams + b * 3 + 0)
+        rho = tl.load(VarParams + b * 3 + 1)
+        summ = tl.load(VarParams + b * 3 + 2)
+    return keep, rho, summ
 
 
 @triton.jit
@@ -237,6 +247,19 @@ def edit_tensors(edits: AttentionEdits, dummy: Tensor) -> dict[str, Tensor]:
         "NImage": plain(edits.n_image),  # None: the kernels count image columns themselves
         "HeadScale": plain(edits.head_scale),
     }
+
+
+def var_args(edits: AttentionEdits, B: int, dummy: Tensor) -> dict[str, object]:
+    """VAR's parameters as the kernels take them: the three floats as scalars (nothing to build
+    or copy per call), or, when any is per row, VarParams float32 [B, 3] read by batch row."""
+    per_row = edits.var_on and edits.var_per_row
+    keep, rho, summ = 1.0, 0.0, 0.0  # unread unless VAR runs on floats
+    if edits.var_on and not per_row:
+        keep, rho, summ = float(edits.var_keep), float(edits.var_rho), float(edits.var_summ)
+    return {
+        "VarParams": var_params(edits, B, dummy.device) if per_row else dummy,
+        "keep": keep, "rho": rho, "summ": summ, "VAR_PER_ROW": per_row,
+    }  # fmt: skip
 
 
 def group_width(edits: AttentionEdits) -> int:

@@ -20,6 +20,7 @@ from .triton_common import (
     _attend_tile,
     _finish_rows,
     _n_image,
+    _row_var_params,
     allocate_outputs,
     check_launch,
     edit_flags,
@@ -28,6 +29,7 @@ from .triton_common import (
     finish_stats,
     group_width,
     last_dim_contiguous,
+    var_args,
 )
 
 MAX_SPLITS = 32  # a constexpr, so the combine kernel never recompiles as K grows
@@ -115,15 +117,16 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_combine_kernel(
-    PartM, PartL, PartAcc, Out, ColGroup, VarRows, NImage, HeadScale, GroupMass, LastStats,
-    stride_ob, stride_om, stride_oh,
+    PartM, PartL, PartAcc, Out, ColGroup, VarRows, NImage, HeadScale, VarParams, GroupMass,
+    LastStats, stride_ob, stride_om, stride_oh,
     H, NQ, NK, NG, num_splits, keep, rho, summ,
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, NEED_GROUPS: tl.constexpr,
     HAS_VAR: tl.constexpr, HAS_HEAD_SCALE: tl.constexpr, WANT_MASS: tl.constexpr,
-    WANT_LAST: tl.constexpr, HAS_N_IMAGE: tl.constexpr,
+    WANT_LAST: tl.constexpr, HAS_N_IMAGE: tl.constexpr, VAR_PER_ROW: tl.constexpr,
 ):  # fmt: skip
     """Grid (B*H*Q,): merge one row's split partials per group, then the shared epilogue.
-    Rows are kept as [1]-vectors so the epilogue is the prefill one."""
+    Rows are kept as [1]-vectors so the epilogue is the prefill one. VAR's keep, rho, summ are
+    the scalars, or with VAR_PER_ROW row b of VarParams [B, 3]."""
     row = tl.program_id(0)
     b = row // (H * NQ)
     h = (row // NQ) % H
@@ -158,6 +161,7 @@ def _decode_combine_kernel(
         acc_u = tl.sum(w[:, None] * part_u, 0, keep_dims=True)
         var_row = tl.load(VarRows + b * NQ + qi + one) != 0
         n_img = _n_image(NImage, ColGroup + b.to(tl.int64) * NG, b, NG, HAS_N_IMAGE, 1024)
+        keep, rho, summ = _row_var_params(VarParams, b, keep, rho, summ, VAR_PER_ROW)
     head_scale = tl.zeros([1], tl.float32)
     if HAS_HEAD_SCALE:
         head_scale += tl.load(HeadScale + b * H + h)
@@ -232,9 +236,9 @@ def decode_attention(
     )  # fmt: skip
     _decode_combine_kernel[(B * H * Q,)](
         part_m, part_l, part_acc, out, t["ColGroup"], t["VarRows"], t["NImage"], t["HeadScale"],
-        res["GroupMass"], res["LastStats"], out.stride(0), out.stride(1), out.stride(2),
-        H, Q, K, group_width(edits), splits,
-        float(edits.var_keep), float(edits.var_rho), float(edits.var_summ),
+        GroupMass=res["GroupMass"], LastStats=res["LastStats"],
+        stride_ob=out.stride(0), stride_om=out.stride(1), stride_oh=out.stride(2),
+        H=H, NQ=Q, NK=K, NG=group_width(edits), num_splits=splits, **var_args(edits, B, key_start),
         HEAD_DIM=D, BLOCK_S=MAX_SPLITS, NEED_GROUPS=flags["NEED_GROUPS"], HAS_VAR=edits.var_on,
         WANT_LAST=edits.want_last_row, **epilogue_flags(edits),
         num_warps=4 if q.is_cuda else 1,

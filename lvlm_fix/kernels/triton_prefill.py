@@ -20,6 +20,7 @@ from .triton_common import (
     _attend_tile,
     _finish_rows,
     _n_image,
+    _row_var_params,
     allocate_outputs,
     check_launch,
     edit_flags,
@@ -28,22 +29,24 @@ from .triton_common import (
     finish_stats,
     group_width,
     last_dim_contiguous,
+    var_args,
 )
 
 
 @triton.jit
 def _prefill_kernel(
     Q, K, V, Out, KeyStart, ColGroup, ImageGain, GainRows, VarRows, NImage, HeadScale,
-    GroupMass, LastStats, LastRow,
+    VarParams, GroupMass, LastStats, LastRow,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_om, stride_oh,
     H, GQA, NQ, NK, NG, qk_scale, keep, rho, summ,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PAI: tl.constexpr, NEED_GROUPS: tl.constexpr, HAS_VAR: tl.constexpr,
     HAS_HEAD_SCALE: tl.constexpr, WANT_MASS: tl.constexpr, WANT_LAST: tl.constexpr,
-    HAS_N_IMAGE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_N_IMAGE: tl.constexpr, VAR_PER_ROW: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Grid (cdiv(Q, BLOCK_M), B*H): BLOCK_M query rows of head h of batch row b."""
+    """Grid (cdiv(Q, BLOCK_M), B*H): BLOCK_M query rows of head h of batch row b.
+    VAR's keep, rho, summ are the scalars, or with VAR_PER_ROW row b of VarParams [B, 3]."""
     # Last row blocks see the most keys: start them first so the tail of the grid is short.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
@@ -108,6 +111,7 @@ def _prefill_kernel(
     if HAS_VAR:
         var_row = tl.load(VarRows + b * NQ + rows, mask=row_ok, other=0) != 0
         n_img = _n_image(NImage, group_ptrs, b, NG, HAS_N_IMAGE, 1024)
+        keep, rho, summ = _row_var_params(VarParams, b, keep, rho, summ, VAR_PER_ROW)
     head_scale = tl.zeros([BLOCK_M], tl.float32)
     if HAS_HEAD_SCALE:
         head_scale += tl.load(HeadScale + b * H + h)
@@ -158,8 +162,7 @@ def prefill_attention(
         stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
         stride_ob=out.stride(0), stride_om=out.stride(1), stride_oh=out.stride(2),
         H=H, GQA=H // k.shape[1], NQ=Q, NK=K, NG=group_width(edits),
-        qk_scale=scale * math.log2(math.e),
-        keep=float(edits.var_keep), rho=float(edits.var_rho), summ=float(edits.var_summ),
+        qk_scale=scale * math.log2(math.e), **var_args(edits, B, key_start),
         HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         **edit_flags(q, edits), **epilogue_flags(edits),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -2,8 +2,10 @@
 
 A method file declares a config class (frozen, extra="forbid", every field documented with its
 neutral value), registers it under a short name, and implements `contribute(model)`. It returns a
-`Contribution`: the hook points it uses, as plain data and pure functions. A method never drives
-the decode loop, never keeps state on modules, and never registers torch hooks itself.
+`Contribution`: the hook points it uses, as plain data: frozen dataclasses (with `__call__` where
+a function is wanted), never lambdas or closures, because a Plan is pickled across processes and
+compared by value. A method never drives the decode loop, never keeps state on modules or on its
+hooks (per-request tensors live in `RowState`), and never registers torch hooks itself.
 
 Hook points (see ARCHITECTURE.md):
 - views:      extra batch rows (another image, or none) and their logit weights per step
@@ -58,6 +60,9 @@ class View:
 
     weight(t) is this view's logit weight at generated step t. The original view (index 0) is
     implicit and weighs 1 + the sum of every contribution's `base_weight(t)`.
+
+    Its functions are frozen dataclasses with `__call__` (or module-level functions), never
+    lambdas or closures: the Plan is pickled across processes and compared by value.
     """
 
     name: str
@@ -69,6 +74,16 @@ class View:
     pixel_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
     prefill_only: bool = False  # dropped after prefill (VHR's counterfactual pass)
     edited: bool = True  # attention edits apply to this view's rows (PAI-CFG's uncond: False)
+
+
+@dataclass(frozen=True)
+class ConstantWeight:
+    """A logit weight that is the same at every step (`View.weight`, `Contribution.base_weight`)."""
+
+    value: float
+
+    def __call__(self, step: int) -> float:
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -84,10 +99,12 @@ class Contribution:
     vision: VisionHook | None = None  # vision-tower token pruning (one per plan)
     prune: PruneHook | None = None  # LLM token pruning at decoder-layer inputs
     conflicts: frozenset[str] = frozenset()  # names it cannot run with on this model (+ class's)
-    # Its decode-time hooks only run tensor ops on tensors that stay put (no host reads, no
-    # per-step Python state), so a decode step may be captured once as a CUDA graph and replayed
-    # (static_decode.py). False keeps the request's steps eager (OPERA's per-step recorder).
-    graph_safe: bool = True
+    # Its attention edits at decode are fixed once prefill is done (functions of the RowState,
+    # not of the step) and its hooks look at nothing during decode steps, so the engine asks
+    # for the edits once and decodes the request's rows in its shared batch (slots.py), whose
+    # steps replay CUDA graphs. False: the request decodes in a lane of its own (OPERA's
+    # per-step recorder).
+    shared_decode: bool = True
     # Every decode step re-runs the whole sequence (prompt + tokens so far) as a prefill, without
     # the KV cache, so prune hooks choose again each step (FastV's per-step mode).
     recompute: bool = False

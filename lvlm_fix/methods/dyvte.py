@@ -14,7 +14,7 @@ next to the checkpoint as `dyvte_router.safetensors` (w1 [L, hidden, 2D], w2 [L,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -63,9 +63,22 @@ def load_routers(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass(frozen=True)
 class _DyVTEHook:
-    w1: torch.Tensor  # [L, hidden, 2D]
-    w2: torch.Tensor  # [L, 2, hidden]
+    """PruneHook with the routers. Equal by value (`torch.equal` on the routers: the generated
+    __eq__ would compare them elementwise, into a tensor); hashed without them, as a tensor
+    hashes by identity."""
+
+    w1: torch.Tensor = field(hash=False)  # [L, hidden, 2D]
+    w2: torch.Tensor = field(hash=False)  # [L, 2, hidden]
     threshold: float
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _DyVTEHook):
+            return NotImplemented
+        return (
+            self.threshold == other.threshold
+            and torch.equal(self.w1, other.w1)
+            and torch.equal(self.w2, other.w2)
+        )
 
     def select(self, layer: int, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
         rows, width = hidden.shape[:2]

@@ -12,6 +12,7 @@ placeholder from the prompt ids (`drop_image_tokens`, the default).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import ClassVar
 
 from pydantic import Field
@@ -36,6 +37,17 @@ def m3id_weight(step: int, decay: float) -> float:
     return math.expm1(min(decay * step, 69.0))
 
 
+@dataclass(frozen=True)
+class M3IDWeight:
+    """`sign * c_t` as a logit weight: +1 raises the original view, -1 is the text-only view's."""
+
+    decay: float
+    sign: float
+
+    def __call__(self, step: int) -> float:
+        return self.sign * m3id_weight(step, self.decay)
+
+
 @register
 class M3ID(Intervention):
     """Multi-modal mutual-information decoding, RITUAL's baseline form."""
@@ -58,13 +70,14 @@ class M3ID(Intervention):
         return self.decay == 0
 
     def contribute(self, model: ModelInfo) -> Contribution:
-        decay = self.decay
         view = View(
             "m3id.text_only",
-            weight=lambda t: -m3id_weight(t, decay),
+            weight=M3IDWeight(self.decay, sign=-1.0),
             drop_image=True,
             text_only=self.text_only,
         )
         return Contribution(
-            views=(view,), base_weight=lambda t: m3id_weight(t, decay), plausibility_beta=self.beta
+            views=(view,),
+            base_weight=M3IDWeight(self.decay, sign=1.0),
+            plausibility_beta=self.beta,
         )

@@ -24,6 +24,7 @@ the reference's LLaVA path).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -113,8 +114,8 @@ class Opera(Intervention):
     )
 
     def contribute(self, model: ModelInfo) -> Contribution:
-        # graph_safe=False: the recorder appends each step's attention row in Python
-        return Contribution(search=OperaSearch(self), attention=LastRowHook(), graph_safe=False)
+        # shared_decode=False: the recorder looks at every decode step's attention row
+        return Contribution(search=OperaSearch(self), attention=LastRowHook(), shared_decode=False)
 
 
 @dataclass
@@ -124,24 +125,37 @@ class OperaState:
     prompt_len: int = -1  # cache columns of the (padded) prompt; set at the first step
 
 
+@dataclass(frozen=True)
 class OperaSearch:
     """The Search: width K; each step runs the K·C candidate forward itself."""
 
-    handles_views = False  # candidate rows are one per beam: no extra view rows
+    handles_views: ClassVar[bool] = False  # candidate rows are one per beam: no extra view rows
 
-    def __init__(self, config: Opera):
-        self.config = config
-        self.width = config.num_beams
-        self.params = GenerationParams(
-            num_beams=config.num_beams,
-            length_penalty=config.length_penalty,
-            early_stopping=config.early_stopping,
+    config: Opera
+
+    @property
+    def width(self) -> int:
+        return self.config.num_beams
+
+    @property
+    def params(self) -> GenerationParams:
+        """The beam settings `advance_beams` reads."""
+        return GenerationParams(
+            num_beams=self.config.num_beams,
+            length_penalty=self.config.length_penalty,
+            early_stopping=self.config.early_stopping,
         )
-        budget = config.max_rollbacks_per_position
-        self.budget = config.candidates if budget is None else budget
-        self.column_scores = (
-            column_scores_fp16 if config.score_dtype == "float16" else column_scores
-        )
+
+    @property
+    def budget(self) -> int:
+        """β: rollbacks allowed per position."""
+        budget = self.config.max_rollbacks_per_position
+        return self.config.candidates if budget is None else budget
+
+    @property
+    def column_scores(self) -> Callable[..., tuple[torch.Tensor, ...]]:
+        """In log space (float32) or in the reference's fp16 buffers (`score_dtype`)."""
+        return column_scores_fp16 if self.config.score_dtype == "float16" else column_scores
 
     def start(self, batch_size: int, limits: Limits, device: torch.device) -> OperaState:
         beams = BeamSearch(self.params)

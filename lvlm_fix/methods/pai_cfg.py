@@ -22,6 +22,7 @@ from typing import ClassVar
 from pydantic import Field
 
 from lvlm_fix.methods.base import (
+    ConstantWeight,
     Contribution,
     HookPoint,
     Intervention,
@@ -57,11 +58,11 @@ class PAICFG(Intervention):
         gamma = self.gamma
         view = View(
             "pai_cfg.text_only",
-            weight=lambda t: -(gamma - 1),
+            weight=ConstantWeight(-(gamma - 1)),
             drop_image=True,
             text_only=self.text_only,
             edited=False,
         )
         return Contribution(
-            views=(view,), base_weight=lambda t: gamma - 1, plausibility_beta=self.beta
+            views=(view,), base_weight=ConstantWeight(gamma - 1), plausibility_beta=self.beta
         )

@@ -9,13 +9,19 @@ the processor keeps whole (a crop resized back to a non-square input's size woul
 
 from __future__ import annotations
 
-from functools import partial
 from typing import ClassVar
 
 from pydantic import Field
 
-from lvlm_fix.methods.base import Contribution, HookPoint, Intervention, View, register
-from lvlm_fix.methods.transforms import transformed_image
+from lvlm_fix.methods.base import (
+    ConstantWeight,
+    Contribution,
+    HookPoint,
+    Intervention,
+    View,
+    register,
+)
+from lvlm_fix.methods.transforms import RandomTransform
 from lvlm_fix.model import ModelInfo
 
 
@@ -40,7 +46,9 @@ class RITUAL(Intervention):
         return self.alpha_pos == 0
 
     def contribute(self, model: ModelInfo) -> Contribution:
-        alpha = self.alpha_pos
-        transform = partial(transformed_image, size=model.image_size)
-        view = View("ritual.transformed", weight=lambda t: alpha, image_fn=transform)
+        view = View(
+            "ritual.transformed",
+            weight=ConstantWeight(self.alpha_pos),
+            image_fn=RandomTransform(model.image_size),
+        )
         return Contribution(views=(view,), plausibility_beta=self.beta)

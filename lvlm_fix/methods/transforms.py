@@ -81,10 +81,19 @@ def random_transform(
 def transformed_image(
     image: Image.Image, generator: torch.Generator, size: int
 ) -> tuple[Image.Image, str]:
-    """`random_transform` as `View.image_fn` expects it, (image, description), once `size` is
-    bound (`functools.partial`)."""
+    """`random_transform` with the description as text, as `View.image_fn` returns it."""
     image, applied = random_transform(image, generator, size)
     return image, str(applied)
+
+
+@dataclass(frozen=True)
+class RandomTransform:
+    """`View.image_fn`: `transformed_image` for a model whose input side is `size`."""
+
+    size: int
+
+    def __call__(self, image: Image.Image, generator: torch.Generator) -> tuple[Image.Image, str]:
+        return transformed_image(image, generator, self.size)
 
 
 def _horizontal_flip(image: Image.Image, _: torch.Generator):

@@ -8,12 +8,20 @@ weight is raised through `base_weight`, so with RITUAL the sum gives the spec's 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from pydantic import Field
 
-from lvlm_fix.methods.base import Contribution, HookPoint, Intervention, View, register
+from lvlm_fix.methods.base import (
+    ConstantWeight,
+    Contribution,
+    HookPoint,
+    Intervention,
+    View,
+    register,
+)
 from lvlm_fix.model import ModelInfo
 
 NUM_DIFFUSION_STEPS = 1000
@@ -45,6 +53,16 @@ def add_diffusion_noise(
     return noised.to(device=pixels.device, dtype=pixels.dtype)
 
 
+@dataclass(frozen=True)
+class DiffusionNoise:
+    """`View.pixel_fn`: `add_diffusion_noise` at a fixed diffusion step."""
+
+    noise_step: int
+
+    def __call__(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return add_diffusion_noise(pixels, self.noise_step, generator)
+
+
 @register
 class VCD(Intervention):
     """Visual contrastive decoding (arXiv 2311.16922)."""
@@ -72,10 +90,11 @@ class VCD(Intervention):
         return self.alpha == 0
 
     def contribute(self, model: ModelInfo) -> Contribution:
-        alpha, step = self.alpha, self.noise_step
         view = View(
             "vcd.noised",
-            weight=lambda t: -alpha,
-            pixel_fn=lambda pixels, generator: add_diffusion_noise(pixels, step, generator),
+            weight=ConstantWeight(-self.alpha),
+            pixel_fn=DiffusionNoise(self.noise_step),
         )
-        return Contribution(views=(view,), base_weight=lambda t: alpha, plausibility_beta=self.beta)
+        return Contribution(
+            views=(view,), base_weight=ConstantWeight(self.alpha), plausibility_beta=self.beta
+        )

@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 from pydantic import Field, field_validator
 
-from lvlm_fix.methods.base import Contribution, Intervention, TextOnly, View, register
+from lvlm_fix.methods.base import (
+    ConstantWeight,
+    Contribution,
+    Intervention,
+    TextOnly,
+    View,
+    register,
+)
 from lvlm_fix.model import ModelInfo
 
 if TYPE_CHECKING:
@@ -76,7 +83,7 @@ class VHR(Intervention):
         layers = reinforced_layers(self.layers, model.num_layers)
         view = View(
             "vhr.text_only",
-            weight=_zero,
+            weight=ConstantWeight(0.0),  # a prefill-only view never enters the logits
             drop_image=True,
             text_only=self.text_only,
             prefill_only=True,
@@ -91,10 +98,6 @@ class VHR(Intervention):
             scale_counterfactual=self.vhd_reinforce_counterfactual,
         )
         return Contribution(views=(view,), attention=hook)
-
-
-def _zero(step: int) -> float:
-    return 0.0  # a prefill-only view never enters the logits
 
 
 def reinforced_layers(layers: Literal["auto"] | list[int], num_layers: int) -> frozenset[int]:
