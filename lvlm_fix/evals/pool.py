@@ -46,13 +46,17 @@ class EvalWorker:
     def __init__(self, spec: ModelSpec, threads: int | None = None):
         import torch
 
+        from lvlm_fix.engine import EngineConfig
         from lvlm_fix.lvlm import LVLM
 
         if threads is not None:
             # Inside a Ray actor process only: keep actors sharing a CPU from oversubscribing it.
             torch.set_num_threads(threads)
         dtype = None if spec.dtype == "auto" else getattr(torch, spec.dtype)
-        self.lvlm = LVLM.from_pretrained(spec.path, device=spec.device, dtype=dtype)
+        # Batch-invariant: which samples decode together depends on timing, and must not change
+        # a result. With the queue full, the full-width steps it costs are taken anyway.
+        engine = EngineConfig(batch_invariant=True)
+        self.lvlm = LVLM.from_pretrained(spec.path, device=spec.device, dtype=dtype, engine=engine)
 
     def check(self, interventions: list[dict[str, Any]], params: GenerationParams) -> str:
         """Compile the plan for this model (ValueError names any problem); returns config_id."""

@@ -11,8 +11,8 @@ out_dir/
 
 Resuming: lines already in predictions.jsonl are kept and their samples skipped, so a killed run
 picks up where it stopped. Every sample gets its own seed, derived from the global seed and the
-sample's key, and the engine decodes each request independently of its batch-mates, so results
-do not depend on what runs beside them, sharding or what was already done.
+sample's key, and the workers' engines are batch-invariant (evals/pool.py), so results do not
+depend on what decodes beside them, sharding or what was already done.
 
 A method row's pending samples are fed to the model's engine as one queue, at most `batch_size`
 in flight per model (each holds its image), and the engine batches them continuously; rows run

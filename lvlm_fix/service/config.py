@@ -128,6 +128,11 @@ class EngineSettings(BaseModel):
         description="Requests decoding in lanes of their own at once: beam search, OPERA, "
         f"pruning (default {EngineConfig.own_lane}).",
     )
+    batch_invariant: bool | None = Field(
+        None,
+        description="Every shared step at full width, so a request's tokens never depend on "
+        "what else runs, on a GPU too; costs full-width steps at low load (default off).",
+    )
 
     def config(self) -> EngineConfig:
         return EngineConfig(**self.model_dump(exclude_none=True))
