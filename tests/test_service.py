@@ -446,19 +446,24 @@ def _decoding(reply: httpx.Response) -> Iterator[str]:
     return lines
 
 
-def test_different_interventions_decode_together(http, lvlm, engine_requests):
-    """A short RITUAL request is served while a long plain stream decodes, beside it in the
-    engine, and gets the tokens it gets alone."""
-    image, ritual = png(color="olive"), [{"name": "ritual"}]
+@pytest.mark.parametrize(
+    "specs",
+    [[{"name": "ritual"}], [{"name": "var"}, {"name": "vhr"}, {"name": "pai"}]],
+    ids=["ritual", "var+vhr+pai"],
+)
+def test_different_interventions_decode_together(http, lvlm, engine_requests, specs):
+    """A short request with interventions is served while a long plain stream decodes, beside
+    it in the engine, and gets the tokens it gets alone."""
+    image = png(color="olive")
     with http.stream("POST", "/v1/chat/completions", json=chat_body(stream=True, **LONG)) as long:
         lines = _decoding(long)
-        reply = http.post("/v1/chat/completions", json=chat_body(image=image, interventions=ritual))
+        reply = http.post("/v1/chat/completions", json=chat_body(image=image, interventions=specs))
         [stream, _] = engine_requests.requests
-        assert not stream.done  # still decoding once the RITUAL request was answered
+        assert not stream.done  # still decoding once the other request was answered
         assert next(lines)  # and still streaming to its client
     assert max(engine_requests.running) == 2
     assert reply.status_code == 200, reply.text
-    expected = _chat(lvlm, "What is in the image?", image, interventions=ritual)
+    expected = _chat(lvlm, "What is in the image?", image, interventions=specs)
     assert reply.json()["choices"][0]["token_ids"] == expected.token_ids
 
 
