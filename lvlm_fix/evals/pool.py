@@ -89,9 +89,9 @@ class EvalWorker:
             running[index] = self.lvlm.submit([sample], params=params, plan=plan,
                                               listener=listener)  # fmt: skip
 
-        for _ in range(in_flight):
-            submit_next()
         try:
+            for _ in range(in_flight):
+                submit_next()
             while running:
                 index = finished.get()
                 [generation] = running.pop(index).result()

@@ -93,8 +93,8 @@ class ServeConfig(BaseModel):
 
 
 class EngineSettings(BaseModel):
-    """Sizes of a model's engine (`lvlm_fix.engine.EngineConfig`), fixed when it starts. A field
-    left out (None) takes the engine's default."""
+    """Sizes and mode of a model's engine (`lvlm_fix.engine.EngineConfig`), fixed when it
+    starts. A field left out (None) takes the engine's default."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
