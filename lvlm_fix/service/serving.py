@@ -320,8 +320,10 @@ class Serving:
                 f"(num_beams or {[i.name for i in plan.interventions]})",
                 "stream",
             )
+        # The plan does not say which method added which view, so a view method is asked again
+        # (cheap for those; others, e.g. DyVTE loading its routers, are not asked).
         for intervention in plan.interventions:
-            if not intervention.is_neutral():
+            if "views" in intervention.hooks and not intervention.is_neutral():
                 views = len(intervention.contribute(self.engine.info).views)
                 if views:
                     self.metrics.extra_forwards.inc(
