@@ -1,7 +1,7 @@
 """Service load test on a local Ray Serve (loopback only, bounded requests and time).
 
-1. Throughput and p50/p99 latency of N concurrent clients, with dynamic batching off
-   (max_batch_size 1) and on (max_batch_size 8), same requests, same model.
+1. Throughput and p50/p99 latency of N concurrent clients, with the replica's engine holding
+   one decode row (slots 1: one request at a time) and eight (slots 8), same requests, same model.
 2. Robustness: 200 concurrent requests, 20% malformed: every good one must be answered (200),
    every bad one must get a 4xx, no 5xx at all, and /health must answer afterwards.
 
@@ -29,8 +29,8 @@ import ray  # noqa: E402
 from PIL import Image  # noqa: E402
 from ray import serve  # noqa: E402
 
-from lvlm_fix.service.config import ServeConfig  # noqa: E402
-from lvlm_fix.service.deployment import AppArgs, BatchSettings, build  # noqa: E402
+from lvlm_fix.service.config import EngineSettings, ServeConfig  # noqa: E402
+from lvlm_fix.service.deployment import AppArgs, build  # noqa: E402
 
 
 def _image_url(color: str) -> str:
@@ -137,12 +137,12 @@ def main() -> None:
     results = {"config": vars(args)}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for size in (1, 8):  # a user_config change: replicas are reconfigured, not restarted
+        for slots in (1, 8):  # engine sizes are replica arguments: the replica restarts
             app_args = AppArgs(
                 model=args.model,
                 num_cpus=1,
                 ingress_cpus=0.5,
-                batch=BatchSettings(max_batch_size=size, batch_wait_ms=10),
+                engine=EngineSettings(slots=slots),
                 service=ServeConfig(max_tokens_limit=256),
             )
             serve.run(build(app_args), name="bench", route_prefix="/")
@@ -150,8 +150,8 @@ def main() -> None:
             run = asyncio.run(
                 load(url, args.requests, args.concurrency, args.max_tokens, args.time_limit)
             )
-            results[f"max_batch_size={size}"] = run
-            print(f"max_batch_size={size}: {json.dumps(run)}", flush=True)
+            results[f"slots={slots}"] = run
+            print(f"slots={slots}: {json.dumps(run)}", flush=True)
         check = asyncio.run(robustness(url, args.robustness_requests, args.max_tokens))
         results["robustness"] = check
         print(f"robustness: {json.dumps(check)}", flush=True)

@@ -50,6 +50,31 @@ def settled(text: str, stops: Sequence[str]) -> str:
     return text[: len(text) - max(begun, default=0)].rstrip()
 
 
+class TextPieces:
+    """One sample's answer as it streams: `add` each chosen token and get the newly settled
+    text, then `finish` with the final `Generation` for the rest; the pieces concatenate to its
+    text. Uses the tokenizer: call it from the thread that owns it (the engine's)."""
+
+    def __init__(self, tokenizer, stops: Sequence[str]):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        text, stopped = answer(self.tokenizer, self.ids, self.stops)
+        return self._send(text if stopped else settled(text, self.stops))
+
+    def finish(self, final: Generation) -> str:
+        return self._send(final.text)
+
+    def _send(self, done: str) -> str:
+        if len(done) <= len(self.sent):
+            return ""
+        piece, self.sent = done[len(self.sent) :], done
+        return piece
+
+
 def stop_hit(tokenizer, stops: Sequence[str], ids: Sequence[int]) -> bool:
     """Whether the last tokens of `ids` spell one of the stop strings."""
     text = decode_text(tokenizer, ids[-32:])

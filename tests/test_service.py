@@ -7,7 +7,9 @@ import base64
 import io
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 from typing import ClassVar
 
 import httpx
@@ -26,6 +28,7 @@ from service_helpers import (
 )
 
 from lvlm_fix import LVLM, GenerationParams, Sample
+from lvlm_fix.engine import Cancelled, EngineConfig, Request
 from lvlm_fix.methods import REGISTRY, Contribution, Intervention, View
 from lvlm_fix.model import Turn
 from lvlm_fix.service import AsyncClient, Client, ServiceError
@@ -40,7 +43,7 @@ CONFIG = ServeConfig(
     max_image_bytes=50_000,
     max_image_pixels=256 * 256,
     max_prompt_chars=2000,
-    max_tokens_limit=64,
+    max_tokens_limit=600,
     max_n=4,
     presets={
         "lvlm-fix+vhr": ({"name": "vhr"},),
@@ -362,7 +365,7 @@ def test_metrics_count_as_vllm_does(http, url):
 
 
 def test_running_and_waiting_gauges(http, url):
-    """The in-process engine runs one job at a time: of two long requests, one waits."""
+    """Two long requests decode together in the engine: both count as running at once."""
     body = chat_body(image=png(), max_tokens=64, temperature=2, seed=LONG_STREAM_SEED)
     seen = set()
     with ThreadPoolExecutor(2) as pool:
@@ -372,7 +375,7 @@ def test_running_and_waiting_gauges(http, url):
             seen.add((_metric(text, "num_requests_running"), _metric(text, "num_requests_waiting")))
             time.sleep(0.02)
     assert all(reply.result().status_code == 200 for reply in replies)
-    assert (1, 1) in seen, seen
+    assert (2, 0) in seen, seen
     text = http.get("/metrics").text
     assert _metric(text, "num_requests_running") == _metric(text, "num_requests_waiting") == 0
 
@@ -387,12 +390,12 @@ def test_serve_settings_merge_yaml_and_flags(tmp_path):
     config = tmp_path / "serve.yaml"
     config.write_text(
         "address: auto\nport: 9000\nnum_replicas: 2\ndevice: cuda\n"
-        "batch: {max_batch_size: 4}\nservice: {api_key: k, max_n: 2}\n"
+        "engine: {slots: 4, max_len: 512}\nservice: {api_key: k, max_n: 2}\n"
     )
     parser = argparse.ArgumentParser()
     add_model_args(parser)
     add_serve_args(parser)
-    args = parser.parse_args(["--config", str(config), "--batch-wait-ms", "5", "--replicas", "3"])
+    args = parser.parse_args(["--config", str(config), "--slots", "16", "--replicas", "3"])
     settings = _settings(args)
     assert (settings.pop("address"), settings.pop("host"), settings.pop("port")) == (
         "auto",
@@ -400,58 +403,80 @@ def test_serve_settings_merge_yaml_and_flags(tmp_path):
         9000,
     )
     app = AppArgs.model_validate(settings)
-    assert (app.num_replicas, app.device, app.batch.max_batch_size, app.batch.batch_wait_ms) == (
-        3,
-        "cuda",
-        4,
-        5.0,
-    )
+    assert (app.num_replicas, app.device) == (3, "cuda")
+    assert app.engine.config() == EngineConfig(slots=16, max_len=512)
     assert app.service.api_key == "k" and app.service.max_n == 2
     bad = parser.parse_args(["--intervention", "no_such"])
     with pytest.raises(ValueError, match="unknown intervention 'no_such'"):
         _settings(bad)
 
 
-class StepCounter(Intervention):
-    """Counts the model's forwards (one per decode step) at decoder layer 0's input."""
-
-    name: ClassVar[str] = "test_step_counter"
-    hooks: ClassVar[frozenset] = frozenset({"layer_input"})
-    forwards: ClassVar[list[int]] = [0]
-
-    def contribute(self, model) -> Contribution:
-        def count(layer, hidden, ctx) -> None:
-            if layer == 0:
-                StepCounter.forwards[0] += 1
-
-        return Contribution(layer_input=count)
-
-
 LONG_STREAM_SEED = 0  # sampled at temperature 2, this request runs to max_tokens (no EOS)
+# Sampled at temperature 2, this request runs to max_tokens=600 (no EOS): seconds of decoding.
+LONG = {"image": png(), "max_tokens": 600, "temperature": 2, "seed": 5}
 
 
-def test_abandoned_stream_stops_decoding(http, monkeypatch):
-    monkeypatch.setitem(REGISTRY, StepCounter.name, StepCounter)
-    body = chat_body(
-        image=png(),
-        stream=True,
-        max_tokens=64,
-        temperature=2,
-        seed=LONG_STREAM_SEED,
-        interventions=[{"name": StepCounter.name}],
-    )
-    with http.stream("POST", "/v1/chat/completions", json=body) as reply:
-        lines = (line for line in reply.iter_lines() if line)
-        next(lines)  # the role chunk
-        next(lines)  # the first piece of text: decoding is under way
-        at_close = StepCounter.forwards[0]
-    # The client is gone: the stream's worker stops at its next step, and the next request
-    # has the model to itself at once.
-    start = time.perf_counter()
+@pytest.fixture
+def engine_requests(lvlm, monkeypatch) -> SimpleNamespace:
+    """What the service submits to the model's engine from now on, watched, not changed: its
+    requests, and the engine's running count at each of their events."""
+    seen = SimpleNamespace(requests=[], running=[])
+    submit = lvlm.submit
+
+    def watched(samples, *args, listener=None, **kwargs) -> Request:
+        def listen(event):
+            seen.running.append(lvlm.engine.running)  # on the engine's thread: a consistent count
+            if listener is not None:
+                listener(event)
+
+        request = submit(samples, *args, listener=listen, **kwargs)
+        seen.requests.append(request)
+        return request
+
+    monkeypatch.setattr(lvlm, "submit", watched)
+    return seen
+
+
+def _decoding(reply: httpx.Response) -> Iterator[str]:
+    """Read a stream's role chunk and first text: its request is decoding in the engine. Keep
+    the lines returned: dropping them closes the connection (the client leaves)."""
+    lines = (line for line in reply.iter_lines() if line)
+    next(lines)
+    next(lines)
+    return lines
+
+
+@pytest.mark.parametrize(
+    "specs",
+    [[{"name": "ritual"}], [{"name": "var"}, {"name": "vhr"}, {"name": "pai"}]],
+    ids=["ritual", "var+vhr+pai"],
+)
+def test_different_interventions_decode_together(http, lvlm, engine_requests, specs):
+    """A short request with interventions is served while a long plain stream decodes, beside
+    it in the engine, and gets the tokens it gets alone."""
+    image = png(color="olive")
+    with http.stream("POST", "/v1/chat/completions", json=chat_body(stream=True, **LONG)) as long:
+        lines = _decoding(long)
+        reply = http.post("/v1/chat/completions", json=chat_body(image=image, interventions=specs))
+        [stream, _] = engine_requests.requests
+        assert not stream.done  # still decoding once the other request was answered
+        assert next(lines)  # and still streaming to its client
+    assert max(engine_requests.running) == 2
+    assert reply.status_code == 200, reply.text
+    expected = _chat(lvlm, "What is in the image?", image, interventions=specs)
+    assert reply.json()["choices"][0]["token_ids"] == expected.token_ids
+
+
+def test_client_leaving_mid_stream_frees_the_engine(http, lvlm, engine_requests):
+    with http.stream("POST", "/v1/chat/completions", json=chat_body(stream=True, **LONG)) as long:
+        _decoding(long)
+    # The client is gone: the service cancels the request, which leaves the engine at its next
+    # step, long before its 600 tokens.
+    [request] = engine_requests.requests
+    with pytest.raises(Cancelled):
+        request.result(timeout=60)
+    assert lvlm.engine.running == lvlm.engine.waiting == 0
     assert http.post("/v1/chat/completions", json=chat_body(max_tokens=4)).status_code == 200
-    assert time.perf_counter() - start < 2.0
-    time.sleep(0.3)
-    assert StepCounter.forwards[0] - at_close <= 2, "the abandoned stream kept decoding"
 
 
 def test_ready_once_the_model_is_loaded(url):

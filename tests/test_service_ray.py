@@ -1,4 +1,5 @@
-"""The REST service on a real local Ray Serve: ingress + model deployment with dynamic batching."""
+"""The REST service on a real local Ray Serve: ingress + a model deployment whose replica runs
+its model's engine."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import io  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
@@ -27,12 +29,14 @@ from ray import serve  # noqa: E402
 from service_helpers import BAD_REQUESTS, chat_body, chat_sample, free_port, png  # noqa: E402
 
 from lvlm_fix import LVLM, GenerationParams, Sample  # noqa: E402
+from lvlm_fix.engine import Cancelled  # noqa: E402
 from lvlm_fix.methods import REGISTRY  # noqa: E402
 from lvlm_fix.service import Client  # noqa: E402
-from lvlm_fix.service.config import ServeConfig  # noqa: E402
-from lvlm_fix.service.deployment import AppArgs, BatchSettings, ModelServer, build  # noqa: E402
+from lvlm_fix.service.config import EngineSettings, ServeConfig  # noqa: E402
+from lvlm_fix.service.deployment import AppArgs, ModelServer, build  # noqa: E402
 from lvlm_fix.tiny import build_tiny  # noqa: E402
 
+RITUAL = [{"name": "ritual"}]  # a view method: its plan crosses to the replica pickled
 SERVICE = ServeConfig(
     max_image_bytes=50_000,
     max_image_pixels=256 * 256,
@@ -42,9 +46,8 @@ SERVICE = ServeConfig(
 )
 
 
-def _args(path: str, max_batch_size: int) -> AppArgs:
-    batch = BatchSettings(max_batch_size=max_batch_size, batch_wait_ms=200)
-    return AppArgs(model=path, num_cpus=0.5, ingress_cpus=0.25, batch=batch, service=SERVICE)
+def _args(path: str) -> AppArgs:
+    return AppArgs(model=path, num_cpus=0.5, ingress_cpus=0.25, service=SERVICE)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +74,7 @@ def url(tiny_path):
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build(_args(tiny_path, 8)), name="lvlm-fix", route_prefix="/")
+        serve.run(build(_args(tiny_path)), name="lvlm-fix", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -91,10 +94,10 @@ def _solo(lvlm: LVLM, text: str, image: bytes, max_tokens: int = 6):
     return lvlm.generate([Sample(text, (pil,))], (), params)[0]
 
 
-def _chat(lvlm: LVLM, text: str, image: bytes, max_tokens: int = 6):
+def _chat(lvlm: LVLM, text: str, image: bytes, max_tokens: int = 6, interventions=()):
     """What the chat route generates for `chat_body(text, image)` (text, then image)."""
     params = GenerationParams(max_new_tokens=max_tokens)
-    return lvlm.generate([chat_sample(text, image)], (), params)[0]
+    return lvlm.generate([chat_sample(text, image)], interventions, params)[0]
 
 
 def ray_metric(name: str, **labels: str) -> float:
@@ -168,20 +171,22 @@ def test_openai_sdk(url, lvlm):
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected.text
 
 
-def test_concurrent_requests_are_batched_by_plan(http, lvlm):
+def test_concurrent_requests_with_different_plans(http, lvlm):
+    """Twelve requests at once, two plans and two lengths: the replica's engine runs them side by
+    side, and each gets the tokens it gets alone."""
     image = png(color="green")
-    # Two plans' worth of params (6 vs 4 tokens): the batcher must split them into groups.
-    bodies = [chat_body(image=image, max_tokens=6 if i % 3 else 4) for i in range(12)]
+    bodies = [
+        chat_body(image=image, max_tokens=6 if i % 3 else 4, interventions=[] if i % 2 else RITUAL)
+        for i in range(12)
+    ]
     with ThreadPoolExecutor(12) as pool:
         replies = list(pool.map(lambda b: http.post("/v1/chat/completions", json=b), bodies))
-    assert all(r.status_code == 200 for r in replies)
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
     for body, reply in zip(bodies, replies, strict=True):
-        expected = _chat(lvlm, "What is in the image?", image, body["max_tokens"])
+        expected = _chat(
+            lvlm, "What is in the image?", image, body["max_tokens"], body["interventions"]
+        )
         assert reply.json()["choices"][0]["token_ids"] == expected.token_ids
-    # Ray's histograms report bucket counts exactly (their sums are estimates).
-    wait_for(lambda: ray_metric("lvlm_fix:batch_size_count") >= 12)
-    singles = ray_metric("lvlm_fix:batch_size_bucket", le="1.0")
-    assert singles < ray_metric("lvlm_fix:batch_size_count"), "no batch ever held two requests"
 
 
 def test_metrics_recorded_through_ray(http):
@@ -210,22 +215,6 @@ def test_bad_input_keeps_serving(http):
         assert words in reply.json()["error"]["message"]
     assert http.get("/health").status_code == 200
     assert http.post("/v1/chat/completions", json=chat_body(image=png())).status_code == 200
-
-
-def test_reconfigure_batch_size(http, tiny_path):
-    serve.run(build(_args(tiny_path, 1)), name="lvlm-fix", route_prefix="/")
-    count, singles = "lvlm_fix:batch_size_count", "lvlm_fix:batch_size_bucket"
-    wait_for(lambda: ray_metric(count) == ray_metric(count))  # the agent is reachable
-    time.sleep(1.5)  # earlier requests' reports have landed
-    before = (ray_metric(count), ray_metric(singles, le="1.0"))
-    with ThreadPoolExecutor(6) as pool:
-        replies = list(
-            pool.map(lambda _: http.post("/v1/chat/completions", json=chat_body()), range(6))
-        )
-    assert all(r.status_code == 200 for r in replies)
-    wait_for(lambda: ray_metric(count) >= before[0] + 6)
-    assert ray_metric(count) - before[0] == 6
-    assert ray_metric(singles, le="1.0") - before[1] == 6  # every batch had 1
 
 
 # Sampled at temperature 2, this request runs to max_tokens=600 (no EOS): seconds of decoding.
@@ -294,19 +283,34 @@ def test_dead_replica_gives_503_and_ready_follows(http):
     assert http.post("/v1/chat/completions", json=chat_body()).status_code == 200
 
 
-def test_health_check_runs_a_one_token_generation(tiny_path):
-    """ModelServer's check_health, on the class itself in this process: one forward when idle,
-    none while requests are in flight, and an error once the model is broken."""
-    server = ModelServer.func_or_class(tiny_path, "cpu", BatchSettings().model_dump())
+def test_health_check_runs_a_one_token_generation(tiny_path, monkeypatch):
+    """ModelServer's check_health, on the class itself in this process: a one-token generation
+    through the replica's engine when it is idle, none while it holds requests, and an error once
+    the model is broken."""
+    server = ModelServer.func_or_class(tiny_path, "cpu", EngineSettings(slots=3))
+    lvlm, submit, probes = server.lvlm, server.lvlm.submit, []
+    assert lvlm.engine.slots.slots == 3  # the replica's engine has the sizes it was given
+
+    def counted(*args, **kwargs):
+        probes.append(submit(*args, **kwargs))
+        return probes[-1]
+
+    monkeypatch.setattr(lvlm, "submit", counted)
     forwards = []
-    server.lvlm.model.register_forward_hook(lambda *_: forwards.append(1))
+    lvlm.model.register_forward_hook(lambda *_: forwards.append(1))
     asyncio.run(server.check_health())
-    assert len(forwards) == 1  # the prompt's prefill; one token needs no decode forward
-    server._in_flight = 1
-    asyncio.run(server.check_health())
-    assert len(forwards) == 1
-    server._in_flight = 0
-    server.lvlm.model.get_input_embeddings().weight.data = torch.empty(0)  # a broken model
+    assert len(probes) == len(forwards) == 1  # the prompt's prefill; one token needs no step
+    sampled = GenerationParams(max_new_tokens=600, do_sample=True, temperature=2)
+    decoding = threading.Event()
+    sample = chat_sample("What is in the image?", LONG["image"], LONG["seed"])
+    long = submit([sample], params=sampled, listener=lambda _: decoding.set())
+    assert decoding.wait(timeout=60)
+    asyncio.run(server.check_health())  # the engine holds a request: no probe
+    assert len(probes) == 1
+    long.cancel()
+    with pytest.raises(Cancelled):
+        long.result(timeout=60)
+    lvlm.model.get_input_embeddings().weight.data = torch.empty(0)  # a broken model
     with pytest.raises(AssertionError, match="num_embeddings"):
         asyncio.run(server.check_health())
 

@@ -28,7 +28,7 @@ from lvlm_fix.evals.bootstrap import DEFAULT_RESAMPLES
 from lvlm_fix.evals.pool import DTYPES, ModelSpec
 from lvlm_fix.evals.pope import PARSERS, PROMPT_SUFFIXES
 from lvlm_fix.evals.protocols import MAX_NEW_TOKENS, PROTOCOLS
-from lvlm_fix.evals.runner import BASELINE, MethodSet
+from lvlm_fix.evals.runner import BASELINE, MethodSet, RunConfig
 
 CHAIR_MAX_NEW_TOKENS = 64
 
@@ -67,7 +67,12 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=SPEC[;SPEC...]",
         help='a method row, SPEC = name[:k=v,...]; e.g. "var+vhr=var;vhr:alpha=2" (repeatable)',
     )
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=RunConfig.batch_size,
+        help="samples in flight per model at most; its engine batches them continuously",
+    )
     parser.add_argument("--limit", type=int, default=None, help="N per POPE split / N images")
     parser.add_argument(
         "--subset", type=Path, default=None, help="reuse the samples of a subset.json"
@@ -179,7 +184,7 @@ def build_task(args: argparse.Namespace, max_new_tokens: int):
 
 def eval_main(args: argparse.Namespace) -> int:
     """Run `lvlm-fix eval`; 0 on success, 2 on bad input (with a message on stderr)."""
-    from lvlm_fix.evals.runner import RunConfig, run_eval
+    from lvlm_fix.evals.runner import run_eval
 
     max_new_tokens = args.max_new_tokens or _default_max_new_tokens(args)
     try:

@@ -1,18 +1,22 @@
-"""Who runs the batches: one in-process worker, or a pool of Ray actors (one model each).
+"""Who runs the samples: one in-process worker, or a pool of Ray actors (one model each).
 
-Both pools take the same list of batches and yield (batch index, generations) pairs; the runner
-does not care which one it talks to. Ray actors get batches round-robin (batch i -> actor
-i % n), so the shard of every actor is fixed by the input alone.
+Each worker's model has an engine (`lvlm_fix.engine`) that batches requests continuously: a
+worker keeps up to `in_flight` samples submitted to it, one request each, and yields each
+sample's generation as soon as it finishes, so no sample waits for a batch-mate. Both pools take
+a method's whole list of WorkUnits and yield (index, generation) pairs in the order they finish;
+the runner does not care which one it talks to. Ray actors get units round-robin (unit i ->
+actor i % n) and stream their share back.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lvlm_fix.lvlm import Generation
+from lvlm_fix.generation import Generation
 from lvlm_fix.params import GenerationParams
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -37,42 +41,80 @@ class ModelSpec:
 
 
 class EvalWorker:
-    """Loads the model once and generates batches of WorkUnits."""
+    """Loads the model once and runs WorkUnits on its engine."""
 
     def __init__(self, spec: ModelSpec, threads: int | None = None):
         import torch
 
+        from lvlm_fix.engine import EngineConfig
         from lvlm_fix.lvlm import LVLM
 
         if threads is not None:
             # Inside a Ray actor process only: keep actors sharing a CPU from oversubscribing it.
             torch.set_num_threads(threads)
         dtype = None if spec.dtype == "auto" else getattr(torch, spec.dtype)
-        self.lvlm = LVLM.from_pretrained(spec.path, device=spec.device, dtype=dtype)
+        # Batch-invariant: which samples decode together depends on timing, and must not change
+        # a result. With the queue full, the full-width steps it costs are taken anyway.
+        engine = EngineConfig(batch_invariant=True)
+        self.lvlm = LVLM.from_pretrained(spec.path, device=spec.device, dtype=dtype, engine=engine)
 
     def check(self, interventions: list[dict[str, Any]], params: GenerationParams) -> str:
         """Compile the plan for this model (ValueError names any problem); returns config_id."""
         return self.lvlm.plan(interventions, params).config_id
 
-    def generate(
+    def run(
         self,
         units: Sequence[WorkUnit],
         interventions: list[dict[str, Any]],
         params: GenerationParams,
-    ) -> list[Generation]:
+        in_flight: int,
+    ) -> Iterator[tuple[int, Generation]]:
+        """(index in `units`, generation) of each unit as it finishes. At most `in_flight` are
+        submitted at once (each holds its image until it is done); one failing ends the run."""
+        plan = self.lvlm.plan(interventions, params)  # once for all the units
+        todo = iter(enumerate(units))
+        finished: queue.SimpleQueue[int] = queue.SimpleQueue()
+        running = {}
+
+        def submit_next() -> None:
+            index, unit = next(todo, (None, None))
+            if unit is None:
+                return
+
+            def listener(event) -> None:  # on the engine's thread
+                if event.done:
+                    finished.put(index)
+
+            sample = self._sample(unit)
+            running[index] = self.lvlm.submit([sample], params=params, plan=plan,
+                                              listener=listener)  # fmt: skip
+
+        try:
+            for _ in range(in_flight):
+                submit_next()
+            while running:
+                index = finished.get()
+                [generation] = running.pop(index).result()
+                submit_next()  # before handing this one out: the engine never runs dry
+                yield index, generation
+        finally:
+            for request in running.values():  # the run stopped early: free the engine
+                request.cancel()
+
+    def _sample(self, unit: WorkUnit):
         from PIL import Image
 
         from lvlm_fix.decoding import Sample
 
-        samples = []
-        for unit in units:
-            with Image.open(unit.image) as image:
-                samples.append(Sample(unit.prompt, (image.convert("RGB"),), seed=unit.seed))
-        return self.lvlm.generate(samples, interventions, params)
+        with Image.open(unit.image) as image:
+            return Sample(unit.prompt, (image.convert("RGB"),), seed=unit.seed)
+
+    def close(self) -> None:
+        self.lvlm.close()
 
 
 class LocalPool:
-    """One worker in this process; batches run in order."""
+    """One worker in this process."""
 
     def __init__(self, spec: ModelSpec):
         self.worker = EvalWorker(spec)
@@ -83,15 +125,15 @@ class LocalPool:
 
     def run(
         self,
-        batches: Sequence[Sequence[WorkUnit]],
+        units: Sequence[WorkUnit],
         interventions: list[dict[str, Any]],
         params: GenerationParams,
-    ) -> Iterator[tuple[int, list[Generation]]]:
-        for index, batch in enumerate(batches):
-            yield index, self.worker.generate(batch, interventions, params)
+        in_flight: int,
+    ) -> Iterator[tuple[int, Generation]]:
+        return self.worker.run(units, interventions, params, in_flight)
 
     def close(self) -> None:
-        pass
+        self.worker.close()
 
 
 class RayPool:
@@ -142,17 +184,24 @@ class RayPool:
 
     def run(
         self,
-        batches: Sequence[Sequence[WorkUnit]],
+        units: Sequence[WorkUnit],
         interventions: list[dict[str, Any]],
         params: GenerationParams,
-    ) -> Iterator[tuple[int, list[Generation]]]:
-        pending = {
-            self.actors[i % self.size].generate.remote(list(batch), interventions, params): i
-            for i, batch in enumerate(batches)
-        }
-        while pending:
-            [done], _ = self.ray.wait(list(pending), num_returns=1)
-            yield pending.pop(done), self.ray.get(done)
+        in_flight: int,
+    ) -> Iterator[tuple[int, Generation]]:
+        """Every actor runs its share at once (`in_flight` on each), streaming results back."""
+        shards = {}  # an actor's stream of results -> its shard, units[shard::size]
+        for shard, actor in enumerate(self.actors):
+            share = list(units[shard :: self.size])
+            shards[actor.run.remote(share, interventions, params, in_flight)] = shard
+        while shards:
+            [stream], _ = self.ray.wait(list(shards), num_returns=1)
+            try:
+                index, generation = self.ray.get(next(stream))
+            except StopIteration:
+                del shards[stream]
+                continue
+            yield shards[stream] + index * self.size, generation
 
     def close(self) -> None:
         for actor in self.actors:

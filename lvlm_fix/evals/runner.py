@@ -2,7 +2,8 @@
 
 out_dir/
     subset.json        which samples (and generation settings) this directory is for
-    predictions.jsonl  one line per (method row, sample), appended as batches finish
+    predictions.jsonl  one line per (method row, sample), appended as each sample finishes (so
+                       in the order they finish, not the task's)
     metrics.json       versions, seeds, settings, per-method metrics, wall time and tokens/s,
                        and each row's differences to the baseline with paired bootstrap
                        intervals (evals/bootstrap.py)
@@ -10,7 +11,12 @@ out_dir/
 
 Resuming: lines already in predictions.jsonl are kept and their samples skipped, so a killed run
 picks up where it stopped. Every sample gets its own seed, derived from the global seed and the
-sample's key, so results do not depend on batch size, sharding or what was already done.
+sample's key, and the workers' engines are batch-invariant (evals/pool.py), so results do not
+depend on what decodes beside them, sharding or what was already done.
+
+A method row's pending samples are fed to the model's engine as one queue, at most `batch_size`
+in flight per model (each holds its image), and the engine batches them continuously; rows run
+one after another, so each row's wall time and tokens/s are its own.
 """
 
 from __future__ import annotations
@@ -88,7 +94,7 @@ class RunConfig:
     model: ModelSpec
     out_dir: Path
     max_new_tokens: int
-    batch_size: int = 8
+    batch_size: int = 64  # requests in flight per model at most
     seed: int = 0
     use_ray: bool = False
     workers: int = 1
@@ -190,14 +196,14 @@ def _line(task: Task, item: EvalItem, method: MethodSet, gen, seed: int, model: 
 
 
 def _run_method(task, method, pool, store, config, params) -> MethodRun:
-    """Generate every sample of `task` that `store` lacks for `method`."""
+    """Generate every sample of `task` that `store` lacks for `method`, storing each line as its
+    sample finishes."""
     from tqdm import tqdm
 
     pool.check(method.specs, params)  # fail before any work on a bad plan
     todo = [item for item in task.items if not store.has(method.name, item.key)]
     seeds = {item.key: sample_seed(config.seed, item.key) for item in todo}
-    batches = [todo[i : i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
-    units = [[WorkUnit(it.prompt, it.image, seeds[it.key]) for it in batch] for batch in batches]
+    units = [WorkUnit(item.prompt, item.image, seeds[item.key]) for item in todo]
     run, start = MethodRun(), time.perf_counter()
     model = config.model.path or "bundled"
     bar = tqdm(
@@ -208,17 +214,14 @@ def _run_method(task, method, pool, store, config, params) -> MethodRun:
         disable=not config.progress,
     )
     with bar:
-        for index, gens in pool.run(units, method.specs, params):
-            batch = batches[index]
-            lines = [
-                _line(task, it, method, g, seeds[it.key], model)
-                for it, g in zip(batch, gens, strict=True)
-            ]
-            store.append(lines)
-            run.generated += len(lines)
-            run.tokens += sum(line["n_tokens"] for line in lines)
+        for index, generation in pool.run(units, method.specs, params, config.batch_size):
+            item = todo[index]
+            line = _line(task, item, method, generation, seeds[item.key], model)
+            store.append([line])
+            run.generated += 1
+            run.tokens += line["n_tokens"]
             run.wall_s = time.perf_counter() - start
-            bar.update(len(lines))
+            bar.update(1)
             bar.set_postfix(tok_s=f"{run.tokens / max(run.wall_s, 1e-9):.1f}")
     return run
 

@@ -1,8 +1,8 @@
 """FastAPI app: thin routes over a `Serving`. The same app runs under uvicorn and Ray Serve.
 
 Routes parse, call one Serving method and shape the HTTP reply; errors of every kind leave as
-OpenAI error objects. Generation runs on worker threads (the engine's job), so /health answers
-while the model works.
+OpenAI error objects. Generation runs on the model engine's own thread, so /health answers while
+the model works.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Server settings that cross a boundary (YAML file, CLI, Ray app args): one pydantic model."""
+"""Server settings that cross a boundary (YAML file, CLI, Ray app args): pydantic models."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import os
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from lvlm_fix.engine import EngineConfig
 
 API_KEY_ENV = "LVLM_FIX_API_KEY"
 
@@ -88,3 +90,49 @@ class ServeConfig(BaseModel):
     def resolved_api_key(self) -> str | None:
         """The key in force: this config's, else the environment's (None = no auth)."""
         return self.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+class EngineSettings(BaseModel):
+    """Sizes and mode of a model's engine (`lvlm_fix.engine.EngineConfig`), fixed when it
+    starts. A field left out (None) takes the engine's default."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    slots: int | None = Field(
+        None,
+        ge=1,
+        description="Decode rows of the shared batch; a sample takes one per view (default: as "
+        "many as memory_share of the free GPU memory holds, at most 64; 8 on CPU).",
+    )
+    max_len: int | None = Field(
+        None,
+        ge=2,
+        description="Prompt + new tokens per row (default: the model's context, at most 4096).",
+    )
+    memory_share: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Share of the free GPU memory for the slots when `slots` is not given "
+        f"(default {EngineConfig.memory_share}).",
+    )
+    prefill_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Prompt tokens prefilled per engine step; one request always is "
+        f"(default {EngineConfig.prefill_tokens}).",
+    )
+    own_lane: int | None = Field(
+        None,
+        ge=1,
+        description="Requests decoding in lanes of their own at once: beam search, OPERA, "
+        f"pruning (default {EngineConfig.own_lane}).",
+    )
+    batch_invariant: bool | None = Field(
+        None,
+        description="Every shared step at full width, so a request's tokens never depend on "
+        "what else runs, on a GPU too; costs full-width steps at low load (default off).",
+    )
+
+    def config(self) -> EngineConfig:
+        return EngineConfig(**self.model_dump(exclude_none=True))

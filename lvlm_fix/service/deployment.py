@@ -1,17 +1,19 @@
-"""Ray Serve: a model deployment with dynamic batching, and an ingress wrapping the same app.
+"""Ray Serve: a model deployment with one engine per replica, and an ingress wrapping the same app.
 
-    ModelServer  - loads the LVLM once per replica (`__init__`); `@serve.batch` collects queued
-                   jobs and runs those whose plans agree as one `LVLM.generate` call.
+    ModelServer  - loads the LVLM once per replica (`__init__`) and starts its engine, which
+                   batches every request the replica takes continuously, whatever its
+                   interventions; streams come from it token by token.
     Ingress      - the FastAPI app of app.py (`@serve.ingress`, built at replica start) over a
                    `RayEngine` that forwards jobs to ModelServer through its handle.
 
 Requests are validated (images decoded, plans compiled) in the ingress, so a bad request never
-reaches a model replica. `build(AppArgs)` is the app builder (`serve run module:build k=v`).
+reaches a model replica; the compiled plan travels with the job. `build(AppArgs)` is the app
+builder (`serve run module:build k=v`).
 
 A client that disconnects makes Serve cancel its request in the ingress and in the model replica;
-the replica's stream then stops decoding at the next step. A replica that dies under a request
-answers it with 503 + Retry-After; `/ready` says 503 until the controller has a replica running.
-A replica's health check runs a one-token generation when it is idle (see `check_health`).
+the replica cancels it in the engine, which drops it at its next step. A replica that dies under
+a request answers it with 503 + Retry-After; `/ready` says 503 until the controller has a replica
+running. A replica's health check runs a one-token generation when it is idle (`check_health`).
 
 Metrics go through Ray's (`metrics.RayBackend`): the ingress records request latencies and
 tokens, each model replica its waiting/running gauges; Ray's agents export them per node.
@@ -25,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ray
@@ -35,28 +36,19 @@ from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from lvlm_fix.decoding import Sample
-from lvlm_fix.lvlm import LVLM, Generation
+from lvlm_fix.engine import Timing
+from lvlm_fix.generation import Generation
+from lvlm_fix.lvlm import LVLM
 from lvlm_fix.model import ModelInfo
 from lvlm_fix.params import GenerationParams
 from lvlm_fix.service.app import build_app
-from lvlm_fix.service.config import ServeConfig
-from lvlm_fix.service.engine import EngineResult, Job, Timing, arrive, run_grouped, stream_job
+from lvlm_fix.service.config import EngineSettings, ServeConfig
+from lvlm_fix.service.engine import EngineResult, Job, LocalEngine
 from lvlm_fix.service.metrics import Gauges, Metrics, RayBackend
 from lvlm_fix.service.serving import ServiceError
 
 HEALTH_CHECK_PERIOD_S = 2.0
 RETRY_AFTER_S = 5  # a dead replica's restart: the controller notices, then loads the model
-
-
-class BatchSettings(BaseModel):
-    """The model deployment's `user_config`: changed at runtime through `reconfigure`."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    max_batch_size: int = Field(
-        8, ge=1, description="Requests per batch at most (1 = no batching)."
-    )
-    batch_wait_ms: float = Field(10.0, ge=0, description="Wait for more requests (0 = never).")
 
 
 class AppArgs(BaseModel):
@@ -75,71 +67,50 @@ class AppArgs(BaseModel):
     accelerator_type: str | None = Field(
         None, description="Place model replicas on nodes with this accelerator (e.g. H100)."
     )
+    max_ongoing_requests: int = Field(
+        256,
+        ge=1,
+        description="Requests a model replica takes at once; its engine queues those its slots "
+        "cannot hold yet. Past this, Serve queues them (or routes them to another replica).",
+    )
     ingress_cpus: float = Field(0.25, gt=0, description="CPUs per ingress replica.")
     ingress_replicas: int = Field(1, ge=1, description="Ingress (HTTP app) replicas.")
     runtime_env: dict[str, Any] | None = Field(
         None, description="Ray runtime_env of every replica (env_vars, pip, working_dir, ...)."
     )
-    batch: BatchSettings = BatchSettings()
+    engine: EngineSettings = EngineSettings()
     service: ServeConfig = ServeConfig()
 
 
 @serve.deployment
 class ModelServer:
-    def __init__(self, model: str | None, device: str, batch: dict):
+    def __init__(self, model: str | None, device: str, engine: EngineSettings):
         keep_replica_grpc_on_loopback()
-        self.lvlm = LVLM.from_pretrained(model, device=device)
-        self.gauges = Gauges(Metrics(RayBackend()))
-        # All model work of this replica (batches, streams, health checks) runs on one thread,
-        # one job at a time: the processor's fast tokenizer cannot be shared between threads.
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="lvlm-model")
-        self._in_flight = 0
-        self.reconfigure(batch)
-
-    def reconfigure(self, config: dict) -> None:
-        settings = BatchSettings.model_validate(config)
-        self._batched.set_max_batch_size(settings.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(settings.batch_wait_ms / 1000)
+        self.lvlm = LVLM.from_pretrained(model, device=device, engine=engine.config())
+        self.engine = LocalEngine(self.lvlm, Gauges(Metrics(RayBackend())))
+        self._probe = LocalEngine(self.lvlm)  # health checks: not requests, so not counted
+        params = GenerationParams(max_new_tokens=1)
+        self._probe_job = Job((Sample("Hi"),), self.lvlm.plan((), params), params)
 
     def info(self) -> ModelInfo:
         return self.lvlm.info
 
     async def generate(self, job: Job) -> EngineResult:
-        self._in_flight += 1
-        try:
-            result = await self._batched(arrive(job, self.gauges))
-        finally:
-            self._in_flight -= 1
-        if isinstance(result, Exception):
-            raise result
-        return result
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _batched(self, jobs: list[Job]) -> list[EngineResult | Exception]:
-        # Groups of agreeing plans run one after another on the worker thread, so the replica's
-        # event loop keeps queueing the next batch meanwhile.
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._worker, run_grouped, self.lvlm, jobs, self.gauges)
+        return await self.engine.generate(job)
 
     async def stream(self, job: Job) -> AsyncIterator[str | Generation | Timing]:
-        self._in_flight += 1
-        try:
-            async for item in stream_job(self.lvlm, job, self.gauges, self._worker):
-                yield item
-        finally:
-            self._in_flight -= 1
+        async for item in self.engine.stream(job):
+            yield item
 
     async def check_health(self) -> None:
         """Serve's health check: a one-token generation on a tiny text-only prompt, so a
-        replica whose model or device broke is replaced. Skipped while requests are in flight:
-        they exercise the model, and the check would queue behind them past its timeout."""
-        if self._in_flight:
+        replica whose model or device broke is replaced. Skipped while the engine holds
+        requests: they exercise the model, and the check would wait behind the queued ones
+        past its timeout."""
+        engine = self.lvlm.engine
+        if engine.running or engine.waiting:
             return
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._worker, self._tiny_generation)
-
-    def _tiny_generation(self) -> None:
-        self.lvlm.generate([Sample("Hi")], (), GenerationParams(max_new_tokens=1))
+        await self._probe.generate(self._probe_job)
 
 
 class RayEngine:
@@ -225,9 +196,7 @@ def build(args: AppArgs | dict) -> serve.Application:
     env = {} if args.runtime_env is None else {"runtime_env": args.runtime_env}
     options: dict[str, Any] = {
         "ray_actor_options": {**actor, **env},
-        "user_config": args.batch.model_dump(),
-        # Let the batcher see a full batch's worth of requests at once.
-        "max_ongoing_requests": max(args.batch.max_batch_size * 2, 8),
+        "max_ongoing_requests": args.max_ongoing_requests,
         # A dead replica is noticed (/ready says 503) and replaced within seconds, not Serve's 10.
         "health_check_period_s": HEALTH_CHECK_PERIOD_S,
     }
@@ -235,7 +204,7 @@ def build(args: AppArgs | dict) -> serve.Application:
         options["autoscaling_config"] = args.autoscaling
     else:
         options["num_replicas"] = args.num_replicas
-    model = ModelServer.options(**options).bind(args.model, args.device, args.batch.model_dump())
+    model = ModelServer.options(**options).bind(args.model, args.device, args.engine)
     ingress = Ingress.options(
         num_replicas=args.ingress_replicas,
         ray_actor_options={"num_cpus": args.ingress_cpus, **env},

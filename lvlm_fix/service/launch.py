@@ -9,11 +9,12 @@ serve.yaml (all keys optional; the schema is `deployment.AppArgs` plus `address`
     device: cuda
     num_gpus: 1              # per model replica: one replica per GPU
     num_replicas: 2          # or, instead:
-    # autoscaling: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8}
+    # autoscaling: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 32}
     accelerator_type: H100   # model replicas only on such nodes (omit = any)
     ingress_replicas: 1      # HTTP app replicas
     runtime_env: {env_vars: {HF_HOME: /models}}   # every replica's Ray runtime_env
-    batch: {max_batch_size: 8, batch_wait_ms: 10}
+    max_ongoing_requests: 256   # per model replica; its engine queues what it cannot hold yet
+    engine: {slots: 32, max_len: 2048}   # each model's engine, --no-ray too (config.EngineSettings)
     service:                 # lvlm_fix.service.config.ServeConfig
       api_key: change-me
       max_image_bytes: 10485760
@@ -52,8 +53,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-ray", action="store_true", help="one process under uvicorn")
     parser.add_argument("--config", type=Path, default=None, help="serve.yaml (see module doc)")
     parser.add_argument("--replicas", type=int, default=None, help="model replicas (Ray)")
-    parser.add_argument("--max-batch-size", type=int, default=None, help="Ray dynamic batching")
-    parser.add_argument("--batch-wait-ms", type=float, default=None, help="Ray batch wait")
+    parser.add_argument(
+        "--slots", type=int, default=None, help="decode rows of each model's engine"
+    )
+    parser.add_argument(
+        "--max-len", type=int, default=None, help="prompt + new tokens per engine row"
+    )
     parser.add_argument("--num-cpus", type=float, default=None, help="CPUs given to local Ray")
     parser.add_argument("--api-key", default=None, help="require this Bearer key")
     parser.epilog = (
@@ -74,7 +79,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         if not isinstance(settings, dict):
             raise ValueError(f"{args.config}: expected a mapping at the top level")
     service = dict(settings.get("service") or {})
-    batch = dict(settings.get("batch") or {})
+    engine = dict(settings.get("engine") or {})
     overrides = {
         "model": args.model,
         "host": args.host,
@@ -84,15 +89,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.device != "cpu" or "device" not in settings:
         overrides["device"] = args.device
     settings.update({k: v for k, v in overrides.items() if v is not None})
-    batch.update(
-        {
-            k: v
-            for k, v in {
-                "max_batch_size": args.max_batch_size,
-                "batch_wait_ms": args.batch_wait_ms,
-            }.items()
-            if v is not None
-        }
+    engine.update(
+        {k: v for k, v in {"slots": args.slots, "max_len": args.max_len}.items() if v is not None}
     )
     if args.intervention:
         service["default_interventions"] = args.intervention
@@ -100,7 +98,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         parse_intervention(spec)  # fail now (ValueError naming it), not inside a replica
     if args.api_key:
         service["api_key"] = args.api_key
-    settings["service"], settings["batch"] = service, batch
+    settings["service"], settings["engine"] = service, engine
     settings.setdefault("host", "127.0.0.1")
     settings.setdefault("port", 8000)
     return settings
@@ -127,10 +125,12 @@ def _serve_uvicorn(settings: dict, host: str, port: int) -> int:
 
     from lvlm_fix.lvlm import LVLM
     from lvlm_fix.service.app import build_app
-    from lvlm_fix.service.config import ServeConfig
+    from lvlm_fix.service.config import EngineSettings, ServeConfig
 
     config = ServeConfig.model_validate(settings.get("service", {}))
-    lvlm = LVLM.from_pretrained(settings.get("model"), device=settings.get("device", "cpu"))
+    engine = EngineSettings.model_validate(settings.get("engine", {})).config()
+    lvlm = LVLM.from_pretrained(settings.get("model"), device=settings.get("device", "cpu"),
+                                engine=engine)  # fmt: skip
     uvicorn.run(build_app(lvlm, config), host=host, port=port)
     return 0
 

@@ -13,7 +13,7 @@ ServeConfig.presets). Meanings as vLLM's (`vllm:<name>` there is `lvlm_fix:<name
 time to first token (streamed or not), inter-token latency (between decode steps), end-to-end
 latency (arrival to the last byte, streams included), queue time (waiting for the model), prefill
 and decode time (in the model), prompt and generated token counters, running and waiting gauges,
-and finished requests by finish reason. Ours: batch size, extra forward rows per method, errors.
+and finished requests by finish reason. Ours: extra forward rows per method, errors.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from typing import Any, Protocol
 
 PREFIX = "lvlm_fix:"
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 class Instrument(Protocol):
@@ -80,9 +79,6 @@ class Metrics:
         self.success = b.counter(
             "request_success", "Finished requests", ("model_name", "finished_reason")
         )
-        self.batch_size = b.histogram(
-            "batch_size", "Requests sharing one generate call", model, BATCH_BUCKETS
-        )
         self.extra_forwards = b.counter(
             "extra_forward_rows", "Extra view rows run, per method", ("model_name", "method")
         )
@@ -101,7 +97,7 @@ class Gauges:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self.counts: dict[tuple[str, str], int] = {}
-        self._lock = threading.Lock()  # engines' worker threads and event loops both count
+        self._lock = threading.Lock()  # counted from the engine's thread and event loops
 
     def add(self, state: str, model: str, delta: int) -> None:
         gauge = self.metrics.running if state == "running" else self.metrics.waiting

@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from functools import cached_property
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from PIL import Image, UnidentifiedImageError
 from transformers import AutoConfig
 
 from lvlm_fix.decoding import Sample
-from lvlm_fix.lvlm import Generation
+from lvlm_fix.engine import Timing
+from lvlm_fix.generation import Generation
 from lvlm_fix.methods import REGISTRY
 from lvlm_fix.methods.dyvte import ROUTER_FILE
 from lvlm_fix.model import FAMILIES, ModelInfo
@@ -35,7 +37,7 @@ from lvlm_fix.plan import compile_plan
 from lvlm_fix.service import image_urls
 from lvlm_fix.service import schemas as s
 from lvlm_fix.service.config import ServeConfig
-from lvlm_fix.service.engine import Engine, EngineResult, Job, Timing
+from lvlm_fix.service.engine import Engine, EngineResult, Job
 from lvlm_fix.service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,10 @@ class PromptCounter:
             expanded = self.processor._get_num_multimodal_tokens(image_sizes=sizes)
         # Each image's one placeholder token becomes its feature tokens.
         return tokens + sum(n - 1 for n in expanded["num_image_tokens"])
+
+    def token_text(self, token_id: int) -> str:
+        with self._lock:
+            return self.processor.tokenizer.decode([token_id])
 
 
 class Serving:
@@ -301,7 +307,8 @@ class Serving:
         params: GenerationParams,
         stream: bool,
     ) -> Job:
-        """Compile the plan now (cheap, no model) so bad interventions fail as a 400."""
+        """Compile the plan, once: a bad one fails as a 400 before any model work, and the
+        engine runs the job with this plan."""
         try:
             plan = compile_plan(specs, self.engine.info, params)
         except ValueError as error:
@@ -313,14 +320,16 @@ class Serving:
                 f"(num_beams or {[i.name for i in plan.interventions]})",
                 "stream",
             )
+        # The plan does not say which method added which view, so a view method is asked again
+        # (cheap for those; others, e.g. DyVTE loading its routers, are not asked).
         for intervention in plan.interventions:
-            if not intervention.is_neutral():
+            if "views" in intervention.hooks and not intervention.is_neutral():
                 views = len(intervention.contribute(self.engine.info).views)
                 if views:
                     self.metrics.extra_forwards.inc(
                         views * len(samples), model_name=model, method=intervention.name
                     )
-        return Job(tuple(samples), tuple(specs), params, plan.config_id, model)
+        return Job(tuple(samples), plan, params, model)
 
     async def chat_job(self, request: s.ChatCompletionRequest) -> Job:
         try:
@@ -363,11 +372,9 @@ class Serving:
 
     async def _generate(self, job: Job) -> EngineResult:
         try:
-            result = await self.engine.generate(job)
+            return await self.engine.generate(job)
         except (ValueError, TypeError) as error:  # the core's way to name a bad request
             raise _refused(error) from None
-        self.metrics.batch_size.observe(result.batch_size, model_name=job.model)
-        return result
 
     def _record(self, job: Job, outputs: list[Generation], timing: Timing, ttft: float) -> None:
         """A finished request's metrics, the way vLLM counts them (metrics.py)."""
@@ -388,7 +395,7 @@ class Serving:
         """Metrics of a request answered in one piece. Its first token was ready when the engine
         began decoding: the wait for the whole answer less the decode time after that token."""
         e2e = time.perf_counter() - arrived
-        timing = result.timing or Timing(0.0, 0.0, 0.0)
+        timing = result.timing
         self._record(job, result.generations, timing, max(e2e - timing.decode_s, 0.0))
         self.metrics.e2e.observe(e2e, model_name=job.model)
 
@@ -409,7 +416,7 @@ class Serving:
         return s.ChatCompletionResponse(
             id=f"chatcmpl-{request_id}",
             model=job.model,
-            system_fingerprint=job.config_id,
+            system_fingerprint=job.plan.config_id,
             choices=choices,
             usage=_usage(outputs),
         )
@@ -420,10 +427,9 @@ class Serving:
         has no infinity."""
         if output.logprobs is None:
             return None
-        tokenizer = self.prompt_counter.processor.tokenizer
 
         def entry(token_id: int, logprob: float) -> dict:
-            text = tokenizer.decode([token_id])
+            text = self.prompt_counter.token_text(token_id)
             return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode())}
 
         content = [
@@ -460,7 +466,7 @@ class Serving:
             body = s.ChatCompletionChunk(
                 id=f"chatcmpl-{request_id}",
                 model=job.model,
-                system_fingerprint=job.config_id,
+                system_fingerprint=job.plan.config_id,
                 usage=usage,
                 choices=[s.ChunkChoice(index=0, delta=delta, finish_reason=finish)]
                 if delta
@@ -471,18 +477,21 @@ class Serving:
         ttft, final = None, None
         try:
             yield chunk(s.Delta(role="assistant", content=""))
-            async for item in self.engine.stream(job):
-                if isinstance(item, str):
-                    ttft = ttft if ttft is not None else time.perf_counter() - arrived
-                    yield chunk(s.Delta(content=item))
-                elif isinstance(item, Generation):
-                    final = item
-                    yield chunk(s.Delta(), finish=item.finish_reason)
-                    if include_usage:
-                        yield chunk(None, usage=_usage([item]))
-                else:  # the engine's Timing comes last
-                    first = ttft if ttft is not None else time.perf_counter() - arrived
-                    self._record(job, [final], item, first)
+            # aclosing: a client that leaves closes this generator, and with it the engine's
+            # stream at once, which cancels the request.
+            async with aclosing(self.engine.stream(job)) as items:
+                async for item in items:
+                    if isinstance(item, str):
+                        ttft = ttft if ttft is not None else time.perf_counter() - arrived
+                        yield chunk(s.Delta(content=item))
+                    elif isinstance(item, Generation):
+                        final = item
+                        yield chunk(s.Delta(), finish=item.finish_reason)
+                        if include_usage:
+                            yield chunk(None, usage=_usage([item]))
+                    else:  # the engine's Timing comes last
+                        first = ttft if ttft is not None else time.perf_counter() - arrived
+                        self._record(job, [final], item, first)
         except Exception as error:  # headers are sent: report in-band, as OpenAI does
             if isinstance(error, ServiceError):  # the engine's own answer, e.g. 503
                 failure = error
