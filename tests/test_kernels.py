@@ -499,3 +499,21 @@ def test_key_end_ignores_a_static_cache_tail(Q):
     assert torch.equal(last[..., E:], torch.zeros_like(last[..., E:]))
     with pytest.raises(ValueError, match="key_end"):
         edited_attention(q, k, v, key_end=torch.tensor(E), **kw)
+
+
+def test_key_end_per_row():
+    """key_end [B]: each row equals the same row with its first key_end[b] keys alone."""
+    q, k, v, key_start, col_group, g = make_case(Q=1, K=16, seed=31)
+    ends = (11, 16)
+    edits = all_edits(col_group, 2, 4, 1, g)
+    got, _ = edited_attention(q, k, v, scale=0.3, key_start=key_start, edits=edits,
+                              key_end=torch.tensor(ends))  # fmt: skip
+    for b, end in enumerate(ends):
+        row = dataclasses.replace(edits, **{
+            name: getattr(edits, name)[b : b + 1] for name in ("image_gain", "gain_rows",
+            "var_rows", "head_scale", "n_image") if getattr(edits, name) is not None
+        }, col_group=edits.col_group[b : b + 1, :end].contiguous())  # fmt: skip
+        one = slice(b, b + 1)
+        want, _ = edited_attention(q[one], k[one, :, :end], v[one, :, :end], scale=0.3,
+                                   key_start=key_start[one], edits=row)  # fmt: skip
+        torch.testing.assert_close(got[b : b + 1], want)

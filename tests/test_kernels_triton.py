@@ -221,6 +221,40 @@ def test_decode_key_end(kind):
 
 
 @in_process
+@pytest.mark.parametrize("kind", ["all", "none"])
+def test_decode_key_end_per_row(kind):
+    """The engine's slots: each row's keys fill its own first key_end[b] columns of K=40 (the
+    rest hold NaN). Each row equals the reference on its own filled keys alone."""
+    B, H, Hkv, K, D = 3, 4, 2, 40, 16
+    ends = (29, 7, 40)
+    q, k, v, ks, col_group, g = make_case(B, H, Hkv, 1, K, D, (0, 0, 0), torch.float16, seed=8)
+    edits = edits_for(kind, col_group, B, H, 1, g)
+    for b, end in enumerate(ends):
+        k[b, :, end:], v[b, :, end:] = float("nan"), float("nan")
+    got, got_stats = ta.edited_attention_triton(
+        q, k, v, scale=D**-0.5, key_start=ks, edits=edits, key_end=torch.tensor(ends)
+    )
+    atol, rtol, stat_atol = TOL[torch.float16]
+    for b, end in enumerate(ends):
+        row = edits_for(kind, col_group[b : b + 1, :end].contiguous(), 1, H, 1, g)
+        if kind == "all":  # the same per-row values as the batch's row b
+            row = dataclasses.replace(row, **{
+                name: getattr(edits, name)[b : b + 1] for name in ("image_gain", "gain_rows",
+                "var_rows", "head_scale", "n_image") if getattr(edits, name) is not None
+            })  # fmt: skip
+        want, want_stats = ref.edited_attention(
+            q[b : b + 1], k[b : b + 1, :, :end], v[b : b + 1, :, :end], scale=D**-0.5,
+            key_start=ks[b : b + 1], edits=row,
+        )  # fmt: skip
+        torch.testing.assert_close(got[b : b + 1].float(), want.float(), atol=atol, rtol=rtol)
+        if kind == "all":
+            last = got_stats["last_row"][b : b + 1]
+            torch.testing.assert_close(last[..., :end], want_stats["last_row"], atol=stat_atol,
+                                       rtol=1e-3)  # fmt: skip
+            assert torch.equal(last[..., end:], torch.zeros(1, H, K - end))
+
+
+@in_process
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_per_row_var_params(kernel):
     """Rows of different VAR settings (and one without VAR) in one call: each row's output and

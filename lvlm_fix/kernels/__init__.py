@@ -79,8 +79,9 @@ def edited_attention(
     """q [B, H, Q, D], k/v [B, Hkv, K, D] -> out [B, Q, H, D] in q's dtype, and stats.
 
     Mask: causal with query row i at key column E - Q + i, left padding from key_start [B]
-    (column j visible to row i iff key_start[b] <= j <= E - Q + i). E is K, or key_end [1]
-    for a static cache whose columns from key_end on are still empty (a captured decode step).
+    (column j visible to row i iff key_start[b] <= j <= E - Q + i). E is K, or key_end[b]
+    ([B], or [1] for every row) for a preallocated cache whose columns from there on are empty
+    (the engine's decode steps).
     Stats holds the requested "group_mass" [B, H, Q, 4] and "last_row" [B, H, K] (fp32).
     edits.col_group [B, G] may be narrower than the keys (G <= K): columns G.. are group 0.
 

@@ -101,7 +101,8 @@ def resolved_n_image(edits: AttentionEdits) -> Tensor:
 def check_inputs(
     q: Tensor, k: Tensor, v: Tensor, key_start: Tensor, scale: float, key_end: Tensor | None = None
 ) -> None:
-    """Shapes and dtypes of q [B, H, Q, D], k/v [B, Hkv, K, D], key_start [B], key_end [1]."""
+    """Shapes and dtypes of q [B, H, Q, D], k/v [B, Hkv, K, D], key_start [B], key_end [B] or
+    [1] (contiguous)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 4:
             raise ValueError(f"{name} must be a 4-d tensor, got {_describe(t)}")
@@ -133,8 +134,11 @@ def check_inputs(
     if not scale > 0:
         raise ValueError(f"scale must be > 0, got {scale}")
     if key_end is not None:
-        if key_end.shape != (1,) or key_end.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"key_end must be int32/int64 [1], got {_describe(key_end)}")
+        shape_ok = key_end.shape in ((1,), (B,)) and key_end.is_contiguous()
+        if not shape_ok or key_end.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"key_end must be int32/int64 [B={B}] or [1], got {_describe(key_end)}"
+            )
         if key_end.device != q.device:
             raise ValueError(f"key_end is on {key_end.device}, attention runs on {q.device}")
 

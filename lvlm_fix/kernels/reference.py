@@ -28,13 +28,13 @@ from .edits import (
 
 def visibility(key_start: Tensor, Q: int, K: int, key_end: Tensor | None = None) -> Tensor:
     """bool [B, 1, Q, K]: column j is visible to query row i iff key_start[b] <= j <= E - Q + i,
-    with E = key_end (the filled columns of a static cache) or K."""
+    with E = key_end[b] (the filled columns of a preallocated cache; [1] for every row) or K."""
     cols = torch.arange(K, device=key_start.device)
     rows = torch.arange(Q, device=key_start.device)
-    end = K if key_end is None else key_end  # [1] broadcasts like the int
-    causal = cols[None, :] <= (end - Q + rows)[:, None]  # [Q, K]
+    end = torch.full_like(key_start, K) if key_end is None else key_end.expand_as(key_start)
+    causal = cols[None, None, :] <= (end[:, None] - Q + rows[None, :])[..., None]  # [B, Q, K]
     unpadded = cols[None, :] >= key_start[:, None]  # [B, K]
-    return (causal[None] & unpadded[:, None, :])[:, None]
+    return (causal & unpadded[:, None, :])[:, None]
 
 
 def masked_softmax(s: Tensor, visible: Tensor) -> Tensor:
@@ -99,7 +99,7 @@ def edited_attention(
     """q [B, H, Q, D], k/v [B, Hkv, K, D] -> out [B, Q, H, D] in q's dtype, and requested stats.
 
     Mask: causal with query row i at key column E - Q + i, and left padding from key_start [B];
-    E = key_end [1] when given (a static cache: columns >= E are empty), else K.
+    E = key_end when given ([B] or [1]: a preallocated cache whose columns >= E are empty), else K.
     Stats: "group_mass" [B, H, Q, 4] (after PAI, before VAR), "last_row" [B, H, K] (after all
     edits but the head scale), both fp32. edits.col_group [B, G] may be narrower than the keys:
     columns G.. are group 0. validate=False skips the shape checks (the caller made them).

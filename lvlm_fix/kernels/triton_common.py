@@ -174,12 +174,12 @@ def _finish_rows(
 
 @triton.jit
 def _last_row_kernel(
-    LastRow, LastStats, KeyStart, KeyEnd, ColGroup, H, NK, NG,
+    LastRow, LastStats, KeyStart, KeyEnd, end_stride, ColGroup, H, NK, NG,
     BLOCK_N: tl.constexpr, HAS_VAR: tl.constexpr, HAS_END: tl.constexpr,
 ):  # fmt: skip
     """In place: the last query row's edited log2 scores (stored by the attention kernel) become
     its final probabilities, from the row's running max and sum (m, l) and VAR factors.
-    Columns left of key_start (and from KeyEnd[0] on) were never written and become 0.
+    Columns left of key_start (and from the row's KeyEnd on) were never written and become 0.
     Grid (B*H, key tiles)."""
     bh = tl.program_id(0)
     b = bh // H
@@ -188,7 +188,7 @@ def _last_row_kernel(
     ptrs = LastRow + bh.to(tl.int64) * NK + cols
     visible = (cols >= tl.load(KeyStart + b)) & col_ok
     if HAS_END:
-        visible = visible & (cols < tl.load(KeyEnd))
+        visible = visible & (cols < tl.load(KeyEnd + b * end_stride))
     s = tl.load(ptrs, mask=visible, other=float("-inf"))
     m = tl.load(LastStats + bh * 4 + 0)
     l_i = tl.load(LastStats + bh * 4 + 1)
@@ -224,6 +224,11 @@ def check_launch(
         check_edits(edits, B, H, Q, k.shape[2], q.device)
     if D < 16 or D > 256 or D & (D - 1):
         raise ValueError(f"the Triton kernels need a power-of-two head dim in [16, 256], got {D}")
+
+
+def end_stride(key_end: Tensor | None) -> int:
+    """0: one key_end [1] for every row; 1: key_end [B], one per row."""
+    return 0 if key_end is None or key_end.numel() == 1 else 1
 
 
 def last_dim_contiguous(t: Tensor) -> Tensor:
@@ -312,7 +317,8 @@ def finish_stats(
         col_group = key_start if edits.col_group is None else edits.col_group.contiguous()
         _last_row_kernel[(B * H, triton.cdiv(K, block_n))](
             res["LastRow"], res["LastStats"], key_start,
-            key_start if key_end is None else key_end, col_group, H, K, group_width(edits),
+            key_start if key_end is None else key_end, end_stride(key_end), col_group, H, K,
+            group_width(edits),
             BLOCK_N=block_n, HAS_VAR=edits.var_on, HAS_END=key_end is not None,
         )  # fmt: skip
         stats["last_row"] = res["LastRow"]

@@ -25,6 +25,7 @@ from .triton_common import (
     check_launch,
     edit_flags,
     edit_tensors,
+    end_stride,
     epilogue_flags,
     finish_stats,
     group_width,
@@ -38,7 +39,8 @@ MAX_ROWS = 64  # packed rows (VAR's 3 x GQA x Q) one decode program holds
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, KeyStart, KeyEnd, ColGroup, ImageGain, GainRows, PartM, PartL, PartAcc, LastRow,
+    Q, K, V, KeyStart, KeyEnd, end_stride, ColGroup, ImageGain, GainRows, PartM, PartL, PartAcc,
+    LastRow,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     H, GQA, NQ, NK, NG, split_len, num_splits, qk_scale,
@@ -51,8 +53,8 @@ def _decode_split_kernel(
 
     Partials per (row, split): PartM [R, S] running max, PartL [R, S, 4] sums (all, text sink,
     visual sink, non-sink image), PartAcc [R, S, NACC, D] outputs (all, sink, image), R = B*H*Q.
-    HAS_END: the keys end at KeyEnd[0] <= NK (a static cache); splits past it store empty
-    partials.
+    HAS_END: row b's keys end at KeyEnd[b * end_stride] <= NK (a preallocated cache; stride 0:
+    one end for all rows); splits past it store empty partials.
     """
     bk = tl.program_id(0)
     split = tl.program_id(1)
@@ -91,7 +93,7 @@ def _decode_split_kernel(
 
     end = NK
     if HAS_END:
-        end = tl.load(KeyEnd).to(tl.int32)
+        end = tl.load(KeyEnd + b * end_stride).to(tl.int32)
     lo = tl.maximum(split * split_len, tl.load(KeyStart + b).to(tl.int32))
     hi = tl.minimum((split + 1) * split_len, end)
     for start_n in range(lo, hi, BLOCK_N):
@@ -226,7 +228,7 @@ def decode_attention(
     t = edit_tensors(edits, key_start)
     flags = edit_flags(q, edits)
     _decode_split_kernel[(B * n_kv, splits)](
-        q, k, v, key_start, key_start if key_end is None else key_end,
+        q, k, v, key_start, key_start if key_end is None else key_end, end_stride(key_end),
         t["ColGroup"], t["ImageGain"], t["GainRows"],
         part_m, part_l, part_acc, res["LastRow"],
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
