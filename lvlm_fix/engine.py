@@ -352,8 +352,8 @@ class Engine:
                 shared = self._shared_lane(job.plan)
                 decode_rows = len(job.request.samples) * job.plan.n_views
                 if shared and decode_rows <= self.slots.slots:
-                    max_new = job.params.max_new_tokens
-                    if decode_rows > self.slots.free_slots() or not self.slots.fit(prompt, max_new):
+                    self.slots.check_fits(prompt, job.params.max_new_tokens)
+                    if decode_rows > self.slots.free_slots():
                         return  # first come, first served: later requests wait behind it
                 elif len(self._own) >= self.config.own_lane:
                     return
@@ -380,7 +380,7 @@ class Engine:
             job.steps = decode_steps(job.prefilled, plan, self._limits(request))
             self._own.append(job)
             return
-        slots = self.slots.place(job.prefilled, edits, job.params.max_new_tokens)
+        slots = self.slots.place(job.prefilled, edits)
         positions = (runner.positions + 1).tolist()
         views = plan.n_views
         for b, sample in enumerate(request.samples):

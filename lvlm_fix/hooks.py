@@ -47,9 +47,9 @@ class ForwardContext:
     scratch: dict[str, Any] = field(default_factory=dict)
     image_sizes: torch.Tensor | None = None  # long [n_images, 2] (NeXT) at prefill
     attention_mask: torch.Tensor | None = None  # [R, S + generated]: the loop's mask at decode
-    # A decode step over a preallocated cache (the engine's slots, slots.py): long [1], the
-    # cache columns filled so far, this step's included. The keys past it are empty (or stale);
-    # the query sits at key_end - 1, and each row's keys start at layout.key_start.
+    # A decode step over a preallocated cache (the engine's slots, slots.py): long [R] (or [1]
+    # for every row), each row's cache columns filled so far, this step's included. The keys
+    # past it are empty (or stale); the query sits at key_end - 1.
     key_end: torch.Tensor | None = None
 
 
@@ -92,7 +92,8 @@ class AttentionCall:
 
     @property
     def query_columns(self) -> torch.Tensor:
-        """Key column of each query row: long [Q]."""
+        """Key column of each query row: long [Q], the same for every row (with one key_end or
+        none; hooks never see the engine's shared steps, whose rows end apart)."""
         q_len = self.query.shape[2]
         end = self.key.shape[2] if self.ctx.key_end is None else self.ctx.key_end
         return end - q_len + torch.arange(q_len, device=self.query.device)

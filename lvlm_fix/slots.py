@@ -2,12 +2,11 @@
 one decode step together in one forward.
 
 Each decoding row holds a slot: one row of a KV cache of `slots` rows by `max_len` columns,
-allocated once. Every row writes the same column each step (`column`), so a row's keys are one
-run of columns [key_start, column): a request joins with its prompt's keys copied so that they
-end at `column` (its left padding kept). When a new prompt does not fit before `column`, or its
-generation would not fit after it, all rows shift together (`fit`). Attention reads each row
-from its key_start to key_end (the edited-attention kernel with per-row starts), so a step costs
-the columns rows hold, not the cache's width, and free slots cost one column.
+allocated once. A row's keys always start at column 0: a request joins with each row's prompt
+keys copied there (its left padding dropped), and each step writes every row's token at that
+row's own length. Attention reads row b's columns [0, key_end[b]) (the edited-attention kernel
+with per-row ends), so a step costs the columns rows hold, not the cache's width, and a row's
+arithmetic does not depend on where, when or beside whom it joined.
 
 Interventions are per-slot data. When a request joins, its attention hooks are asked once, per
 layer, for their decode edits (fixed once prefill is done: `Contribution.shared_decode`), and the
@@ -49,26 +48,29 @@ TABLE_FIELDS = frozenset(
 
 
 class SlotLayer(CacheLayerMixin):
-    """One decoder layer's keys and values [slots, Hkv, max_len, D]; a step's forward of N rows
-    writes column `column` of slots 0..N-1 and attends over those slots' rows: all columns in
-    a CUDA graph (the kernel stops at key_end), the first `width` in an eager step."""
+    """One decoder layer's keys and values [slots, Hkv, max_len, D]. A step's forward of N rows
+    writes slot s's token at column `columns[s]` (s < N) and attends over those slots' rows:
+    every column in a CUDA graph (the kernel stops at each row's key_end), the first `width`
+    in an eager step."""
 
     is_compileable = True
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, column: torch.Tensor):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, columns: torch.Tensor):
         super().__init__()
-        self.keys, self.values, self.column = keys, values, column
-        self.width: int | None = None  # eager steps: the filled columns (None = all)
+        self.keys, self.values, self.columns = keys, values, columns
+        self.rows = torch.arange(keys.shape[0], device=keys.device)
+        self.width: int | None = None  # eager steps: the longest row's columns (None = all)
         self.is_initialized = True
 
     def lazy_initialization(self, key_states, value_states) -> None:
         return None  # allocated up front
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        rows = key_states.shape[0]
-        keys, values = self.keys[:rows, :, : self.width], self.values[:rows, :, : self.width]
-        keys.index_copy_(2, self.column, key_states)
-        values.index_copy_(2, self.column, value_states)
+        n = key_states.shape[0]
+        keys, values = self.keys[:n, :, : self.width], self.values[:n, :, : self.width]
+        rows, columns = self.rows[:n], self.columns[:n]
+        keys[rows, :, columns] = key_states[:, :, 0]  # [n, Hkv, D]: one token per row
+        values[rows, :, columns] = value_states[:, :, 0]
         return keys, values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -85,7 +87,7 @@ class SlotLayer(CacheLayerMixin):
 class EditTables:
     """Per-slot attention edits (see kernels.AttentionEdits), L layers, S slots, C columns."""
 
-    col_group: torch.Tensor  # int8 [L, S, C], in cache columns (a joining prompt's, shifted)
+    col_group: torch.Tensor  # int8 [L, S, C], in cache columns (a row's prompt from column 0)
     image_gain: torch.Tensor  # float32 [L, S, H]: PAI's gain, 0 where a row's gain is off
     var_rows: torch.Tensor  # bool [L, S, 1]
     var_keep: torch.Tensor  # float32 [S]
@@ -119,12 +121,13 @@ class EditTables:
             getattr(self, name)[:, slots] = value
         self.var_keep[slots], self.n_image[slots] = 1.0, 0.0
 
-    def write(self, layer: int, slots: torch.Tensor, offset: int, edits: dict[str, Any]) -> None:
-        """One layer's merged decode edits of a request's rows (at `slots`, prompt column 0 at
-        cache column `offset`)."""
+    def write(self, layer: int, slots: torch.Tensor, starts: list[int], edits: dict[str, Any]):
+        """One layer's merged decode edits of a request's rows (at `slots`; row r's prompt
+        columns from starts[r] on sit at cache columns 0, 1, ...)."""
         if "col_group" in edits:
             groups = edits["col_group"]
-            self.col_group[layer, slots, offset : offset + groups.shape[1]] = groups
+            for row, (slot, start) in enumerate(zip(slots.tolist(), starts, strict=True)):
+                self.col_group[layer, slot, : max(groups.shape[1] - start, 0)] = groups[row, start:]
         if "image_gain" in edits:
             on = edits["gain_rows"][:, -1:].float()  # [R, 1]: the decode step's one query row
             self.image_gain[layer, slots] = edits["image_gain"] * on
@@ -189,7 +192,7 @@ def decode_edits(prefilled: Prefilled, plan: Plan, info: ModelInfo) -> list[dict
 class SlotBatch:
     """The slot KV cache, the edit tables, the step's inputs and (GPU) its captured graphs.
 
-    Host-side bookkeeping per slot: occupied, key_start and the last column it may write.
+    Host-side bookkeeping per slot: occupied, its row's length (filled columns), edited.
     """
 
     def __init__(self, model, info: ModelInfo, slots: int, max_len: int, graphs: bool,
@@ -198,28 +201,25 @@ class SlotBatch:
         self.slots, self.max_len = slots, max_len
         device, dtype = model.device, model.dtype
         self.device = device
-        self.column_t = torch.zeros(1, dtype=torch.long, device=device)  # the column a step writes
+        # The step's inputs, written before each step (a graph reads them in place).
+        self.tokens = torch.zeros(slots, 1, dtype=torch.long, device=device)
+        self.positions = torch.zeros(slots, 1, dtype=torch.long, device=device)
+        self.columns = torch.zeros(slots, dtype=torch.long, device=device)  # where rows write
+        self.key_end = torch.ones(slots, dtype=torch.long, device=device)  # columns + 1
+        self.key_start = torch.zeros(slots, dtype=torch.long, device=device)  # always 0
+        self.mask = torch.ones(slots, 1, 1, max_len, dtype=torch.bool, device=device)  # unread
         shape = (slots, info.num_kv_heads, max_len, info.head_dim)
         self.cache = Cache(
             layers=[
                 SlotLayer(torch.zeros(shape, dtype=dtype, device=device),
-                          torch.zeros(shape, dtype=dtype, device=device), self.column_t)
+                          torch.zeros(shape, dtype=dtype, device=device), self.columns)
                 for _ in range(info.num_layers)
             ]
         )  # fmt: skip
         self.tables = EditTables.allocate(info.num_layers, slots, max_len, info.num_heads, device)
-        # The step's inputs, written before each step (a graph reads them in place).
-        self.tokens = torch.zeros(slots, 1, dtype=torch.long, device=device)
-        self.positions = torch.zeros(slots, 1, dtype=torch.long, device=device)
-        self.key_start = torch.zeros(slots, dtype=torch.long, device=device)
-        self.key_end = torch.ones(1, dtype=torch.long, device=device)
-        self.mask = torch.ones(slots, 1, 1, max_len, dtype=torch.bool, device=device)  # unread
-        self.column = 0  # host copy of column_t
         self.occupied = [False] * slots
-        self.starts = [0] * slots  # host copy of key_start
-        self.ends = [0] * slots  # the last column each occupied slot may write
+        self.lengths = [0] * slots  # filled columns of each slot's row
         self.edited = [False] * slots  # the slot's request has decode edits
-        self.shifts = 0  # how often rows moved to make room (a measure of a too-short cache)
         self.always_edited = always_edited  # every step with the tables (batch-invariant)
         self.buckets = tuple(sorted(b for b in buckets if b <= slots)) or (slots,)
         if self.buckets[-1] != slots:
@@ -237,83 +237,40 @@ class SlotBatch:
     def free_slots(self) -> int:
         return self.occupied.count(False)
 
-    def fit(self, prompt: int, new_tokens: int) -> bool:
-        """Make room for a request of `prompt` columns and `new_tokens` steps (its prompt ends
-        at `column`, its steps write column .. column + new_tokens - 2), shifting every row if
-        needed. False: not now (running rows pin the window); True: place it."""
-        need = new_tokens - 1  # the last token is chosen, never fed
-        if prompt + need > self.max_len:
+    def check_fits(self, prompt: int, new_tokens: int) -> None:
+        """A row of `prompt` columns writes new_tokens - 1 more (the last token is never fed)."""
+        if prompt + new_tokens - 1 > self.max_len:
             raise ValueError(f"a row of {prompt} prompt and {new_tokens} new tokens does not fit "
                              f"the engine's {self.max_len} cache columns")  # fmt: skip
-        live = [s for s in range(self.slots) if self.occupied[s]]
-        if not live:
-            self.column = prompt
-            self.column_t.fill_(prompt)
-            return True
-        if self.column < prompt:  # too little room before the column: shift right
-            delta = prompt - self.column
-            if max(self.ends[s] for s in live) + delta >= self.max_len:
-                return False
-            self._shift(delta)
-        if self.column + need > self.max_len:  # too little after it: shift left
-            delta = -min(self.starts[s] for s in live)
-            if self.column + delta < prompt or self.column + delta + need > self.max_len:
-                return False
-            self._shift(delta)
-        return True
 
-    def _shift(self, delta: int) -> None:
-        """Move every row's columns by delta (the cache, col_group, starts, the column)."""
-        if delta == 0:
-            return
-        self.shifts += 1
-        width = self.max_len - abs(delta)
-        src, dst = (0, delta) if delta > 0 else (-delta, 0)
-        for layer in self.cache.layers:
-            for held in (layer.keys, layer.values):
-                held[:, :, dst : dst + width] = held[:, :, src : src + width].clone()
-        groups = self.tables.col_group
-        groups[:, :, dst : dst + width] = groups[:, :, src : src + width].clone()
-        self.column += delta
-        self.column_t.fill_(self.column)
-        for s in range(self.slots):
-            if self.occupied[s]:
-                self.starts[s] += delta
-                self.ends[s] += delta
-        live = torch.tensor(self.occupied, device=self.device)
-        self.key_start.add_(torch.where(live, delta, 0))
-
-    def place(self, prefilled: Prefilled, edits: list[dict | None], new_tokens: int) -> list[int]:
-        """Copy a prefilled request's decode rows into free slots (after `fit`); returns the
-        slots in row order."""
+    def place(self, prefilled: Prefilled, edits: list[dict | None]) -> list[int]:
+        """Copy a prefilled request's decode rows into free slots; returns the slots in row
+        order. Each row's prompt keys (left padding dropped) go to columns 0, 1, ..."""
         runner = prefilled.runner
         rows, prompt = runner.attention_mask.shape
         slots = [s for s in range(self.slots) if not self.occupied[s]][:rows]
         index = torch.tensor(slots, device=self.device)
-        offset = self.column - prompt
+        starts = runner.layout.key_start.tolist()
         for held, slot_layer in zip(runner.cache.layers, self.cache.layers, strict=True):
-            slot_layer.keys[index, :, offset : self.column] = held.keys
-            slot_layer.values[index, :, offset : self.column] = held.values
+            for row, (slot, start) in enumerate(zip(slots, starts, strict=True)):
+                slot_layer.keys[slot, :, : prompt - start] = held.keys[row, :, start:]
+                slot_layer.values[slot, :, : prompt - start] = held.values[row, :, start:]
         self.tables.clear(index)
         edited = any(e is not None for e in edits)
         for layer, layer_edits in enumerate(edits):
             if layer_edits is not None:
-                self.tables.write(layer, index, offset, layer_edits)
+                self.tables.write(layer, index, starts, layer_edits)
         self.tables.n_image[index] = runner.layout.n_image.float()
-        starts = (runner.layout.key_start + offset).tolist()
-        self.key_start[index] = runner.layout.key_start + offset
         for slot, start in zip(slots, starts, strict=True):
             self.occupied[slot], self.edited[slot] = True, edited
-            self.starts[slot], self.ends[slot] = start, self.column + new_tokens - 2
+            self.lengths[slot] = prompt - start
         return slots
 
     def release(self, slots: list[int]) -> None:
         for slot in slots:
-            self.occupied[slot], self.edited[slot] = False, False
+            self.occupied[slot], self.edited[slot], self.lengths[slot] = False, False, 0
         if slots:
-            index = torch.tensor(slots, device=self.device)
-            self.tables.clear(index)
-            self.key_start[index] = 0  # a free row attends to column 0 (finite, unread)
+            self.tables.clear(torch.tensor(slots, device=self.device))
 
     # ----- the step -----
 
@@ -323,11 +280,13 @@ class SlotBatch:
 
     def step(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One decode step of every slot up to the bucket: tokens and positions per slot (free
-        slots anything). Returns logits [rows, V] (fp32) and advances the column."""
+        slots anything). Returns logits [rows, V] (fp32); each occupied row grows by one."""
         rows = len(tokens)
+        lengths = self.lengths[:rows]
         self.tokens[:rows, 0] = torch.tensor(tokens, device=self.device)
         self.positions[:rows, 0] = torch.tensor(positions, device=self.device)
-        self.key_end.fill_(self.column + 1)
+        self.columns[:rows] = torch.tensor(lengths, device=self.device)
+        self.key_end[:rows] = self.columns[:rows] + 1
         edited = self.always_edited or any(self.edited[:rows])
         graph = self.graphs.get((rows, edited))
         with torch.inference_mode():
@@ -335,13 +294,14 @@ class SlotBatch:
                 graph[0].replay()
                 logits = graph[1].float()  # a copy: the next replay overwrites the buffer
             else:
-                for layer in self.cache.layers:  # read only the filled columns
-                    layer.width = self.column + 1
+                for layer in self.cache.layers:  # read only up to the longest row
+                    layer.width = max(lengths) + 1
                 logits = self._forward(rows, edited).float()
                 for layer in self.cache.layers:
                     layer.width = None
-        self.column += 1
-        self.column_t.fill_(self.column)
+        for slot in range(rows):
+            if self.occupied[slot]:
+                self.lengths[slot] += 1
         return logits
 
     def _context(self, rows: int, edited: bool) -> ForwardContext:
@@ -351,14 +311,14 @@ class SlotBatch:
             key_start=self.key_start[:rows],
         )
         ctx = ForwardContext(plan, RowState(), layout, "decode", self.info.num_layers)
-        ctx.key_end = self.key_end
+        ctx.key_end = self.key_end[:rows]
         return ctx
 
     def _forward(self, rows: int, edited: bool) -> torch.Tensor:
         with forward_context(self._context(rows, edited)):
             out = self.model(
                 input_ids=self.tokens[:rows],
-                attention_mask=self.mask[:rows],  # 4-D, passed through; attention reads key_start
+                attention_mask=self.mask[:rows],  # 4-D, passed through; attention reads key_end
                 position_ids=self.positions[:rows],
                 **cache_kwargs(self.cache),
                 use_cache=True,
