@@ -77,6 +77,11 @@ class Cancelled(Exception):
     """The request was cancelled before it finished."""
 
 
+class EngineFailure(RuntimeError):
+    """The engine failed, not the request (e.g. the shared step ran out of GPU memory): every
+    request in that step gets it, chained to the cause."""
+
+
 @dataclass(frozen=True)
 class Timing:
     """One request's time in the engine, as vLLM reports a request's."""
@@ -238,6 +243,8 @@ class Engine:
         self._shared: list[_Job] = []
         self._own: list[_Job] = []
         self._closed = False
+        self.iterations = 0
+        self._admitting: _Job | None = None  # in prefill: left the queue, maybe not in a lane
         self._thread = threading.Thread(target=self._loop, name="lvlm-engine", daemon=True)
         self._thread.start()
 
@@ -264,7 +271,10 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return len(self._shared) + len(self._own)
+        """Requests admitted (prefilling or decoding) and not finished."""
+        job = self._admitting
+        prefilling = job is not None and job not in self._shared and job not in self._own
+        return len(self._shared) + len(self._own) + prefilling
 
     @property
     def waiting(self) -> int:
@@ -288,12 +298,15 @@ class Engine:
                 self._iterate()
             except Exception as error:  # a bug of ours: fail what is in flight, keep serving
                 log.exception("engine iteration failed; failing the requests in flight")
+                failure = EngineFailure("the engine failed")
+                failure.__cause__ = error
                 for job in [*self._shared, *self._own]:
-                    self._end(job, Event(error=error))
+                    self._end(job, Event(error=failure))
         for job in [*self._waiting, *self._shared, *self._own]:
             self._end(job, Event(error=Cancelled("the engine was closed")))
 
     def _iterate(self) -> None:
+        self.iterations += 1  # liveness: a busy engine's count moves
         self._retire_cancelled()
         self._admit()
         if self._shared:
@@ -360,7 +373,11 @@ class Engine:
                 self._waiting.popleft()
                 budget -= rows * prompt
                 admitted += 1
-                self._start(job, shared and decode_rows <= self.slots.slots)
+                self._admitting = job
+                try:
+                    self._start(job, shared and decode_rows <= self.slots.slots)
+                finally:
+                    self._admitting = None
             except Exception as error:  # this request's fault (or its prefill's): it alone fails
                 log.debug("request failed at admission", exc_info=True)
                 self._end(job, Event(error=error))
@@ -421,8 +438,10 @@ class Engine:
             logits = self.slots.step(tokens, positions)
         except Exception as error:  # the shared forward failed: every job in it fails
             log.exception("the shared decode step failed")
+            failure = EngineFailure("the shared decode step failed")
+            failure.__cause__ = error
             for job in list(self._shared):
-                self._end(job, Event(error=error))
+                self._end(job, Event(error=failure))
             return
         for _, seq in live:
             seq.position += 1
@@ -512,4 +531,4 @@ class Engine:
         self._end(job, Event(generations=outputs))
 
 
-__all__ = ["Cancelled", "Engine", "EngineConfig", "Event", "Request", "Timing"]
+__all__ = ["Cancelled", "Engine", "EngineConfig", "EngineFailure", "Event", "Request", "Timing"]

@@ -25,7 +25,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 from lvlm_fix import attention
 from lvlm_fix.decoding import Sample
 from lvlm_fix.engine import Engine, EngineConfig, Event, Request
-from lvlm_fix.generation import Generation, answer, settled
+from lvlm_fix.generation import Generation, TextPieces
 from lvlm_fix.hooks import install_hook_points
 from lvlm_fix.methods import Intervention
 from lvlm_fix.model import (
@@ -180,27 +180,18 @@ class LVLM:
         if plan.search.width > 1:
             raise ValueError("streaming is not available with a beam search strategy")
         pieces: queue.SimpleQueue[str | Generation | BaseException] = queue.SimpleQueue()
-        tokenizer = self.processor.tokenizer
-        ids: list[int] = []
-        sent = ""
+        text = TextPieces(self.processor.tokenizer, params.stop)
 
-        def listener(event: Event) -> None:
-            # On the engine's thread: the tokenizer is only ever used from there.
-            nonlocal sent
+        def listener(event: Event) -> None:  # on the engine's thread, which owns the tokenizer
             if event.error is not None:
                 pieces.put(event.error)
             elif event.generations is not None:
                 [final] = event.generations
-                if len(final.text) > len(sent):
-                    pieces.put(final.text[len(sent) :])
+                if piece := text.finish(final):
+                    pieces.put(piece)
                 pieces.put(final)
-            elif event.tokens[0] is not None:
-                ids.append(event.tokens[0])
-                text, stopped = answer(tokenizer, ids, params.stop)
-                done = text if stopped else settled(text, params.stop)
-                if len(done) > len(sent):
-                    pieces.put(done[len(sent) :])
-                    sent = done
+            elif event.tokens[0] is not None and (piece := text.add(event.tokens[0])):
+                pieces.put(piece)
 
         request = self.submit([sample], params=params, plan=plan, listener=listener)
         try:
