@@ -297,7 +297,7 @@ def bench(args: argparse.Namespace) -> dict:
     print(json.dumps({"alone_itl_p50_ms": alone}), flush=True)
     count = args.requests or None
     results, skipped = [], []
-    for rate in [float(r) for r in args.rates.split(",")]:
+    for rate in [float(r) for r in args.rates.split(",") if r]:
         if results and results[-1]["timed_out"] and not args.all_rates:
             skipped.append(rate)
             continue
@@ -424,7 +424,9 @@ def main() -> None:
     parser.add_argument("--baseline-path", help="--engine both: checkout whose lvlm_fix is 'old'")
     parser.add_argument("--sizes", choices=["llava-1.5-7b", "tiny"], default="llava-1.5-7b")
     parser.add_argument("--device", default=None, help="default: cuda (cpu with --sizes tiny)")
-    parser.add_argument("--rates", default="0.5,1,2,4,8,16", help="arrival rates, req/s")
+    parser.add_argument(
+        "--rates", default="0.5,1,2,4,8,16", help='arrival rates, req/s ("": batch 1 only)'
+    )
     load = parser.add_mutually_exclusive_group()
     load.add_argument("--duration", type=float, default=20, help="seconds of arrivals per rate")
     load.add_argument("--requests", type=int, default=0, help="requests per rate (not --duration)")

@@ -48,17 +48,21 @@ TABLE_FIELDS = frozenset(
 
 
 class SlotLayer(CacheLayerMixin):
-    """One decoder layer's keys and values [slots, Hkv, max_len, D]. A step's forward of N rows
-    writes slot s's token at column `columns[s]` (s < N) and attends over those slots' rows:
-    every column in a CUDA graph (the kernel stops at each row's key_end), the first `width`
-    in an eager step."""
+    """One decoder layer's keys and values, stored [slots, max_len, Hkv, D] and seen as
+    [slots, Hkv, max_len, D] (`keys`, `values`). A step's forward of N rows writes slot s's
+    token at flat row `cells[s]` = s * max_len + its column (one `index_copy_`), and attends over
+    those slots' rows: every column in a CUDA graph (the kernel stops at each row's key_end),
+    the first `width` in an eager step."""
 
     is_compileable = True
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, columns: torch.Tensor):
+    def __init__(self, shape: tuple[int, int, int, int], dtype, device, cells: torch.Tensor):
         super().__init__()
-        self.keys, self.values, self.columns = keys, values, columns
-        self.rows = torch.arange(keys.shape[0], device=keys.device)
+        slots, columns, heads, dim = shape
+        self._stored = [torch.zeros(shape, dtype=dtype, device=device) for _ in "kv"]
+        self.keys, self.values = (t.transpose(1, 2) for t in self._stored)
+        self._flat = [t.view(slots * columns, heads, dim) for t in self._stored]
+        self.cells = cells
         self.width: int | None = None  # eager steps: the longest row's columns (None = all)
         self.is_initialized = True
 
@@ -67,11 +71,10 @@ class SlotLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         n = key_states.shape[0]
-        keys, values = self.keys[:n, :, : self.width], self.values[:n, :, : self.width]
-        rows, columns = self.rows[:n], self.columns[:n]
-        keys[rows, :, columns] = key_states[:, :, 0]  # [n, Hkv, D]: one token per row
-        values[rows, :, columns] = value_states[:, :, 0]
-        return keys, values
+        cells = self.cells[:n]
+        self._flat[0].index_copy_(0, cells, key_states[:, :, 0])  # [n, Hkv, D]: one token a row
+        self._flat[1].index_copy_(0, cells, value_states[:, :, 0])
+        return self.keys[:n, :, : self.width], self.values[:n, :, : self.width]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.keys.shape[2], 0
@@ -201,21 +204,20 @@ class SlotBatch:
         self.slots, self.max_len = slots, max_len
         device, dtype = model.device, model.dtype
         self.device = device
-        # The step's inputs, written before each step (a graph reads them in place).
-        self.tokens = torch.zeros(slots, 1, dtype=torch.long, device=device)
-        self.positions = torch.zeros(slots, 1, dtype=torch.long, device=device)
-        self.columns = torch.zeros(slots, dtype=torch.long, device=device)  # where rows write
+        # The step's inputs (tokens, positions, columns where rows write), copied in once before
+        # each step; a graph reads them in place and derives the rest itself.
+        self.inputs = torch.zeros(3, slots, dtype=torch.long, device=device)
+        self.tokens, self.positions = self.inputs[0, :, None], self.inputs[1, :, None]
+        self.columns = self.inputs[2]
         self.key_end = torch.ones(slots, dtype=torch.long, device=device)  # columns + 1
+        self.cells = torch.zeros(slots, dtype=torch.long, device=device)  # flat rows written
+        self.row_base = torch.arange(slots, device=device) * max_len
         self.key_start = torch.zeros(slots, dtype=torch.long, device=device)  # always 0
         self.mask = torch.ones(slots, 1, 1, max_len, dtype=torch.bool, device=device)  # unread
-        shape = (slots, info.num_kv_heads, max_len, info.head_dim)
+        shape = (slots, max_len, info.num_kv_heads, info.head_dim)
         self.cache = Cache(
-            layers=[
-                SlotLayer(torch.zeros(shape, dtype=dtype, device=device),
-                          torch.zeros(shape, dtype=dtype, device=device), self.columns)
-                for _ in range(info.num_layers)
-            ]
-        )  # fmt: skip
+            layers=[SlotLayer(shape, dtype, device, self.cells) for _ in range(info.num_layers)]
+        )
         self.tables = EditTables.allocate(info.num_layers, slots, max_len, info.num_heads, device)
         self.occupied = [False] * slots
         self.lengths = [0] * slots  # filled columns of each slot's row
@@ -283,10 +285,7 @@ class SlotBatch:
         slots anything). Returns logits [rows, V] (fp32); each occupied row grows by one."""
         rows = len(tokens)
         lengths = self.lengths[:rows]
-        self.tokens[:rows, 0] = torch.tensor(tokens, device=self.device)
-        self.positions[:rows, 0] = torch.tensor(positions, device=self.device)
-        self.columns[:rows] = torch.tensor(lengths, device=self.device)
-        self.key_end[:rows] = self.columns[:rows] + 1
+        self.inputs[:, :rows] = torch.tensor([tokens, positions, lengths]).to(self.device)
         edited = self.always_edited or any(self.edited[:rows])
         graph = self.graphs.get((rows, edited))
         with torch.inference_mode():
@@ -315,6 +314,8 @@ class SlotBatch:
         return ctx
 
     def _forward(self, rows: int, edited: bool) -> torch.Tensor:
+        torch.add(self.columns, 1, out=self.key_end)
+        torch.add(self.row_base, self.columns, out=self.cells)
         with forward_context(self._context(rows, edited)):
             out = self.model(
                 input_ids=self.tokens[:rows],
