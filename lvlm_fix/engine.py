@@ -48,6 +48,7 @@ from lvlm_fix.decoding import (
     prefill,
 )
 from lvlm_fix.generation import Generation, generation, sampling_generator, stop_hit
+from lvlm_fix.model import concat_rows
 from lvlm_fix.params import GenerationParams
 from lvlm_fix.plan import Plan
 from lvlm_fix.search import Limits, SingleSearch, _logprobs, _per_sample, warp
@@ -244,7 +245,8 @@ class Engine:
         self._own: list[_Job] = []
         self._closed = False
         self.iterations = 0
-        self._admitting: _Job | None = None  # in prefill: left the queue, maybe not in a lane
+        self.prefills = 0  # prefill forwards (requests of one plan arriving together share one)
+        self._admitting: list[_Job] = []  # in prefill: left the queue, maybe not in a lane yet
         self._thread = threading.Thread(target=self._loop, name="lvlm-engine", daemon=True)
         self._thread.start()
 
@@ -272,8 +274,8 @@ class Engine:
     @property
     def running(self) -> int:
         """Requests admitted (prefilling or decoding) and not finished."""
-        job = self._admitting
-        prefilling = job is not None and job not in self._shared and job not in self._own
+        lanes = self._shared + self._own
+        prefilling = sum(job not in lanes for job in self._admitting)
         return len(self._shared) + len(self._own) + prefilling
 
     @property
@@ -352,64 +354,120 @@ class Engine:
         )
 
     def _admit(self) -> None:
+        """Admit waiting requests in arrival order while the prompt-token budget, the free
+        slots and the own lane allow. Consecutive requests of one plan bound for the shared
+        batch prefill together, in one forward (unless the engine is batch-invariant)."""
         budget, admitted = self.config.prefill_tokens, 0
         while self._waiting:
-            job = self._waiting[0]
-            try:
-                if job.batch is None:
-                    job.batch = build_rows(self.processor, self.info.image_token_id, job.plan,
-                                           job.request.samples, self.device)  # fmt: skip
-                rows, prompt = job.batch.input_ids.shape
-                if admitted and rows * prompt > budget:
-                    return
-                shared = self._shared_lane(job.plan)
-                decode_rows = len(job.request.samples) * job.plan.n_views
-                if shared and decode_rows <= self.slots.slots:
-                    self.slots.check_fits(prompt, job.params.max_new_tokens)
-                    if decode_rows > self.slots.free_slots():
-                        return  # first come, first served: later requests wait behind it
-                elif len(self._own) >= self.config.own_lane:
-                    return
-                self._waiting.popleft()
-                budget -= rows * prompt
-                admitted += 1
-                self._admitting = job
+            group: list[_Job] = []
+            rows_free = self.slots.free_slots()
+            shared = False
+            for job in list(self._waiting):
                 try:
-                    self._start(job, shared and decode_rows <= self.slots.slots)
-                finally:
-                    self._admitting = None
-            except Exception as error:  # this request's fault (or its prefill's): it alone fails
-                log.debug("request failed at admission", exc_info=True)
+                    fits, shared_job = self._fits(job, budget if admitted or group else None,
+                                                  rows_free)  # fmt: skip
+                except Exception as error:  # this request's fault: it alone fails
+                    self._end(job, Event(error=error))
+                    continue
+                if not fits or (group and not (shared_job and job.plan == group[0].plan)):
+                    break
+                self._waiting.remove(job)
+                group.append(job)
+                shared = shared_job
+                budget -= job.batch.input_ids.numel()
+                rows_free -= len(job.request.samples) * job.plan.n_views if shared else 0
+                if not shared or self.config.batch_invariant:
+                    break  # own lane, or one prefill per request: rows' bits never depend on others
+            if not group:
+                return
+            admitted += len(group)
+            self._admitting = group
+            try:
+                self._start(group, shared)
+            finally:
+                self._admitting = []
+
+    def _fits(self, job: _Job, budget: int | None, rows_free: int) -> tuple[bool, bool]:
+        """(whether the job can be admitted now, whether it decodes in the shared batch).
+        budget None: the first of this iteration, admitted whatever its size."""
+        if job.batch is None:
+            job.batch = build_rows(self.processor, self.info.image_token_id, job.plan,
+                                   job.request.samples, self.device)  # fmt: skip
+        rows, prompt = job.batch.input_ids.shape
+        if budget is not None and rows * prompt > budget:
+            return False, False
+        decode_rows = len(job.request.samples) * job.plan.n_views
+        if self._shared_lane(job.plan) and decode_rows <= self.slots.slots:
+            self.slots.check_fits(prompt, job.params.max_new_tokens)
+            return decode_rows <= rows_free, True  # first come, first served: later ones wait
+        return len(self._own) < self.config.own_lane, False
+
+    def _start(self, jobs: list[_Job], shared: bool) -> None:
+        """Prefill jobs of one plan together, then place them in the shared batch, or each in
+        a lane of its own. If the joint prefill fails, each runs alone: one bad request must
+        not fail the others."""
+        for job in jobs:
+            job.request.clock.start()
+        if len(jobs) > 1:
+            try:
+                prefilled = self._prefill(jobs)
+                edits = decode_edits(prefilled, jobs[0].plan, self.info)
+            except Exception:
+                log.debug("joint prefill failed; prefilling each request alone", exc_info=True)
+                edits = None
+            if edits is not None:
+                return self._place(jobs, prefilled, edits)
+        for job in jobs:
+            try:
+                self._start_alone(job, shared)
+            except Exception as error:
+                log.debug("request failed at prefill", exc_info=True)
                 self._end(job, Event(error=error))
 
-    def _start(self, job: _Job, shared: bool) -> None:
-        """Prefill a job, then place it in the shared batch or its own lane."""
-        request, plan = job.request, job.plan
-        request.clock.start()
-        n = len(request.samples)
-        job.prefilled = prefill(self.model, self.info, plan, job.batch, n)
-        job.batch = None  # the cache holds what decoding needs
-        runner = job.prefilled.runner
+    def _prefill(self, jobs: list[_Job]) -> Prefilled:
+        batch = concat_rows([job.batch for job in jobs], self.pad_id)
+        n = sum(len(job.request.samples) for job in jobs)
+        self.prefills += 1
+        return prefill(self.model, self.info, jobs[0].plan, batch, n)
+
+    def _start_alone(self, job: _Job, shared: bool) -> None:
+        prefilled = self._prefill([job])
         edits = None
-        if shared and all(c is None for c in runner.layout.columns):
-            edits = decode_edits(job.prefilled, plan, self.info)
+        if shared and all(c is None for c in prefilled.runner.layout.columns):
+            edits = decode_edits(prefilled, job.plan, self.info)
         if edits is None:  # a lane of its own
-            job.steps = decode_steps(job.prefilled, plan, self._limits(request))
+            job.batch, job.prefilled = None, prefilled
+            job.steps = decode_steps(prefilled, job.plan, self._limits(job.request))
             self._own.append(job)
             return
-        slots = self.slots.place(job.prefilled, edits)
-        positions = (runner.positions + 1).tolist()
-        views = plan.n_views
-        for b, sample in enumerate(request.samples):
-            mine = slots[b * views : (b + 1) * views]
-            generator = None
-            if job.params.do_sample:
-                generator = sampling_generator(sample.seed, self.device)
-            job.seqs.append(_Seq(b, mine, positions[b * views], generator))
-        job.prefilled.runner = None  # its rows live in the slots now
-        self._shared.append(job)
-        self._choose([(job, seq, job.prefilled.logits[b * views : (b + 1) * views])
-                      for b, seq in enumerate(job.seqs)])  # fmt: skip
+        self._place([job], prefilled, edits)
+
+    def _place(self, jobs: list[_Job], prefilled: Prefilled, edits: list[dict | None]) -> None:
+        """Put prefilled rows (the jobs' samples in order, each sample's views together) in
+        the shared batch and choose each sample's first token."""
+        slots = self.slots.place(prefilled, edits)
+        positions = (prefilled.runner.positions + 1).tolist()
+        views = jobs[0].plan.n_views
+        first, pending = 0, []
+        for job in jobs:
+            n = len(job.request.samples)
+            rows = slice(first * views, (first + n) * views)
+            samples = slice(first, first + n)
+            job.prefilled = Prefilled(None, prefilled.logits[rows],
+                                      prefilled.prompt_tokens[samples],
+                                      prefilled.view_notes[samples])  # fmt: skip
+            for b, sample in enumerate(job.request.samples):
+                row = (first + b) * views
+                generator = None
+                if job.params.do_sample:
+                    generator = sampling_generator(sample.seed, self.device)
+                job.seqs.append(_Seq(b, slots[row : row + views], positions[row], generator))
+            job.batch = None
+            self._shared.append(job)
+            pending += [(job, seq, job.prefilled.logits[b * views : (b + 1) * views])
+                        for b, seq in enumerate(job.seqs)]  # fmt: skip
+            first += n
+        self._choose(pending)
 
     def _limits(self, request: Request) -> Limits:
         params, tokenizer = request.params, self.processor.tokenizer

@@ -8,6 +8,7 @@ modules. `ImageLayout` records, per batch row, which prompt columns hold image t
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -324,6 +325,40 @@ def encode_rows(
         image_sizes=None if image_sizes is None else image_sizes.to(device),
         image_rows=image_rows.to(device),
         layout=ImageLayout(image_mask=image_mask, key_start=key_start),
+    )
+
+
+def concat_rows(batches: Sequence[PromptBatch], pad_id: int) -> PromptBatch:
+    """Several requests' rows as one batch (in order), each left-padded to the widest: their
+    joint prefill. Unpruned layouts only; image tensors must agree in shape past the first dim
+    (anyres crops of different counts do not: ValueError)."""
+    if len(batches) == 1:
+        return batches[0]
+    width = max(b.input_ids.shape[1] for b in batches)
+
+    def left(t: torch.Tensor, value) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (width - t.shape[1], 0), value=value)
+
+    def joined(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+        present = [t for t in tensors if t is not None]
+        if len({tuple(t.shape[1:]) for t in present}) > 1:
+            raise ValueError("these requests' images cannot share one tensor")
+        return torch.cat(present) if present else None
+
+    offsets = torch.tensor([0] + [b.input_ids.shape[0] for b in batches[:-1]]).cumsum(0).tolist()
+    return PromptBatch(
+        input_ids=torch.cat([left(b.input_ids, pad_id) for b in batches]),
+        attention_mask=torch.cat([left(b.attention_mask, 0) for b in batches]),
+        pixel_values=joined([b.pixel_values for b in batches]),
+        image_sizes=joined([b.image_sizes for b in batches]),
+        image_rows=torch.cat([b.image_rows + o for b, o in zip(batches, offsets, strict=True)]),
+        layout=ImageLayout(
+            image_mask=torch.cat([left(b.layout.image_mask, False) for b in batches]),
+            key_start=torch.cat(
+                [b.layout.key_start + width - b.input_ids.shape[1] for b in batches]
+            ),
+        ),  # fmt: skip
+        view_notes=tuple(note for b in batches for note in b.view_notes),
     )
 
 

@@ -125,6 +125,26 @@ def test_several_samples_of_one_request_and_their_seeds(lvlm, images):
     assert together == each
 
 
+def test_requests_of_one_plan_arriving_together_prefill_together(lvlm, images):
+    """Queued behind a long request, four requests of one plan prefill in one forward (their
+    rows left-padded together) and still decode exactly their tokens alone."""
+    params = GenerationParams(max_new_tokens=9, do_sample=True)
+    samples = [samples_for(i, images, seed=i) for i in range(4)]
+    alone = [lvlm.generate(s, [{"name": "vcd"}], params)[0].token_ids for s in samples]
+    engine = lvlm.engine
+    stepped = threading.Event()
+    blocker = lvlm.submit(samples_for(0, images, None), params=GenerationParams(max_new_tokens=40),
+                          listener=lambda event: stepped.set())  # fmt: skip
+    assert stepped.wait(timeout=60)
+    plan = lvlm.plan([{"name": "vcd"}], params)  # compiled first: the submits take microseconds
+    before = engine.prefills
+    queued = [lvlm.submit(s, params=params, plan=plan) for s in samples]
+    together = [request.result(timeout=120)[0].token_ids for request in queued]
+    blocker.result(timeout=120)
+    assert together == alone
+    assert engine.prefills - before < len(samples)
+
+
 def test_cancelled_request_leaves_the_batch(lvlm, images):
     engine = lvlm.engine
     free_before = engine.slots.free_slots()
