@@ -151,6 +151,23 @@ def test_pope_resume_computes_only_missing(pope_run, model_path, data, tmp_path)
     assert metrics["methods"]["baseline"]["metrics"] == before["baseline"]["metrics"]
 
 
+def test_sampled_protocol_is_recorded_and_reproducible(model_path, data, pope_run, tmp_path):
+    """--do-sample: the references' decoding (temperature 1, per-sample seeds), named in the
+    metrics and the report's title; the same seed gives the same answers."""
+    answers = []
+    for run in ("a", "b"):
+        argv = pope_argv(model_path, data, tmp_path / run, "--limit", "4", "--do-sample",
+                         "--seed", "5", "--max-new-tokens", "6", "--method", "vcd")  # fmt: skip
+        assert run_cli(argv) == 0
+        lines = [json.loads(line) for line in (tmp_path / run / "predictions.jsonl").open()]
+        answers.append(sorted((ln["key"], ln["method"], ln["answer"]) for ln in lines))
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert metrics["settings"]["decoding"] == "sample"
+    assert "(sampled, temperature 1)" in (tmp_path / "a" / "report.md").read_text()
+    assert "(greedy)" in (pope_run / "report.md").read_text()
+    assert answers[0] == answers[1]
+
+
 def test_chair_end_to_end(model_path, data, tmp_path):
     argv = ["chair", "--model", model_path, "--images", str(data / "images"), "--out",
             str(tmp_path), "--instances", str(data / "instances.json"), "--captions",

@@ -79,6 +79,11 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="global seed (per-sample seeds)")
     parser.add_argument(
+        "--do-sample",
+        action="store_true",
+        help="sample (temperature 1, per-sample seeds) as the RITUAL/VCD/M3ID references do",
+    )
+    parser.add_argument(
         "--max-new-tokens",
         type=int,
         default=None,
@@ -197,6 +202,7 @@ def eval_main(args: argparse.Namespace) -> int:
             model=ModelSpec(args.model, args.device, args.dtype),
             out_dir=args.out,
             max_new_tokens=max_new_tokens,
+            do_sample=args.do_sample,
             batch_size=args.batch_size,
             seed=args.seed,
             use_ray=args.ray,

@@ -95,6 +95,9 @@ class RunConfig:
     out_dir: Path
     max_new_tokens: int
     batch_size: int = 64  # requests in flight per model at most
+    # Sample (temperature 1, no top-k/top-p cut, per-sample seeds) instead of greedy: how the
+    # RITUAL, VCD and M3ID reference code decodes, baseline included.
+    do_sample: bool = False
     seed: int = 0
     use_ray: bool = False
     workers: int = 1
@@ -154,6 +157,7 @@ def _write_subset(task: Task, config: RunConfig) -> None:
         "model": config.model.path,
         "seed": config.seed,
         "max_new_tokens": config.max_new_tokens,
+        "do_sample": config.do_sample,
         "settings": task.settings(),
         "keys": [item.key for item in task.items],
     }
@@ -275,7 +279,7 @@ def run_eval(task: Task, methods: Sequence[MethodSet], config: RunConfig) -> dic
     _write_subset(task, config)
     store = PredictionStore(config.out_dir / "predictions.jsonl")
     _check_resumable(store, methods)
-    params = GenerationParams(max_new_tokens=config.max_new_tokens)
+    params = GenerationParams(max_new_tokens=config.max_new_tokens, do_sample=config.do_sample)
     runs: dict[str, MethodRun] = {}
     start = time.perf_counter()
     pool = make_pool(config.model, config.use_ray, config.workers, config.address)
@@ -334,6 +338,7 @@ def _write_outputs(task, methods, config, store, runs, wall_s: float) -> dict[st
         "settings": {
             **task.settings(),
             "max_new_tokens": config.max_new_tokens,
+            "decoding": "sample" if config.do_sample else "greedy",
             "batch_size": config.batch_size,
             "device": config.model.device,
             "dtype": config.model.dtype,
@@ -354,6 +359,7 @@ def _write_outputs(task, methods, config, store, runs, wall_s: float) -> dict[st
     }
     path = config.out_dir / "metrics.json"
     path.write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
-    title = f"{task.benchmark.upper()} evaluation"
+    decoding = "sampled, temperature 1" if config.do_sample else "greedy"
+    title = f"{task.benchmark.upper()} evaluation ({decoding})"
     write_report(rows, config.out_dir, title=title, resamples=config.bootstrap)
     return metrics
