@@ -199,6 +199,7 @@ class _Job:
     request: Request
     batch: object | None = None  # the PromptBatch, built when it is first considered
     prefilled: Prefilled | None = None
+    limits: Limits | None = None  # how its samples end, in either lane (set at prefill)
     seqs: list[_Seq] = field(default_factory=list)  # shared lane
     steps: object | None = None  # own lane: the decode_steps iterator
     step: int = 0  # tokens chosen so far
@@ -389,23 +390,21 @@ class Engine:
         n = len(request.samples)
         job.prefilled = prefill(self.model, self.info, plan, job.batch, n)
         job.batch = None  # the cache holds what decoding needs
+        job.limits = self._limits(request)
         runner = job.prefilled.runner
         edits = None
         if shared and all(c is None for c in runner.layout.columns):
             edits = decode_edits(job.prefilled, plan, self.info)
         if edits is None:  # a lane of its own
-            job.steps = decode_steps(job.prefilled, plan, self._limits(request))
+            job.steps = decode_steps(job.prefilled, plan, job.limits)
             self._own.append(job)
             return
         slots = self.slots.place(job.prefilled, edits)
         positions = (runner.positions + 1).tolist()
         views = plan.n_views
-        for b, sample in enumerate(request.samples):
+        for b in range(n):
             mine = slots[b * views : (b + 1) * views]
-            generator = None
-            if job.params.do_sample:
-                generator = sampling_generator(sample.seed, self.device)
-            job.seqs.append(_Seq(b, mine, positions[b * views], generator))
+            job.seqs.append(_Seq(b, mine, positions[b * views], job.limits.generators[b]))
         job.prefilled.runner = None  # its rows live in the slots now
         self._shared.append(job)
         self._choose([(job, seq, job.prefilled.logits[b * views : (b + 1) * views])
@@ -417,14 +416,20 @@ class Engine:
         if params.stop:
 
             def hit(_: int, ids: list[int]) -> bool:
-                return stop_hit(tokenizer, params.stop, ids)
+                return stop_hit(tokenizer, params.stop, ids, params.min_tokens)
 
         return Limits(
             eos_id=self.eos_id,
             pad_id=self.pad_id,
             max_new_tokens=params.max_new_tokens,
-            generators=[sampling_generator(s.seed, self.device) for s in request.samples],
+            generators=[
+                sampling_generator(s.seed, self.device) if params.do_sample else None
+                for s in request.samples
+            ],
             stop_hit=hit,
+            stop_token_ids=params.stop_token_ids,
+            ignore_eos=params.ignore_eos,
+            min_tokens=params.min_tokens,
         )
 
     def _step_shared(self) -> None:
@@ -452,16 +457,22 @@ class Engine:
         then greedy or sampled. One host sync for all of them."""
         if not pending:
             return
+        held = [job.limits.held(len(seq.tokens)) for job, seq, _ in pending]
         scores = torch.cat([
-            combine_views(logits, job.plan, job.step, 1)[:, 0] if job.plan.combines_views
+            combine_views(logits, job.plan, job.step, 1, ids)[:, 0] if job.plan.combines_views
             else logits[:1]
-            for job, _, logits in pending
+            for (job, _, logits), ids in zip(pending, held, strict=True)
         ])  # fmt: skip
-        chosen = scores.argmax(-1)
+        choice = scores  # what the tokens are chosen from; log-probs come from `scores`
+        if any(held):
+            choice = scores.clone()
+            rows = [i for i, ids in enumerate(held) for _ in ids]
+            choice[rows, [token for ids in held for token in ids]] = float("-inf")
+        chosen = choice.argmax(-1)
         for i, (job, seq, _) in enumerate(pending):
             params = job.params
             if params.do_sample:
-                probs = warp(scores[i : i + 1], params).softmax(-1)
+                probs = warp(choice[i : i + 1], params).softmax(-1)
                 chosen[i] = torch.multinomial(probs[0], 1, generator=seq.generator)[0]
             if params.logprobs is not None:
                 seq.logprobs.append(
@@ -479,15 +490,16 @@ class Engine:
                 self._end(job, Event(generations=self._generations(job)))
 
     def _record(self, job: _Job, seq: _Seq, token: int) -> None:
-        """Append a sample's token; finish it at EOS, a stop string or its length limit."""
-        params = job.params
-        if token == self.eos_id:
+        """Append a sample's token; finish it at an ending token (EOS, a stop id; left out), a
+        stop string or its length limit."""
+        limits = job.limits
+        if token in limits.ending:
             seq.reason = "stop"
         else:
             seq.tokens.append(token)
-            if params.stop and stop_hit(self.processor.tokenizer, params.stop, seq.tokens):
+            if limits.stop_hit is not None and limits.stop_hit(seq.sample, seq.tokens):
                 seq.reason = "stop"
-            elif len(seq.tokens) >= params.max_new_tokens:
+            elif len(seq.tokens) >= limits.max_new_tokens:
                 seq.reason = "length"
         if seq.reason is not None:
             self.slots.release(seq.slots)
@@ -502,7 +514,7 @@ class Engine:
             if params.logprobs is not None:
                 [logprobs] = _per_sample(seq.logprobs, [len(seq.tokens)])
             outputs.append(generation(
-                self.processor.tokenizer, seq.tokens, seq.reason, params.stop,
+                self.processor.tokenizer, seq.tokens, seq.reason, params,
                 prefilled.prompt_tokens[seq.sample], plan.config_id, notes[seq.sample], logprobs,
             ))  # fmt: skip
         return outputs
@@ -525,7 +537,7 @@ class Engine:
         rows = zip(result.tokens, result.finish_reasons, event.prompt_tokens, notes, logprobs,
                    strict=True)  # fmt: skip
         outputs = [
-            generation(tokenizer, ids, reason, params.stop, prompt, config_id, views, steps)
+            generation(tokenizer, ids, reason, params, prompt, config_id, views, steps)
             for ids, reason, prompt, views, steps in rows
         ]
         self._end(job, Event(generations=outputs))
