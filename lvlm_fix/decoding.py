@@ -218,8 +218,14 @@ def view_seed(seed: int | None) -> int:
     return 0 if seed is None else (seed * 1_000_003 + 17) % (2**63)
 
 
-def combine_views(logits: torch.Tensor, plan: Plan, step: int, groups: int) -> torch.Tensor:
-    """Per-view logits [R, V] -> combined scores [B, G, V] (the plausibility cut on view 0)."""
+def combine_views(
+    logits: torch.Tensor, plan: Plan, step: int, groups: int, held: tuple[int, ...] = ()
+) -> torch.Tensor:
+    """Per-view logits [R, V] -> combined scores [B, G, V] (the plausibility cut on view 0).
+
+    held: tokens the search will mask (`Limits.held`). The cut is taken relative to the best
+    token it may pick: one held token dominating would otherwise leave nothing plausible.
+    """
     n_views = plan.n_views
     per_view = logits.view(-1, groups, n_views, logits.shape[-1])  # [B, G, views, V]
     original = per_view[:, :, 0]
@@ -228,7 +234,11 @@ def combine_views(logits: torch.Tensor, plan: Plan, step: int, groups: int) -> t
     weights = torch.tensor(plan.view_weights(step), device=logits.device)
     scores = torch.einsum("v,bgvk->bgk", weights, per_view)
     if plan.plausibility_beta is not None:
-        cutoff = original.max(-1, keepdim=True).values + torch.log(
+        pickable = original
+        if held:
+            ids = torch.tensor(held, device=logits.device)
+            pickable = original.index_fill(-1, ids, float("-inf"))
+        cutoff = pickable.max(-1, keepdim=True).values + torch.log(
             torch.tensor(plan.plausibility_beta)
         )
         scores = scores.masked_fill(original < cutoff, float("-inf"))
@@ -283,7 +293,8 @@ def decode_steps(prefilled: Prefilled, plan: Plan, limits: Limits) -> Iterator[D
     state = search.start(n_samples, limits, logits.device)
     step_index = 0
     while True:
-        scores = combine_views(logits, plan, step_index, search.width)
+        # step_index: tokens generated so far (OPERA rolls back, but has no views to cut)
+        scores = combine_views(logits, plan, step_index, search.width, limits.held(step_index))
         step = search.step(scores, state, runner)
         step_index += 1
         if step.parents is not None:

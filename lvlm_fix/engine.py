@@ -200,6 +200,7 @@ class _Job:
     request: Request
     batch: object | None = None  # the PromptBatch, built when it is first considered
     prefilled: Prefilled | None = None
+    limits: Limits | None = None  # how its samples end, in either lane (set at prefill)
     seqs: list[_Seq] = field(default_factory=list)  # shared lane
     steps: object | None = None  # own lane: the decode_steps iterator
     step: int = 0  # tokens chosen so far
@@ -437,7 +438,8 @@ class Engine:
             edits = decode_edits(prefilled, job.plan, self.info)
         if edits is None:  # a lane of its own
             job.batch, job.prefilled = None, prefilled
-            job.steps = decode_steps(prefilled, job.plan, self._limits(job.request))
+            job.limits = self._limits(job.request)
+            job.steps = decode_steps(prefilled, job.plan, job.limits)
             self._own.append(job)
             return
         self._place([job], prefilled, edits)
@@ -456,11 +458,10 @@ class Engine:
             job.prefilled = Prefilled(None, prefilled.logits[rows],
                                       prefilled.prompt_tokens[samples],
                                       prefilled.view_notes[samples])  # fmt: skip
-            for b, sample in enumerate(job.request.samples):
+            job.limits = self._limits(job.request)
+            for b in range(n):
                 row = (first + b) * views
-                generator = None
-                if job.params.do_sample:
-                    generator = sampling_generator(sample.seed, self.device)
+                generator = job.limits.generators[b]
                 job.seqs.append(_Seq(b, slots[row : row + views], positions[row], generator))
             job.batch = None
             self._shared.append(job)
@@ -475,14 +476,20 @@ class Engine:
         if params.stop:
 
             def hit(_: int, ids: list[int]) -> bool:
-                return stop_hit(tokenizer, params.stop, ids)
+                return stop_hit(tokenizer, params.stop, ids, params.min_tokens)
 
         return Limits(
             eos_id=self.eos_id,
             pad_id=self.pad_id,
             max_new_tokens=params.max_new_tokens,
-            generators=[sampling_generator(s.seed, self.device) for s in request.samples],
+            generators=[
+                sampling_generator(s.seed, self.device) if params.do_sample else None
+                for s in request.samples
+            ],
             stop_hit=hit,
+            stop_token_ids=params.stop_token_ids,
+            ignore_eos=params.ignore_eos,
+            min_tokens=params.min_tokens,
         )
 
     def _step_shared(self) -> None:
@@ -510,16 +517,22 @@ class Engine:
         then greedy or sampled. One host sync for all of them."""
         if not pending:
             return
+        held = [job.limits.held(len(seq.tokens)) for job, seq, _ in pending]
         scores = torch.cat([
-            combine_views(logits, job.plan, job.step, 1)[:, 0] if job.plan.combines_views
+            combine_views(logits, job.plan, job.step, 1, ids)[:, 0] if job.plan.combines_views
             else logits[:1]
-            for job, _, logits in pending
+            for (job, _, logits), ids in zip(pending, held, strict=True)
         ])  # fmt: skip
-        chosen = scores.argmax(-1)
+        choice = scores  # what the tokens are chosen from; log-probs come from `scores`
+        if any(held):
+            choice = scores.clone()
+            rows = [i for i, ids in enumerate(held) for _ in ids]
+            choice[rows, [token for ids in held for token in ids]] = float("-inf")
+        chosen = choice.argmax(-1)
         for i, (job, seq, _) in enumerate(pending):
             params = job.params
             if params.do_sample:
-                probs = warp(scores[i : i + 1], params).softmax(-1)
+                probs = warp(choice[i : i + 1], params).softmax(-1)
                 chosen[i] = torch.multinomial(probs[0], 1, generator=seq.generator)[0]
             if params.logprobs is not None:
                 seq.logprobs.append(
@@ -537,15 +550,16 @@ class Engine:
                 self._end(job, Event(generations=self._generations(job)))
 
     def _record(self, job: _Job, seq: _Seq, token: int) -> None:
-        """Append a sample's token; finish it at EOS, a stop string or its length limit."""
-        params = job.params
-        if token == self.eos_id:
+        """Append a sample's token; finish it at an ending token (EOS, a stop id; left out), a
+        stop string or its length limit."""
+        limits = job.limits
+        if token in limits.ending:
             seq.reason = "stop"
         else:
             seq.tokens.append(token)
-            if params.stop and stop_hit(self.processor.tokenizer, params.stop, seq.tokens):
+            if limits.stop_hit is not None and limits.stop_hit(seq.sample, seq.tokens):
                 seq.reason = "stop"
-            elif len(seq.tokens) >= params.max_new_tokens:
+            elif len(seq.tokens) >= limits.max_new_tokens:
                 seq.reason = "length"
         if seq.reason is not None:
             self.slots.release(seq.slots)
@@ -560,7 +574,7 @@ class Engine:
             if params.logprobs is not None:
                 [logprobs] = _per_sample(seq.logprobs, [len(seq.tokens)])
             outputs.append(generation(
-                self.processor.tokenizer, seq.tokens, seq.reason, params.stop,
+                self.processor.tokenizer, seq.tokens, seq.reason, params,
                 prefilled.prompt_tokens[seq.sample], plan.config_id, notes[seq.sample], logprobs,
             ))  # fmt: skip
         return outputs
@@ -583,7 +597,7 @@ class Engine:
         rows = zip(result.tokens, result.finish_reasons, event.prompt_tokens, notes, logprobs,
                    strict=True)  # fmt: skip
         outputs = [
-            generation(tokenizer, ids, reason, params.stop, prompt, config_id, views, steps)
+            generation(tokenizer, ids, reason, params, prompt, config_id, views, steps)
             for ids, reason, prompt, views, steps in rows
         ]
         self._end(job, Event(generations=outputs))

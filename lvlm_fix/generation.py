@@ -1,6 +1,10 @@
 """What a finished sample becomes (`Generation`), and the text rules shared by every way of
 getting one: the answer is cut at the first stop string and stripped; a streamed piece is sent
-only once later tokens cannot change it."""
+only once later tokens cannot change it.
+
+Stop strings and min_tokens act as in vLLM: its detokenizer checks stop strings only once a
+sample has more than min_tokens tokens, in the text that came after the first min_tokens tokens,
+so a stop string counts only where it ends after their text."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from pydantic import BaseModel
 
+from lvlm_fix.params import GenerationParams
 from lvlm_fix.search import TokenLogprobs
 
 
@@ -30,12 +35,30 @@ def decode_text(tokenizer, ids: Sequence[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-def answer(tokenizer, ids: Sequence[int], stops: Sequence[str]) -> tuple[str, bool]:
-    """The answer text of generated `ids`: cut before the first stop string, then stripped of
-    surrounding whitespace; and whether a stop string was found."""
+def answer(
+    tokenizer, ids: Sequence[int], stops: Sequence[str], min_tokens: int = 0
+) -> tuple[str, bool]:
+    """The answer text of generated `ids`: cut before the first stop string (one that ends
+    after the first min_tokens tokens' text), then stripped of surrounding whitespace; and
+    whether a stop string was found."""
     text = decode_text(tokenizer, ids)
-    cut = min((text.index(stop) for stop in stops if stop in text), default=None)
+    cut = _first_stop(text, stops, _unchecked(tokenizer, ids, min_tokens))
     return text[:cut].strip(), cut is not None
+
+
+def _unchecked(tokenizer, ids: Sequence[int], min_tokens: int) -> int:
+    """How many leading characters of the text of `ids` stop strings cannot end in: those of
+    its first min_tokens tokens. A character they leave unfinished (U+FFFD) is completed by a
+    later token, whose text vLLM checks."""
+    if min_tokens <= 0:
+        return 0
+    return len(decode_text(tokenizer, ids[:min_tokens]).rstrip("\ufffd"))
+
+
+def _first_stop(text: str, stops: Sequence[str], unchecked: int) -> int | None:
+    """Where the first stop string in `text` that ends after text[:unchecked] begins."""
+    starts = (text.find(stop, max(unchecked - len(stop) + 1, 0)) for stop in stops)
+    return min((start for start in starts if start >= 0), default=None)
 
 
 def settled(text: str, stops: Sequence[str]) -> str:
@@ -55,15 +78,18 @@ class TextPieces:
     text, then `finish` with the final `Generation` for the rest; the pieces concatenate to its
     text. Uses the tokenizer: call it from the thread that owns it (the engine's)."""
 
-    def __init__(self, tokenizer, stops: Sequence[str]):
-        self.tokenizer, self.stops = tokenizer, stops
+    def __init__(self, tokenizer, params: GenerationParams):
+        self.tokenizer, self.params = tokenizer, params
         self.ids: list[int] = []
         self.sent = ""
 
     def add(self, token: int) -> str:
+        if token in self.params.stop_token_ids:  # it ends the sample, outside its text
+            return ""
         self.ids.append(token)
-        text, stopped = answer(self.tokenizer, self.ids, self.stops)
-        return self._send(text if stopped else settled(text, self.stops))
+        stops = self.params.stop
+        text, stopped = answer(self.tokenizer, self.ids, stops, self.params.min_tokens)
+        return self._send(text if stopped else settled(text, stops))
 
     def finish(self, final: Generation) -> str:
         return self._send(final.text)
@@ -75,10 +101,15 @@ class TextPieces:
         return piece
 
 
-def stop_hit(tokenizer, stops: Sequence[str], ids: Sequence[int]) -> bool:
-    """Whether the last tokens of `ids` spell one of the stop strings."""
-    text = decode_text(tokenizer, ids[-32:])
-    return any(stop in text for stop in stops)
+def stop_hit(tokenizer, stops: Sequence[str], ids: Sequence[int], min_tokens: int = 0) -> bool:
+    """Whether the last tokens of `ids` spell one of the stop strings (one that ends after the
+    first min_tokens tokens' text)."""
+    if len(ids) <= min_tokens:
+        return False
+    start = max(len(ids) - 32, 0)
+    window = ids[start:]
+    unchecked = _unchecked(tokenizer, window, min_tokens - start)
+    return _first_stop(decode_text(tokenizer, window), stops, unchecked) is not None
 
 
 def sampling_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -92,11 +123,11 @@ def sampling_generator(seed: int | None, device: torch.device) -> torch.Generato
 
 
 def generation(
-    tokenizer, ids: list[int], reason: str, stops: Sequence[str], prompt_tokens: int,
+    tokenizer, ids: list[int], reason: str, params: GenerationParams, prompt_tokens: int,
     config_id: str, views: dict[str, list[str]], logprobs: list[TokenLogprobs] | None,
 ) -> Generation:  # fmt: skip
-    """One sample's `Generation` from its generated ids (EOS excluded)."""
-    text, stopped = answer(tokenizer, ids, stops)
+    """One sample's `Generation` from its generated ids (the token that ended it excluded)."""
+    text, stopped = answer(tokenizer, ids, params.stop, params.min_tokens)
     return Generation(
         text=text,
         token_ids=ids,

@@ -180,7 +180,7 @@ class LVLM:
         if plan.search.width > 1:
             raise ValueError("streaming is not available with a beam search strategy")
         pieces: queue.SimpleQueue[str | Generation | BaseException] = queue.SimpleQueue()
-        text = TextPieces(self.processor.tokenizer, params.stop)
+        text = TextPieces(self.processor.tokenizer, params)
 
         def listener(event: Event) -> None:  # on the engine's thread, which owns the tokenizer
             if event.error is not None:

@@ -78,6 +78,7 @@ def compile_plan(
     params: GenerationParams,
 ) -> Plan:
     """Parse, validate and merge the interventions of one request."""
+    params.check_vocab(model.vocab_size)
     interventions = [parse_intervention(spec) for spec in specs]
     _check_conflicts(interventions)
     active = [i for i in interventions if not i.is_neutral()]

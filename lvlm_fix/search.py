@@ -33,20 +33,46 @@ class TokenLogprobs:
 
 @dataclass
 class SearchResult:
-    tokens: list[list[int]]  # generated ids per sample, without the final EOS / padding
-    finish_reasons: list[str]  # "stop" (EOS or stop string) or "length"
+    tokens: list[list[int]]  # generated ids per sample, without the ending token / padding
+    finish_reasons: list[str]  # "stop" (EOS, a stop id or a stop string) or "length"
     logprobs: list[list[TokenLogprobs]] | None = None  # per sample, one per token in `tokens`
 
 
 @dataclass
 class Limits:
-    """Per-request stopping facts every search shares."""
+    """Per-request stopping facts every search shares.
+
+    The stop extras act as vLLM's (SamplingParams): a token of `ending` ends its sample and is
+    left out of its tokens; with ignore_eos, EOS is an ordinary token. Until a sample has
+    min_tokens tokens, EOS and the stop ids are masked out of its scores (EOS even with
+    ignore_eos: vLLM's min-tokens processor masks the model's EOS whatever ignore_eos says), and
+    stop strings are not checked (the engine's `stop_hit` knows min_tokens).
+    """
 
     eos_id: int
     pad_id: int
     max_new_tokens: int
     generators: list[torch.Generator | None]  # per sample, for sampling
     stop_hit: Any = None  # callable(sample, token ids) -> bool, or None when no stop strings
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+    @property
+    def ending(self) -> tuple[int, ...]:
+        """The tokens that end a sample."""
+        return self.stop_token_ids if self.ignore_eos else (self.eos_id, *self.stop_token_ids)
+
+    def held(self, generated: int) -> tuple[int, ...]:
+        """The tokens masked out of a sample's scores once it has `generated` tokens."""
+        return (self.eos_id, *self.stop_token_ids) if generated < self.min_tokens else ()
+
+    def hold(self, scores: torch.Tensor, generated: int) -> torch.Tensor:
+        """scores [..., V] with `held(generated)` at -inf (a copy; `scores` if none is held)."""
+        held = self.held(generated)
+        if not held:
+            return scores
+        return scores.index_fill(-1, torch.tensor(held, device=scores.device), float("-inf"))
 
 
 class Search(Protocol):
@@ -92,12 +118,22 @@ def sample_rows(scores: torch.Tensor, generators: list[torch.Generator | None]) 
     return torch.cat(picks)
 
 
+def _ended(
+    row: list[int], ending: set[int], stopped_at: int | None = None
+) -> tuple[list[int], str]:
+    """A sample's kept tokens and finish reason from the tokens it was fed: up to its first
+    ending token (left out), else up to `stopped_at` (a stop string's end), else all."""
+    end = next((i for i, token in enumerate(row) if token in ending), stopped_at)
+    return (row, "length") if end is None else (row[:end], "stop")
+
+
 @dataclass
 class _SingleState:
+    limits: Limits
+    ending: torch.Tensor  # long: `limits.ending` on the device
     finished: torch.Tensor  # bool [B]
     tokens: list[torch.Tensor] = field(default_factory=list)  # each long [B]
-    stopped: list[bool] = field(default_factory=list)  # stop string seen, per sample
-    limits: Limits | None = None
+    stopped_at: list[int | None] = field(default_factory=list)  # per sample, see `_ended`
     # With params.logprobs: per step, (chosen [B], top values [B, k], top ids [B, k]).
     logprobs: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
 
@@ -112,38 +148,42 @@ class SingleSearch:
     params: GenerationParams
 
     def start(self, batch_size: int, limits: Limits, device: torch.device) -> _SingleState:
-        finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
-        return _SingleState(finished=finished, stopped=[False] * batch_size, limits=limits)
+        return _SingleState(
+            limits=limits,
+            ending=torch.tensor(limits.ending, dtype=torch.long, device=device),
+            finished=torch.zeros(batch_size, dtype=torch.bool, device=device),
+            stopped_at=[None] * batch_size,
+        )
 
     def step(self, scores: torch.Tensor, state: _SingleState, runner: Any) -> Step:
         limits = state.limits
         scores = scores[:, 0]  # [B, V]
+        # Every sample has been fed one token per step (finished ones padding), so they all
+        # hold the same tokens back; log-probs are reported from the scores before that.
+        choice = limits.hold(scores, len(state.tokens))
         if self.params.do_sample:
-            tokens = sample_rows(warp(scores, self.params), limits.generators)
+            tokens = sample_rows(warp(choice, self.params), limits.generators)
         else:
-            tokens = scores.argmax(-1)
+            tokens = choice.argmax(-1)
         tokens = tokens.masked_fill(state.finished, limits.pad_id)
         if self.params.logprobs is not None:
             state.logprobs.append(_logprobs(scores, tokens, self.params.logprobs))
         state.tokens.append(tokens)
-        state.finished |= tokens == limits.eos_id
+        state.finished |= torch.isin(tokens, state.ending)
         if limits.stop_hit is not None:
             ids = torch.stack(state.tokens, 1).tolist()
             for b, row in enumerate(ids):
                 if not state.finished[b] and limits.stop_hit(b, row):
-                    state.stopped[b] = True
+                    state.stopped_at[b] = len(row)
                     state.finished[b] = True
         done = len(state.tokens) >= limits.max_new_tokens or bool(state.finished.all())
         return Step(tokens=tokens[:, None], parents=None, done=done)
 
     def result(self, state: _SingleState) -> SearchResult:
-        ids = torch.stack(state.tokens, 1).tolist() if state.tokens else []
-        tokens, reasons = [], []
-        for b, row in enumerate(ids):
-            eos = state.limits.eos_id
-            ended = eos in row or state.stopped[b]
-            tokens.append(row[: row.index(eos)] if eos in row else row)
-            reasons.append("stop" if ended else "length")
+        ids = torch.stack(state.tokens, 1).tolist()  # decode_steps steps before it asks
+        ending = set(state.limits.ending)
+        ended = [_ended(row, ending, at) for row, at in zip(ids, state.stopped_at, strict=True)]
+        tokens, reasons = [row for row, _ in ended], [reason for _, reason in ended]
         logprobs = None
         if self.params.logprobs is not None:
             logprobs = _per_sample(state.logprobs, [len(row) for row in tokens])
@@ -152,8 +192,8 @@ class SingleSearch:
 
 def _logprobs(scores: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
     """Log-probs of one step from the combined scores [B, V] (interventions applied, before
-    temperature / top-k / top-p): the chosen tokens' [B] and the k best [B, k]. They stay on
-    the device until the end, so a step costs no host sync."""
+    min_tokens' mask and temperature / top-k / top-p): the chosen tokens' [B] and the k best
+    [B, k]. They stay on the device until the end, so a step costs no host sync."""
     log_probs = scores.float().log_softmax(-1)
     chosen = log_probs.gather(-1, tokens[:, None])[:, 0]
     top = log_probs.topk(k, dim=-1)
@@ -177,6 +217,7 @@ def _per_sample(steps: list[tuple[torch.Tensor, ...]], lengths: list[int]):
 @dataclass
 class _BeamState:
     limits: Limits
+    ending: torch.Tensor  # long: `limits.ending` on the device
     running: torch.Tensor  # long [B, K, T] running beams' tokens
     running_scores: torch.Tensor  # [B, K] sum of log-probs
     best: torch.Tensor  # long [B, K, T] finished hypotheses (length-normalised scores)
@@ -203,6 +244,7 @@ class BeamSearch:
         scores[:, 1:] = -1e9  # all beams start identical: only the first one may expand
         return _BeamState(
             limits=limits,
+            ending=torch.tensor(limits.ending, dtype=torch.long, device=device),
             running=running,
             running_scores=scores,
             best=running.clone(),
@@ -215,12 +257,9 @@ class BeamSearch:
         return advance_beams(st, scores.float().log_softmax(-1), self.params)
 
     def result(self, st: _BeamState) -> SearchResult:
-        tokens, reasons = [], []
-        eos = st.limits.eos_id
-        for row in st.best[:, 0, : st.length].tolist():
-            tokens.append(row[: row.index(eos)] if eos in row else row)
-            reasons.append("stop" if eos in row else "length")
-        return SearchResult(tokens, reasons)
+        ending = set(st.limits.ending)
+        ended = [_ended(row, ending) for row in st.best[:, 0, : st.length].tolist()]
+        return SearchResult([row for row, _ in ended], [reason for _, reason in ended])
 
 
 def advance_beams(
@@ -232,15 +271,18 @@ def advance_beams(
     normalised by the generated length, the last token included (current transformers). With
     `prompt_ids`, by transformers 4.29's length instead (OPERA's reference, spec §1.4): the
     hypothesis's ids, prompt_ids of prompt included, a final EOS not (it is never appended).
+    The stop ids end hypotheses as EOS does, and min_tokens masks the log-probs as
+    transformers' MinNewTokensLengthLogitsProcessor does: after the log-softmax.
     """
     B, K, V = log_probs.shape
     t, limits = st.length, st.limits
-    log_probs = log_probs + st.running_scores[:, :, None]
+    log_probs = limits.hold(log_probs, t) + st.running_scores[:, :, None]
     top_scores, top_index = torch.topk(log_probs.view(B, K * V), 2 * K)  # [B, 2K]
     source, token = top_index // V, top_index % V
     candidates = torch.take_along_dim(st.running, source[:, :, None], 1)
     candidates[:, :, t] = token
-    ends = (token == limits.eos_id) | (t + 1 >= limits.max_new_tokens)  # [B, 2K]
+    stopped = torch.isin(token, st.ending)  # [B, 2K]
+    ends = stopped | (t + 1 >= limits.max_new_tokens)
 
     # Running beams: the best K candidates that did not end.
     alive_scores = top_scores + ends.float() * -1e9
@@ -252,7 +294,7 @@ def advance_beams(
     # Finished hypotheses: candidates among the top K that ended, length-normalised.
     just_done = ends.clone()
     just_done[:, K:] = False
-    length = t + 1 if prompt_ids is None else prompt_ids + t + 1 - (token == limits.eos_id).float()
+    length = t + 1 if prompt_ids is None else prompt_ids + t + 1 - stopped.float()
     normed = top_scores / (length**params.length_penalty)
     full = st.best_done.all(-1, keepdim=True) & params.early_stopping
     normed = normed + full.float() * -1e9 + (~st.improvable).float() * -1e9

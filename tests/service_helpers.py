@@ -105,7 +105,11 @@ BAD_REQUESTS = [
         400,
         "tools",
     ),
-    ("/v1/chat/completions", {**chat_body(), "ignore_eos": True}, 400, "ignore_eos"),
+    ("/v1/chat/completions", {**chat_body(), "ignore_eos": "sometimes"}, 400, "ignore_eos"),
+    ("/v1/chat/completions", {**chat_body(), "min_tokens": -1}, 400, "min_tokens"),
+    ("/v1/chat/completions", {**chat_body(), "min_tokens": 7}, 400, "min_tokens"),
+    ("/v1/chat/completions", {**chat_body(), "stop_token_ids": [-1]}, 400, "stop_token_ids"),
+    ("/v1/chat/completions", {**chat_body(), "stop_token_ids": [10**6]}, 400, "stop_token_ids"),
     ("/v1/chat/completions", {**chat_body(), "use_beam_search": True, "n": 2}, 400, "best_of"),
     ("/v1/chat/completions", {**chat_body(), "best_of": 3}, 400, "use_beam_search"),
     (

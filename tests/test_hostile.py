@@ -225,6 +225,14 @@ def test_every_intervention_field_is_bounded(lvlm):
             assert field in reply.json()["error"]["message"], (name, field)
 
 
+def test_stop_token_ids_are_bounded(lvlm):
+    with serve(lvlm) as client:
+        for ids in ([0] * 100_000, [2**62], [-(2**62)]):
+            reply = chat(client, stop_token_ids=ids)
+            assert reply.status_code == 400, reply.text
+            assert reply.json()["error"]["param"] == "stop_token_ids"
+
+
 class Exploding(Intervention):
     """A real view whose image function fails at run time, as a server fault would."""
 

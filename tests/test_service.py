@@ -596,6 +596,33 @@ def test_neutral_values_of_unimplemented_fields_are_accepted(http):
     assert reply.json()["choices"][0]["token_ids"] == plain["choices"][0]["token_ids"]
 
 
+def test_vllm_stop_extras_as_in_process(http, lvlm):
+    image = png(color="orange")
+    plain = http.post("/v1/chat/completions", json=chat_body(image=image, max_tokens=8)).json()
+    ids = plain["choices"][0]["token_ids"]
+    first = ids[0]
+    later = next(token for token in ids if token != first)
+    cut = http.post(
+        "/v1/chat/completions", json=chat_body(image=image, max_tokens=8, stop_token_ids=[later])
+    ).json()
+    assert cut["choices"][0]["token_ids"] == ids[: ids.index(later)]
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    for extras in [{"min_tokens": 4, "stop_token_ids": [first]}, {"ignore_eos": True}]:
+        body = chat_body(image=image, max_tokens=8, **extras)
+        reply = http.post("/v1/chat/completions", json=body)
+        assert reply.status_code == 200, reply.text
+        params = GenerationParams(max_new_tokens=8, **extras)
+        [expected] = lvlm.generate([chat_sample("What is in the image?", image)], (), params)
+        [got] = reply.json()["choices"]
+        assert got["token_ids"] == expected.token_ids
+        assert got["message"]["content"] == expected.text
+    vocab = lvlm.info.vocab_size
+    outside = http.post("/v1/chat/completions", json=chat_body(stop_token_ids=[5, vocab]))
+    assert outside.status_code == 400 and outside.json()["error"]["param"] == "stop_token_ids"
+    many = http.post("/v1/chat/completions", json=chat_body(min_tokens=7))
+    assert many.status_code == 400 and many.json()["error"]["param"] == "min_tokens"
+
+
 def test_logprobs_from_the_combined_scores(http, lvlm):
     image = png(color="gray")
     body = chat_body(image=image, logprobs=True, top_logprobs=3, max_tokens=5)

@@ -207,6 +207,8 @@ class OperaSearch:
         cfg = self.config
         B, K, V = scores.shape
         C = min(cfg.candidates, V)
+        # Tokens min_tokens holds back are no candidates: no beam could take them (advance_beams)
+        scores = torch.stack([st.limits.hold(scores[b], s.t) for b, s in enumerate(st.samples)])
         cand_z, cand_ids = scores.topk(C, -1)  # [B, K, C] raw logits and their ids
         rows = torch.arange(B * K, device=scores.device)
         runner.select_rows(rows.repeat_interleave(C))

@@ -75,7 +75,7 @@ class LocalEngine:
     async def stream(self, job: Job) -> AsyncIterator[str | Generation | Timing]:
         """Text pieces of a one-sample job, its final `Generation` (finish reason, usage), then
         its `Timing`. A piece is sent once later tokens cannot change it (`TextPieces`)."""
-        pieces = TextPieces(self.lvlm.processor.tokenizer, job.params.stop)
+        pieces = TextPieces(self.lvlm.processor.tokenizer, job.params)
 
         def translate(event: Event) -> list:
             if event.generations is not None:

@@ -130,9 +130,12 @@ class GenerationFields(_Wire):
                 **more,
             )
         except ValidationError as error:
-            field = str(error.errors()[0]["loc"][0]) if error.errors()[0]["loc"] else None
-            message = error.errors()[0]["msg"].removeprefix("Value error, ")
-            raise RequestError(message, PARAM_NAMES.get(field, field)) from None
+            first = error.errors()[0]
+            field = str(first["loc"][0]) if first["loc"] else None
+            param = PARAM_NAMES.get(field, field)
+            message = first["msg"].removeprefix("Value error, ")
+            # Named as a schema error is (app.py), when the error belongs to one field.
+            raise RequestError(f"{param}: {message}" if param else message, param) from None
 
 
 # GenerationParams' names -> the request fields that set them (for error messages).
@@ -151,16 +154,13 @@ UNSUPPORTED = {
     "tool_choice": (lambda v: v in (None, "none", "auto"), '"none"'),
     "min_p": (lambda v: not v, "0"),
     "repetition_penalty": (lambda v: v in (None, 1), "1"),
-    # vLLM's, not in our decode loop (yet): refused rather than silently ignored.
-    "min_tokens": (lambda v: not v, "0"),
-    "ignore_eos": (lambda v: not v, "false"),
-    "stop_token_ids": (lambda v: not v, "[]"),
 }
 
 
 class ChatCompletionRequest(GenerationFields):
     """POST /v1/chat/completions: OpenAI's fields, plus vLLM's sampling extras that the decode
-    loop has (top_k, use_beam_search/best_of, length_penalty) and our `interventions`."""
+    loop has (top_k, use_beam_search/best_of, length_penalty, min_tokens, ignore_eos,
+    stop_token_ids) and our `interventions`."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Overrides max_tokens.")
@@ -183,10 +183,14 @@ class ChatCompletionRequest(GenerationFields):
     tool_choice: str | dict[str, Any] | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
-    min_tokens: int = 0
-    ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
-    # vLLM's extras that map onto GenerationParams.
+    # vLLM's extras that map onto GenerationParams (which bounds them and says what they do).
+    min_tokens: int = Field(
+        0, description="vLLM: tokens a choice has before EOS or a stop may end it."
+    )
+    ignore_eos: bool = Field(False, description="vLLM: EOS does not end a choice.")
+    stop_token_ids: list[int] | None = Field(
+        None, description="vLLM: token ids that end a choice, left out of its text."
+    )
     top_k: int | None = Field(None, ge=-1, description="Keep the k best tokens (0 or -1 = off).")
     use_beam_search: bool = Field(False, description="vLLM: beam search of width best_of.")
     best_of: int | None = Field(None, ge=1, le=16, description="vLLM: the beam width.")
@@ -215,15 +219,24 @@ class ChatCompletionRequest(GenerationFields):
         if not self.use_beam_search and self.best_of not in (None, self.n):
             raise RequestError("best_of other than n needs use_beam_search=true", "best_of")
 
-    def chat_params(self, config: ServeConfig) -> GenerationParams:
-        return self.to_params(
+    def chat_params(self, config: ServeConfig, vocab_size: int) -> GenerationParams:
+        """GenerationParams for a model of `vocab_size` token ids (400 naming a bad field)."""
+        params = self.to_params(
             config,
             self.max_completion_tokens or self.max_tokens,
             top_k=max(self.top_k or 0, 0),
             num_beams=(self.best_of or 1) if self.use_beam_search else 1,
             length_penalty=self.length_penalty,
             logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+            min_tokens=self.min_tokens,
+            ignore_eos=self.ignore_eos,
+            stop_token_ids=tuple(self.stop_token_ids or ()),
         )
+        try:
+            params.check_vocab(vocab_size)
+        except ValueError as error:
+            raise RequestError(str(error), "stop_token_ids") from None
+        return params
 
     def conversation(self) -> tuple[tuple[Turn, ...], list[str]]:
         """The chat as turns (parts in the order sent, None where an image goes) and the

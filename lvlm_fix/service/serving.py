@@ -340,7 +340,7 @@ class Serving:
                 raise s.RequestError("stream=true supports n=1 only", "n")
             turns, urls = request.conversation()
             self._check_prompt(s.chat_text(turns), len(urls))
-            params = request.chat_params(self.config)
+            params = request.chat_params(self.config, self.engine.info.vocab_size)
         except s.RequestError as error:
             raise ServiceError(error.status, str(error), error.param) from None
         model, specs = self._specs(request)
