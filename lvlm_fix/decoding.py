@@ -196,6 +196,7 @@ def build_rows(processor, image_token_id: int, plan: Plan, samples: list[Sample]
             prompts.append(sample.prompt(processor, with_images=bool(kept)))
             images.append(kept)
     batch = encode_rows(processor, image_token_id, prompts, images, device)
+    image_tokens = tuple(batch.layout.n_image[:: len(plan.views) + 1].tolist())
     pad_id = processor.tokenizer.pad_token_id or 0
     if stripped:
         rows = torch.zeros(len(prompts), dtype=torch.bool, device=device)
@@ -210,7 +211,7 @@ def build_rows(processor, image_token_id: int, plan: Plan, samples: list[Sample]
             where = (batch.image_rows == row).nonzero().flatten()
             pixels[where] = fn(pixels[where], generator).to(pixels.dtype)
         batch = replace(batch, pixel_values=pixels)
-    return replace(batch, view_notes=tuple(notes))
+    return replace(batch, view_notes=tuple(notes), image_tokens=image_tokens)
 
 
 def view_seed(seed: int | None) -> int:
@@ -261,6 +262,7 @@ class DecodeEvent:
     result: SearchResult | None = None
     prompt_tokens: tuple[int, ...] = ()  # per sample, original view, padding excluded
     view_notes: tuple[dict[str, list[str]], ...] = ()  # per sample, see PromptBatch
+    image_tokens_pruned: tuple[int, ...] = ()  # per sample, see Prefilled
 
 
 @dataclass
@@ -272,6 +274,9 @@ class Prefilled:
     logits: torch.Tensor
     prompt_tokens: tuple[int, ...]  # per sample, original view, padding excluded
     view_notes: tuple[dict[str, list[str]], ...]  # per sample, see PromptBatch
+    # per sample: image tokens that pruning removed (a vision stage, or LLM layers: counted at
+    # the last layer, the one that keeps fewest)
+    image_tokens_pruned: tuple[int, ...] = ()
 
 
 def prefill(model, info, plan: Plan, batch: PromptBatch, n_samples: int) -> Prefilled:
@@ -281,9 +286,12 @@ def prefill(model, info, plan: Plan, batch: PromptBatch, n_samples: int) -> Pref
     state = RowState.start(plan.views, n_samples, batch.input_ids.device)
     runner = Runner(model, batch, plan, state, info.num_layers)
     logits = runner.prefill()
+    last = runner.layout.at_layer(info.num_layers - 1).image_mask[::rows_per_sample]
+    kept = last.sum(-1).tolist()
+    pruned = tuple(full - k for full, k in zip(batch.image_tokens, kept, strict=True))
     rows = _after_prefill_rows(plan, n_samples, plan.search.width, batch.input_ids.device)
     runner.select_rows(rows)
-    return Prefilled(runner, logits[rows], prompt_tokens, batch.view_notes)
+    return Prefilled(runner, logits[rows], prompt_tokens, batch.view_notes, pruned)
 
 
 def decode_steps(prefilled: Prefilled, plan: Plan, limits: Limits) -> Iterator[DecodeEvent]:
@@ -308,7 +316,9 @@ def decode_steps(prefilled: Prefilled, plan: Plan, limits: Limits) -> Iterator[D
             tokens = step.tokens.repeat_interleave(plan.n_views, dim=1).reshape(-1, 1)
             logits = runner.forward(tokens)[:, -1]
     result = search.result(state)
-    yield DecodeEvent(None, result, prefilled.prompt_tokens, prefilled.view_notes)
+    yield DecodeEvent(
+        None, result, prefilled.prompt_tokens, prefilled.view_notes, prefilled.image_tokens_pruned
+    )
 
 
 def decode(

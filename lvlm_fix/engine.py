@@ -457,7 +457,8 @@ class Engine:
             samples = slice(first, first + n)
             job.prefilled = Prefilled(None, prefilled.logits[rows],
                                       prefilled.prompt_tokens[samples],
-                                      prefilled.view_notes[samples])  # fmt: skip
+                                      prefilled.view_notes[samples],
+                                      prefilled.image_tokens_pruned[samples])  # fmt: skip
             job.limits = self._limits(job.request)
             for b in range(n):
                 row = (first + b) * views
@@ -576,6 +577,7 @@ class Engine:
             outputs.append(generation(
                 self.processor.tokenizer, seq.tokens, seq.reason, params,
                 prefilled.prompt_tokens[seq.sample], plan.config_id, notes[seq.sample], logprobs,
+                prefilled.image_tokens_pruned[seq.sample],
             ))  # fmt: skip
         return outputs
 
@@ -595,10 +597,10 @@ class Engine:
         logprobs = result.logprobs or (None,) * len(result.tokens)
         tokenizer, config_id = self.processor.tokenizer, job.plan.config_id
         rows = zip(result.tokens, result.finish_reasons, event.prompt_tokens, notes, logprobs,
-                   strict=True)  # fmt: skip
+                   event.image_tokens_pruned, strict=True)  # fmt: skip
         outputs = [
-            generation(tokenizer, ids, reason, params, prompt, config_id, views, steps)
-            for ids, reason, prompt, views, steps in rows
+            generation(tokenizer, ids, reason, params, prompt, config_id, views, steps, pruned)
+            for ids, reason, prompt, views, steps, pruned in rows
         ]
         self._end(job, Event(generations=outputs))
 

@@ -27,6 +27,7 @@ class Generation(BaseModel):
     config_id: str  # stable hash of the interventions used
     views: dict[str, list[str]] = {}  # what each image-transforming view applied, per image
     logprobs: list[TokenLogprobs] | None = None  # with params.logprobs: one per token_ids entry
+    image_tokens_pruned: int = 0  # image tokens that token pruning removed (FastV, FlowCut, ...)
 
 
 def decode_text(tokenizer, ids: Sequence[int]) -> str:
@@ -125,6 +126,7 @@ def sampling_generator(seed: int | None, device: torch.device) -> torch.Generato
 def generation(
     tokenizer, ids: list[int], reason: str, params: GenerationParams, prompt_tokens: int,
     config_id: str, views: dict[str, list[str]], logprobs: list[TokenLogprobs] | None,
+    image_tokens_pruned: int = 0,
 ) -> Generation:  # fmt: skip
     """One sample's `Generation` from its generated ids (the token that ended it excluded)."""
     text, stopped = answer(tokenizer, ids, params.stop, params.min_tokens)
@@ -136,4 +138,5 @@ def generation(
         config_id=config_id,
         views=views,
         logprobs=logprobs,
+        image_tokens_pruned=image_tokens_pruned,
     )

@@ -151,6 +151,8 @@ class PromptBatch:
     layout: ImageLayout
     # per sample: {view name: description per image} of views that transformed images (RITUAL)
     view_notes: tuple[dict[str, list[str]], ...] = ()
+    # per sample: image tokens of its prompt before a vision stage cut any (see build_rows)
+    image_tokens: tuple[int, ...] = ()
 
     def index_rows(self, rows: torch.Tensor) -> PromptBatch:
         """These rows (long [R'], repeats allowed), each with its own images, in row order."""
@@ -359,6 +361,7 @@ def concat_rows(batches: Sequence[PromptBatch], pad_id: int) -> PromptBatch:
             ),
         ),  # fmt: skip
         view_notes=tuple(note for b in batches for note in b.view_notes),
+        image_tokens=tuple(n for b in batches for n in b.image_tokens),
     )
 
 

@@ -145,6 +145,22 @@ def test_requests_of_one_plan_arriving_together_prefill_together(lvlm, images):
     assert engine.prefills - before < len(samples)
 
 
+def test_generations_count_the_image_tokens_pruning_removed(lvlm, images):
+    """FastV keeping 4 image tokens after layer 1 (own lane) and FlowCut keeping 4 in the vision
+    tower: each Generation says how many image tokens went; with no pruning, none."""
+    samples = samples_for(0, images, None)
+    plan = lvlm.plan([])
+    full = build_rows(lvlm.processor, lvlm.info.image_token_id, plan, samples, lvlm.device)
+    n_image = int(full.layout.n_image[0])
+    params = GenerationParams(max_new_tokens=3)
+    fastv = [{"name": "fastv", "layer": 1, "keep": 4}]
+    assert lvlm.generate(samples, fastv, params)[0].image_tokens_pruned == n_image - 4
+    assert lvlm.generate(samples, [], params)[0].image_tokens_pruned == 0
+    if lvlm.family == "llava":  # a vision stage: fewer placeholders reach the LLM
+        flowcut = [{"name": "flowcut", "budget": 4}]
+        assert lvlm.generate(samples, flowcut, params)[0].image_tokens_pruned == n_image - 4
+
+
 def test_cancelled_request_leaves_the_batch(lvlm, images):
     engine = lvlm.engine
     free_before = engine.slots.free_slots()

@@ -246,6 +246,20 @@ def test_interventions_per_request(http, lvlm):
     assert extra['{method="test_text_contrast",model_name="lvlm-fix"}'] >= 1
 
 
+def test_pruned_image_tokens_are_counted_per_method(http, lvlm):
+    """A FastV request's pruned image tokens reach /metrics under its method."""
+    name = "lvlm_fix:pruned_image_tokens_total"
+    key = '{method="fastv",model_name="lvlm-fix"}'
+    before = metric_samples(http.get("/metrics").text, name).get(key, 0)
+    fastv = [{"name": "fastv", "layer": 1, "keep": 4}]
+    reply = http.post("/v1/chat/completions", json=chat_body(image=png(), interventions=fastv))
+    assert reply.status_code == 200, reply.text
+    expected = _chat(lvlm, "What is in the image?", png(), interventions=fastv)
+    after = metric_samples(http.get("/metrics").text, name)[key]
+    assert expected.image_tokens_pruned > 0
+    assert after - before == expected.image_tokens_pruned
+
+
 @pytest.mark.parametrize("route,body,status,words", BAD_REQUESTS, ids=lambda v: str(v)[:24])
 def test_bad_input_gets_4xx(http, route, body, status, words):
     reply = http.post(route, json=body)

@@ -82,6 +82,11 @@ class Metrics:
         self.extra_forwards = b.counter(
             "extra_forward_rows", "Extra view rows run, per method", ("model_name", "method")
         )
+        self.pruned_image_tokens = b.counter(
+            "pruned_image_tokens",
+            "Image tokens removed by token pruning, per method",
+            ("model_name", "method"),
+        )
         self.errors = b.counter(
             "request_errors", "Error responses by status", ("model_name", "code")
         )

@@ -390,6 +390,9 @@ class Serving:
         m.generation_tokens.inc(usage.completion_tokens, model_name=model)
         for output in outputs:
             m.success.inc(model_name=model, finished_reason=output.finish_reason)
+        pruned = sum(output.image_tokens_pruned for output in outputs)
+        for method in _pruning_methods(job.plan) if pruned else ():
+            m.pruned_image_tokens.inc(pruned, model_name=model, method=method)
 
     def _finished(self, job: Job, result: EngineResult, arrived: float) -> None:
         """Metrics of a request answered in one piece. Its first token was ready when the engine
@@ -588,3 +591,10 @@ def _usage(outputs: list[Generation]) -> s.Usage:
     return s.Usage(
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
     )
+
+
+def _pruning_methods(plan) -> list[str]:
+    """The plan's methods that prune image tokens (in the vision tower or the LLM)."""
+    return [
+        i.name for i in plan.interventions if i.hooks & {"prune", "vision"} and not i.is_neutral()
+    ]
