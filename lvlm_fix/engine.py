@@ -525,10 +525,10 @@ class Engine:
             for (job, _, logits), ids in zip(pending, held, strict=True)
         ])  # fmt: skip
         choice = scores  # what the tokens are chosen from; log-probs come from `scores`
-        if any(held):
-            choice = scores.clone()
-            rows = [i for i, ids in enumerate(held) for _ in ids]
-            choice[rows, [token for ids in held for token in ids]] = float("-inf")
+        if any(held):  # min_tokens: rarely, so a row-by-row copy costs nothing that matters
+            rows = zip(scores, pending, strict=True)
+            choice = torch.cat([job.limits.hold(row[None], len(seq.tokens))
+                                for row, (job, seq, _) in rows])  # fmt: skip
         chosen = choice.argmax(-1)
         for i, (job, seq, _) in enumerate(pending):
             params = job.params

@@ -9,12 +9,16 @@ so a stop string counts only where it ends after their text."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from pydantic import BaseModel
 
 from lvlm_fix.params import GenerationParams
 from lvlm_fix.search import TokenLogprobs
+
+if TYPE_CHECKING:
+    from lvlm_fix.engine import Event
 
 
 class Generation(BaseModel):
@@ -94,6 +98,17 @@ class TextPieces:
 
     def finish(self, final: Generation) -> str:
         return self._send(final.text)
+
+    def take(self, event: Event) -> list[str | Generation]:
+        """What a stream yields for one engine event of its sample (not an error): newly
+        settled text; at the end, the rest of the text and the final `Generation`."""
+        if event.generations is not None:
+            [final] = event.generations
+            rest = self.finish(final)
+            return [rest, final] if rest else [final]
+        token = event.tokens[0]
+        piece = self.add(token) if token is not None else ""
+        return [piece] if piece else []
 
     def _send(self, done: str) -> str:
         if len(done) <= len(self.sent):

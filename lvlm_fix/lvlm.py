@@ -183,15 +183,8 @@ class LVLM:
         text = TextPieces(self.processor.tokenizer, params)
 
         def listener(event: Event) -> None:  # on the engine's thread, which owns the tokenizer
-            if event.error is not None:
-                pieces.put(event.error)
-            elif event.generations is not None:
-                [final] = event.generations
-                if piece := text.finish(final):
-                    pieces.put(piece)
-                pieces.put(final)
-            elif event.tokens[0] is not None and (piece := text.add(event.tokens[0])):
-                pieces.put(piece)
+            for item in [event.error] if event.error is not None else text.take(event):
+                pieces.put(item)
 
         request = self.submit([sample], params=params, plan=plan, listener=listener)
         try:

@@ -22,7 +22,7 @@ a step replays the smallest bucket that covers the highest occupied slot.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ from lvlm_fix.attention import merge_edits
 from lvlm_fix.compat import cache_kwargs
 from lvlm_fix.decoding import Prefilled
 from lvlm_fix.hooks import AttentionCall, ForwardContext, forward_context
+from lvlm_fix.kernels import AttentionEdits
 from lvlm_fix.methods.base import RowState
 from lvlm_fix.model import ImageLayout, ModelInfo
 from lvlm_fix.params import GenerationParams
@@ -39,12 +40,12 @@ from lvlm_fix.plan import Plan, compile_plan
 
 log = logging.getLogger(__name__)
 
-# The attention edit fields a slot can hold. A request whose decode edits use another field
-# (or ask the kernel for statistics) decodes on its own instead.
-TABLE_FIELDS = frozenset(
-    {"col_group", "image_gain", "gain_rows", "var_rows", "var_keep", "var_rho", "var_summ",
-     "n_image", "head_scale"}
-)  # fmt: skip
+# The attention edit fields a slot can hold: every edit, no statistics. A request whose decode
+# edits ask the kernel for statistics decodes in a lane of its own instead.
+TABLE_FIELDS = frozenset(f.name for f in fields(AttentionEdits)) - {
+    "want_group_mass",
+    "want_last_row",
+}
 
 
 class SlotLayer(CacheLayerMixin):

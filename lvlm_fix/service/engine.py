@@ -76,16 +76,7 @@ class LocalEngine:
         """Text pieces of a one-sample job, its final `Generation` (finish reason, usage), then
         its `Timing`. A piece is sent once later tokens cannot change it (`TextPieces`)."""
         pieces = TextPieces(self.lvlm.processor.tokenizer, job.params)
-
-        def translate(event: Event) -> list:
-            if event.generations is not None:
-                [final] = event.generations
-                rest = pieces.finish(final)
-                return [rest, final] if rest else [final]
-            piece = pieces.add(event.tokens[0])
-            return [piece] if piece else []
-
-        async for item in self._run(job, translate):
+        async for item in self._run(job, pieces.take):
             yield item
 
     async def ready(self) -> bool:
