@@ -10,6 +10,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -347,7 +348,7 @@ def concat_rows(batches: Sequence[PromptBatch], pad_id: int) -> PromptBatch:
             raise ValueError("these requests' images cannot share one tensor")
         return torch.cat(present) if present else None
 
-    offsets = torch.tensor([0] + [b.input_ids.shape[0] for b in batches[:-1]]).cumsum(0).tolist()
+    offsets = list(accumulate((b.input_ids.shape[0] for b in batches[:-1]), initial=0))
     return PromptBatch(
         input_ids=torch.cat([left(b.input_ids, pad_id) for b in batches]),
         attention_mask=torch.cat([left(b.attention_mask, 0) for b in batches]),
