@@ -92,6 +92,7 @@ def lvlm_attention(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    ctx = ctx.on(query.device)  # a split model's layer on another GPU: the context's copies there
     call = AttentionCall(module.layer_idx, query, key, value, scale, ctx)
     requests = [r for hook in ctx.plan.attention_hooks if (r := hook.edits(call))]
     if requests or ctx.key_end is not None:

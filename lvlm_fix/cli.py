@@ -29,9 +29,37 @@ def parse_intervention_arg(text: str) -> dict[str, Any]:
     return spec
 
 
+def parse_device_map(text: str) -> str | dict[str, Any]:
+    """`--device-map auto` (balanced, sequential, cuda:1, ...) or a JSON object of module name
+    -> device, passed to transformers' `from_pretrained` as `device_map`."""
+    text = text.strip()
+    if not text.startswith("{"):
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"--device-map: not a JSON object: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("--device-map: expected a JSON object")
+    return value
+
+
+DEVICE_MAP_HELP = (
+    "instead of --device: transformers' device_map, e.g. auto or balanced to split a model too "
+    "large for one GPU over every visible GPU (needs accelerate), or a JSON object"
+)
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="checkpoint path or id (default: bundled)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device-map", default=None, type=parse_device_map, help=DEVICE_MAP_HELP)
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="weights' dtype (default: the checkpoint's)",
+    )
     parser.add_argument(
         "--intervention",
         action="append",
@@ -55,6 +83,7 @@ def _generate(args: argparse.Namespace, question: str) -> int:
     from PIL import Image, UnidentifiedImageError
 
     from lvlm_fix import LVLM, GenerationParams, Sample
+    from lvlm_fix.model import torch_dtype
 
     try:
         image = Image.open(args.image)
@@ -71,7 +100,8 @@ def _generate(args: argparse.Namespace, question: str) -> int:
             top_p=args.top_p,
             seed=args.seed,
         )
-        lvlm = LVLM.from_pretrained(args.model, device=args.device)
+        lvlm = LVLM.from_pretrained(args.model, device=args.device, dtype=torch_dtype(args.dtype),
+                                    device_map=args.device_map)  # fmt: skip
         lvlm.plan(args.intervention, params)  # fail fast on bad interventions
         [out] = lvlm.generate([Sample(question, (image,))], args.intervention, params)
     except ValueError as error:

@@ -48,7 +48,7 @@ from lvlm_fix.decoding import (
     prefill,
 )
 from lvlm_fix.generation import Generation, generation, sampling_generator, stop_hit
-from lvlm_fix.model import concat_rows
+from lvlm_fix.model import concat_rows, layer_devices
 from lvlm_fix.params import GenerationParams
 from lvlm_fix.plan import Plan
 from lvlm_fix.search import Limits, SingleSearch, _logprobs, _per_sample, warp
@@ -254,10 +254,15 @@ class Engine:
     def _default_slots(self, max_len: int) -> int:
         if self.device.type != "cuda":
             return 8
-        per_column = 2 * self.info.num_layers * self.info.num_kv_heads * self.info.head_dim
-        per_slot = per_column * max_len * self.model.dtype.itemsize
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return max(1, min(64, int(free * self.config.memory_share) // per_slot))
+        # Per device: its decoder layers' share of a slot (a split model spreads them).
+        devices = layer_devices(self.model, self.info.family)
+        per_layer = 2 * self.info.num_kv_heads * self.info.head_dim * max_len
+        slots = 64
+        for device in {d for d in devices if d.type == "cuda"}:
+            per_slot = per_layer * devices.count(device) * self.model.dtype.itemsize
+            free, _ = torch.cuda.mem_get_info(device)
+            slots = min(slots, int(free * self.config.memory_share) // per_slot)
+        return max(1, slots)
 
     # ----- the public side (any thread) -----
 

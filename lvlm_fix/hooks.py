@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 
-from lvlm_fix import anyres
+from lvlm_fix import anyres, devices
 from lvlm_fix.compat import layer_cache
 from lvlm_fix.model import Family, ImageLayout, resolve
 from lvlm_fix.pruning import gather_columns, layer_mask, pack_kept
@@ -43,7 +43,7 @@ class ForwardContext:
     # prefixed with the method name. Core entries: "vision.valid", "vision.patch_ids",
     # "vision.tokens" (tokens per image before any cut), "vision.mask" (the encoder's
     # key-padding mask after a cut), "vision.keep_columns" (anyres: the prompt columns LLM
-    # layer 0 keeps), "prune.kwargs".
+    # layer 0 keeps), ("prune.kwargs", device).
     scratch: dict[str, Any] = field(default_factory=dict)
     image_sizes: torch.Tensor | None = None  # long [n_images, 2] (NeXT) at prefill
     attention_mask: torch.Tensor | None = None  # [R, S + generated]: the loop's mask at decode
@@ -51,6 +51,100 @@ class ForwardContext:
     # for every row), each row's cache columns filled so far, this step's included. The keys
     # past it are empty (or stale); the query sits at key_end - 1.
     key_end: torch.Tensor | None = None
+    # Copies of the tensors above on the devices of a split model's other layers (`on`). Its
+    # owner passes the same object to each forward (a request's Runner, the engine's slots), so
+    # copies of what did not change since the last step are not made again.
+    copies: DeviceCopies = field(default_factory=lambda: DeviceCopies(), repr=False)
+    _views: dict[torch.device, ForwardContextOn] = field(default_factory=dict, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        """Where this context's tensors live: the model's input device."""
+        return self.layout.key_start.device
+
+    def on(self, device: torch.device) -> ForwardContext:
+        """This context as a layer on `device` sees it: itself on its own device; for a layer of
+        a split model on another GPU, a view whose tensors are copies there (see
+        `ForwardContextOn`)."""
+        if device == self.layout.key_start.device and not _ALWAYS_VIEW:
+            return self
+        view = self._views.get(device)
+        if view is None:
+            view = self._views[device] = ForwardContextOn(self, device)
+        return view
+
+
+# Tests set this to run every hook through a `ForwardContextOn`, also on the context's own device.
+_ALWAYS_VIEW = False
+
+
+class DeviceCopies:
+    """Copies of a forward's tensors on other devices, one per (name, device): kept while the
+    source is the same object (tensors here are replaced, never changed in place, except where
+    their owner refreshes the copy itself, see `put`)."""
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[str, torch.device], tuple[Any, Any]] = {}
+
+    def get(self, name: str, source: Any, device: torch.device) -> Any:
+        """`source` (a tensor or an ImageLayout; None stays None) on `device`."""
+        if source is None:
+            return None
+        held = self._held.get((name, device))
+        if held is None or held[0] is not source:
+            held = (source, devices.moved(source, device))
+            self._held[(name, device)] = held
+        return held[1]
+
+    def put(self, name: str, source: Any, device: torch.device, copy: Any) -> None:
+        """Register `copy` as `source` on `device` (its owner keeps both in step)."""
+        self._held[(name, device)] = (source, copy)
+
+
+class ForwardContextOn:
+    """A ForwardContext as a decoder layer on another device sees it (a model split over GPUs
+    with `device_map`): hooks get this instead of the context, with the same attributes.
+
+    Reading `layout`, `attention_mask`, `key_end` or `state` entries gives copies on this
+    device, made once and reused while their source is unchanged (no host sync: device to
+    device copies). Writing goes to the context on its own device: `layout = ...` and
+    `state[key] = ...` are moved there, `state.write(key, index, value)` writes in place there.
+    `scratch` is the context's own dict: a hook that reads an entry another layer wrote moves
+    it to its own device.
+    """
+
+    def __init__(self, ctx: ForwardContext, device: torch.device):
+        object.__setattr__(self, "_ctx", ctx)
+        object.__setattr__(self, "device", device)
+        object.__setattr__(self, "state", ctx.state.on(device, home=ctx.device))
+
+    def __getattr__(self, name: str) -> Any:  # plan, phase, num_layers, scratch, image_sizes
+        return getattr(self._ctx, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        ctx = self._ctx
+        if name == "layout":  # a prune cut: the context keeps it on its device, this one here
+            ctx.layout = devices.moved(value, ctx.device)
+            ctx.copies.put("layout", ctx.layout, self.device, value)
+        elif name in ("state", "device"):
+            raise AttributeError(f"a device view's {name} cannot be replaced")
+        else:
+            setattr(ctx, name, value)
+
+    @property
+    def layout(self) -> ImageLayout:
+        return self._ctx.copies.get("layout", self._ctx.layout, self.device)
+
+    @property
+    def attention_mask(self) -> torch.Tensor | None:
+        return self._ctx.copies.get("attention_mask", self._ctx.attention_mask, self.device)
+
+    @property
+    def key_end(self) -> torch.Tensor | None:
+        return self._ctx.copies.get("key_end", self._ctx.key_end, self.device)
+
+    def on(self, device: torch.device) -> ForwardContext:
+        return self._ctx.on(device)
 
 
 _CURRENT: ContextVar[ForwardContext | None] = ContextVar("lvlm_fix_forward", default=None)
@@ -196,6 +290,7 @@ def _wanted(layer: int, hidden: torch.Tensor, ctx: ForwardContext):
     anyres vision stage's survivors, at later layers the prune hooks' choices."""
     if layer == 0:
         keep = ctx.scratch.pop("vision.keep_columns", None)
+        keep = None if keep is None else keep.to(hidden.device, non_blocking=True)
         return keep, keep is not None and ctx.plan.vision_stages[0].grid.renumber
     keep, renumber = None, False
     for hook in ctx.plan.prune_hooks:
@@ -252,7 +347,8 @@ def _pruned_kwargs(
     renumber = ctx.layout.renumbered(layer)
     # Tensors compare by identity: a forward hands every layer the same mask and rotary.
     tensors = (cols, like, None if rotary_in is None else rotary_in[0], kwargs.get("position_ids"))
-    shared = ctx.scratch.get("prune.kwargs")  # (tensors, sizes, replaced kwargs)
+    key = ("prune.kwargs", hidden.device)  # a split model's layers on each device share theirs
+    shared = ctx.scratch.get(key)  # (tensors, sizes, replaced kwargs)
     if (
         shared is None
         or shared[1] != (q_len, past, renumber)
@@ -262,7 +358,7 @@ def _pruned_kwargs(
         if renumber and ctx.phase == "decode":
             out.update(_shifted_positions(cols, hidden, kwargs, ctx, rotary))
         shared = (tensors, (q_len, past, renumber), out)
-        ctx.scratch["prune.kwargs"] = shared
+        ctx.scratch[key] = shared
     return {**kwargs, **shared[2]}
 
 
@@ -280,10 +376,11 @@ def _pruned_inputs(
             fillers = (cols < 0).sum(-1, keepdim=True)
             steps = torch.arange(cols.shape[1], device=cols.device)[None]
             index = (ctx.layout.key_start[:, None] + steps - fillers).clamp(min=0)
-        cos, sin = kwargs["position_embeddings"]
+        cos, sin = (t.to(cols.device, non_blocking=True) for t in kwargs["position_embeddings"])
         out["position_embeddings"] = (gather_columns(cos, index), gather_columns(sin, index))
         if kwargs.get("position_ids") is not None:
-            out["position_ids"] = gather_columns(kwargs["position_ids"], index)
+            positions = kwargs["position_ids"].to(cols.device, non_blocking=True)
+            out["position_ids"] = gather_columns(positions, index)
     out["attention_mask"] = layer_mask(
         cols, ctx.layout.key_start, q_len, past + q_len, like, ctx.attention_mask
     )
@@ -299,7 +396,7 @@ def _shifted_positions(
         raise ValueError("this model has no rotary embedding module to renumber positions with")
     prompt = ctx.layout.image_mask.shape[1]
     dropped = (prompt - ctx.layout.key_start) - (cols >= 0).sum(-1)  # long [R]
-    positions = kwargs["position_ids"] - dropped[:, None]
+    positions = kwargs["position_ids"].to(cols.device, non_blocking=True) - dropped[:, None]
     return {"position_ids": positions, "position_embeddings": rotary(hidden, positions)}
 
 
@@ -308,6 +405,9 @@ def _layer_input(layer: int, rotary, module: torch.nn.Module, args: tuple, kwarg
     if ctx is None:
         return None
     hidden = args[0] if args else kwargs["hidden_states"]
+    # A split model: the hooks work where `hidden` is (the previous layer's device; accelerate
+    # moves what this returns to this layer's device after the pre-hooks).
+    ctx = ctx.on(hidden.device)
     changed = False
     if ctx.phase == "prefill" and (ctx.plan.prune_hooks or ctx.plan.vision_stages):
         compacted = _prune(layer, hidden, ctx)

@@ -30,6 +30,7 @@ from lvlm_fix.hooks import install_hook_points
 from lvlm_fix.methods import Intervention
 from lvlm_fix.model import (
     FAMILIES,
+    DeviceMap,
     ModelInfo,
     default_model_path,
     family_of,
@@ -86,9 +87,18 @@ class LVLM:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         engine: EngineConfig | None = None,
+        device_map: DeviceMap | None = None,
     ) -> LVLM:
-        """Load a llava-hf style checkpoint (a local path; the hub only if online)."""
-        model, processor = load_model(name_or_path or default_model_path(), device, dtype)
+        """Load a llava-hf style checkpoint (a local path; the hub only if online).
+
+        device_map: instead of `device`, transformers' placement, e.g. "auto" to split a
+        checkpoint too large for one GPU (LLaVA-NeXT-34B, OneVision-72B) over every visible GPU,
+        layer by layer; or a dict of module name -> device. Interventions and the engine work
+        on a split model (its shared decode steps run without CUDA graphs). Needs `accelerate`.
+        """
+        model, processor = load_model(
+            name_or_path or default_model_path(), device, dtype, device_map
+        )
         return cls(model, processor, name=str(name_or_path or "gym"), engine=engine)
 
     @property

@@ -106,6 +106,26 @@ class ImageLayout:
             self, image_mask=self.image_mask[rows], key_start=self.key_start[rows], columns=columns
         )
 
+    def to(self, device: torch.device, non_blocking: bool = False) -> ImageLayout:
+        """This layout on `device` (itself if it is there; shared column tensors stay shared)."""
+        moved: dict[int, torch.Tensor] = {}
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            return moved.setdefault(id(t), t.to(device, non_blocking=non_blocking))
+
+        if self.key_start.device == device and all(
+            c is None or c.device == device for c in (self.image_mask, *self.columns)
+        ):
+            return self
+        return replace(
+            self,
+            image_mask=move(self.image_mask),
+            key_start=move(self.key_start),
+            columns=tuple(move(c) for c in self.columns),
+        )
+
     def columns_at(self, layer: int) -> torch.Tensor | None:
         """Prompt column of each prompt cache column of `layer`: long [R, W] or None (all)."""
         return self.columns[layer] if layer < len(self.columns) else None
@@ -189,14 +209,51 @@ def default_model_path() -> Path:
     return path
 
 
+DeviceMap = str | dict[str, int | str | torch.device]
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def torch_dtype(name: str | None) -> torch.dtype | None:
+    """One of DTYPES as a torch dtype (None for "auto"/None: the checkpoint's own)."""
+    if name in (None, "auto"):
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {DTYPES}")
+    return getattr(torch, name)
+
+
 def load_model(
-    name_or_path: str | Path, device: str | torch.device, dtype: torch.dtype | None
+    name_or_path: str | Path,
+    device: str | torch.device,
+    dtype: torch.dtype | None,
+    device_map: DeviceMap | None = None,
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """Load model + processor of any supported family, detected from the config."""
+    """Load model + processor of any supported family, detected from the config.
+
+    device_map (instead of `device`): passed to transformers' `from_pretrained` as is, e.g.
+    "auto" to spread a checkpoint too large for one GPU over all of them (layer by layer, with
+    accelerate's hooks moving activations between them), or a dict of module name -> device.
+    Needs the `accelerate` package, as transformers does.
+    """
     spec = FAMILIES[_family(AutoConfig.from_pretrained(name_or_path).model_type, name_or_path)]
     processor = spec.processor_class.from_pretrained(name_or_path)
+    if device_map is not None:
+        model = spec.model_class.from_pretrained(
+            name_or_path, dtype=dtype or "auto", device_map=device_map
+        )
+        return model, processor
     model = spec.model_class.from_pretrained(name_or_path, dtype=dtype or "auto")
     return model.to(device), processor
+
+
+def layer_devices(model: PreTrainedModel, family: str) -> list[torch.device]:
+    """Where each decoder layer runs: one device, unless the model was split (device_map)."""
+    return [_runs_on(layer) for layer in resolve(model, FAMILIES[family].decoder_layers)]
+
+
+def _runs_on(module: torch.nn.Module) -> torch.device:
+    device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)  # accelerate
+    return torch.device(device) if device is not None else next(module.parameters()).device
 
 
 def family_of(model: PreTrainedModel) -> str:

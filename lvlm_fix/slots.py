@@ -31,10 +31,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from lvlm_fix.attention import merge_edits
 from lvlm_fix.compat import cache_kwargs
 from lvlm_fix.decoding import Prefilled
-from lvlm_fix.hooks import AttentionCall, ForwardContext, forward_context
+from lvlm_fix.hooks import AttentionCall, DeviceCopies, ForwardContext, forward_context
 from lvlm_fix.kernels import AttentionEdits
 from lvlm_fix.methods.base import RowState
-from lvlm_fix.model import ImageLayout, ModelInfo
+from lvlm_fix.model import ImageLayout, ModelInfo, layer_devices
 from lvlm_fix.params import GenerationParams
 from lvlm_fix.plan import Plan, compile_plan
 
@@ -120,6 +120,7 @@ class EditTables:
 
     def clear(self, slots: torch.Tensor) -> None:
         """Neutral values at these slots."""
+        slots = slots.to(self.col_group.device, non_blocking=True)
         for name, value in (("col_group", 0), ("image_gain", 0.0), ("var_rows", False),
                             ("head_scale", 1.0)):  # fmt: skip
             getattr(self, name)[:, slots] = value
@@ -127,7 +128,11 @@ class EditTables:
 
     def write(self, layer: int, slots: torch.Tensor, starts: list[int], edits: dict[str, Any]):
         """One layer's merged decode edits of a request's rows (at `slots`; row r's prompt
-        columns from starts[r] on sit at cache columns 0, 1, ...)."""
+        columns from starts[r] on sit at cache columns 0, 1, ...), from any device."""
+        device = self.col_group.device
+        slots = slots.to(device, non_blocking=True)
+        edits = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                 for k, v in edits.items()}  # fmt: skip
         if "col_group" in edits:
             groups = edits["col_group"]
             for row, (slot, start) in enumerate(zip(slots.tolist(), starts, strict=True)):
@@ -157,11 +162,37 @@ class EditTables:
         }
 
 
+class SlotTables:
+    """The edit tables of every layer: one `EditTables` per device that holds decoder layers
+    (one on an unsplit model), each layer reading its own device's."""
+
+    def __init__(self, devices: list[torch.device], slots: int, columns: int, heads: int):
+        layers = len(devices)
+        self.parts = {d: EditTables.allocate(layers, slots, columns, heads, d)
+                      for d in dict.fromkeys(devices)}  # fmt: skip
+        self.of_layer = [self.parts[d] for d in devices]
+
+    def clear(self, slots: torch.Tensor) -> None:
+        for part in self.parts.values():
+            part.clear(slots)
+
+    def write(self, layer: int, slots: torch.Tensor, starts: list[int], edits: dict[str, Any]):
+        self.of_layer[layer].write(layer, slots, starts, edits)
+
+    def set_n_image(self, slots: torch.Tensor, n_image: torch.Tensor) -> None:
+        for part in self.parts.values():
+            device = part.n_image.device
+            part.n_image[slots.to(device)] = n_image.to(device, torch.float32)
+
+    def layer_edits(self, layer: int, rows: int) -> dict[str, Any]:
+        return self.of_layer[layer].layer_edits(layer, rows)
+
+
 @dataclass(frozen=True)
 class TableEdits:
     """AttentionHook of a shared step: every layer's edits are the tables' slice."""
 
-    tables: EditTables
+    tables: SlotTables
     rows: int
 
     def edits(self, call: AttentionCall) -> dict[str, Any]:
@@ -205,6 +236,14 @@ class SlotBatch:
         self.slots, self.max_len = slots, max_len
         device, dtype = model.device, model.dtype
         self.device = device
+        # A model split over GPUs (device_map): each layer's cache and tables on its device,
+        # the step's cells and key_end copied there before each eager step (no graphs).
+        devices = layer_devices(model, info.family)
+        self.split = any(d != device for d in devices)
+        if graphs and self.split:
+            log.info("decoder layers on %s: shared steps run without CUDA graphs",
+                     sorted({str(d) for d in devices}))  # fmt: skip
+            graphs = False
         # The step's inputs (tokens, positions, columns where rows write), copied in once before
         # each step; a graph reads them in place and derives the rest itself.
         self.inputs = torch.zeros(3, slots, dtype=torch.long, device=device)
@@ -215,11 +254,16 @@ class SlotBatch:
         self.row_base = torch.arange(slots, device=device) * max_len
         self.key_start = torch.zeros(slots, dtype=torch.long, device=device)  # always 0
         self.mask = torch.ones(slots, 1, 1, max_len, dtype=torch.bool, device=device)  # unread
+        self._cells_on = {d: torch.zeros_like(self.cells, device=d)
+                          for d in dict.fromkeys(devices) if d != device}  # fmt: skip
+        self._key_end_on = {d: torch.ones_like(self.key_end, device=d) for d in self._cells_on}
+        self.copies = DeviceCopies()  # the contexts' copies on the other devices
+        self._layouts: dict[int, ImageLayout] = {}
         shape = (slots, max_len, info.num_kv_heads, info.head_dim)
         self.cache = Cache(
-            layers=[SlotLayer(shape, dtype, device, self.cells) for _ in range(info.num_layers)]
+            layers=[SlotLayer(shape, dtype, d, self._cells_on.get(d, self.cells)) for d in devices]
         )
-        self.tables = EditTables.allocate(info.num_layers, slots, max_len, info.num_heads, device)
+        self.tables = SlotTables(devices, slots, max_len, info.num_heads)
         self.occupied = [False] * slots
         self.lengths = [0] * slots  # filled columns of each slot's row
         self.edited = [False] * slots  # the slot's request has decode edits
@@ -263,7 +307,7 @@ class SlotBatch:
         for layer, layer_edits in enumerate(edits):
             if layer_edits is not None:
                 self.tables.write(layer, index, starts, layer_edits)
-        self.tables.n_image[index] = runner.layout.n_image.float()
+        self.tables.set_n_image(index, runner.layout.n_image)
         for slot, start in zip(slots, starts, strict=True):
             self.occupied[slot], self.edited[slot] = True, edited
             self.lengths[slot] = prompt - start
@@ -306,17 +350,25 @@ class SlotBatch:
 
     def _context(self, rows: int, edited: bool) -> ForwardContext:
         plan = self._edited_plans[rows] if edited else self._plain_plan
-        layout = ImageLayout(
-            image_mask=torch.zeros(rows, 0, dtype=torch.bool, device=self.device),
-            key_start=self.key_start[:rows],
-        )
-        ctx = ForwardContext(plan, RowState(), layout, "decode", self.info.num_layers)
+        layout = self._layouts.get(rows)
+        if layout is None:
+            layout = self._layouts[rows] = ImageLayout(
+                image_mask=torch.zeros(rows, 0, dtype=torch.bool, device=self.device),
+                key_start=self.key_start[:rows],
+            )
+        ctx = ForwardContext(plan, RowState(), layout, "decode", self.info.num_layers,
+                             copies=self.copies)  # fmt: skip
         ctx.key_end = self.key_end[:rows]
+        for device, key_end in self._key_end_on.items():  # copied there by _forward
+            self.copies.put("key_end", ctx.key_end, device, key_end[:rows])
         return ctx
 
     def _forward(self, rows: int, edited: bool) -> torch.Tensor:
         torch.add(self.columns, 1, out=self.key_end)
         torch.add(self.row_base, self.columns, out=self.cells)
+        for device, cells in self._cells_on.items():  # a split model's other devices
+            cells.copy_(self.cells, non_blocking=True)
+            self._key_end_on[device].copy_(self.key_end, non_blocking=True)
         with forward_context(self._context(rows, edited)):
             out = self.model(
                 input_ids=self.tokens[:rows],

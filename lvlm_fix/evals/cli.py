@@ -23,7 +23,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from lvlm_fix.cli import CAPTION_PROMPT, parse_intervention_arg
+from lvlm_fix.cli import (
+    CAPTION_PROMPT,
+    DEVICE_MAP_HELP,
+    parse_device_map,
+    parse_intervention_arg,
+)
 from lvlm_fix.evals.bootstrap import DEFAULT_RESAMPLES
 from lvlm_fix.evals.pool import DTYPES, ModelSpec
 from lvlm_fix.evals.pope import PARSERS, PROMPT_SUFFIXES
@@ -55,6 +60,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="checkpoint path (default: bundled)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", choices=DTYPES)
+    parser.add_argument("--device-map", default=None, type=parse_device_map, help=DEVICE_MAP_HELP)
     parser.add_argument("--out", required=True, type=Path, help="results folder (resumable)")
     parser.add_argument(
         "--images", required=True, type=Path, help="image folder (embedded images are written here)"
@@ -199,7 +205,7 @@ def eval_main(args: argparse.Namespace) -> int:
             raise ValueError(f"model path {args.model!r} does not exist")
         task = build_task(args, max_new_tokens)
         config = RunConfig(
-            model=ModelSpec(args.model, args.device, args.dtype),
+            model=ModelSpec(args.model, args.device, args.dtype, args.device_map),
             out_dir=args.out,
             max_new_tokens=max_new_tokens,
             do_sample=args.do_sample,

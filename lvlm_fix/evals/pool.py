@@ -19,7 +19,7 @@ from typing import Any
 from lvlm_fix.generation import Generation
 from lvlm_fix.params import GenerationParams
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # lvlm_fix.model.DTYPES (not imported: heavy)
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class ModelSpec:
     path: str | None  # None = the bundled model
     device: str = "cpu"
     dtype: str = "auto"  # one of DTYPES; "auto" = the checkpoint's dtype
+    device_map: str | dict[str, Any] | None = None  # instead of device: transformers' placement
 
 
 class EvalWorker:
@@ -48,15 +49,17 @@ class EvalWorker:
 
         from lvlm_fix.engine import EngineConfig
         from lvlm_fix.lvlm import LVLM
+        from lvlm_fix.model import torch_dtype
 
         if threads is not None:
             # Inside a Ray actor process only: keep actors sharing a CPU from oversubscribing it.
             torch.set_num_threads(threads)
-        dtype = None if spec.dtype == "auto" else getattr(torch, spec.dtype)
+        dtype = torch_dtype(spec.dtype)
         # Batch-invariant: which samples decode together depends on timing, and must not change
         # a result. With the queue full, the full-width steps it costs are taken anyway.
         engine = EngineConfig(batch_invariant=True)
-        self.lvlm = LVLM.from_pretrained(spec.path, device=spec.device, dtype=dtype, engine=engine)
+        self.lvlm = LVLM.from_pretrained(spec.path, device=spec.device, dtype=dtype, engine=engine,
+                                         device_map=spec.device_map)  # fmt: skip
 
     def check(self, interventions: list[dict[str, Any]], params: GenerationParams) -> str:
         """Compile the plan for this model (ValueError names any problem); returns config_id."""
@@ -171,7 +174,7 @@ class RayPool:
                 raise ValueError("--device cuda with --ray needs GPUs in the Ray cluster")
             cpus = min(1.0, float(resources.get("CPU", 1)) / gpus)
             count, options, threads = gpus, {"num_gpus": 1, "num_cpus": cpus}, None
-            spec = ModelSpec(spec.path, "cuda", spec.dtype)  # each actor sees its own GPU as 0
+            spec = ModelSpec(spec.path, "cuda", spec.dtype, spec.device_map)  # its GPU is cuda:0
         else:
             count = workers
             cpus = min(1.0, float(resources.get("CPU", 1)) / workers)

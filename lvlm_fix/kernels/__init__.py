@@ -65,6 +65,12 @@ def _run(q, k, v, scale, key_start, key_end, edits, validate):  # fmt: skip
     if q.is_cuda:
         # Imported here: Triton is only needed (and only present on every platform) with CUDA.
         from .triton_attention import edited_attention_triton as impl
+
+        if q.device.index != torch.cuda.current_device():
+            # Triton launches on the current device: a split model's layer on another GPU.
+            with torch.cuda.device(q.device):
+                return impl(q, k, v, scale=scale, key_start=key_start, edits=edits,
+                            key_end=key_end, validate=validate)  # fmt: skip
     else:
         impl = reference.edited_attention
     return impl(

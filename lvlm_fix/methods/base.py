@@ -28,6 +28,8 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lvlm_fix import devices
+
 if TYPE_CHECKING:
     from lvlm_fix.hooks import AttentionHook, LayerInputHook, PruneHook, VisionHook
     from lvlm_fix.model import ModelInfo
@@ -175,9 +177,19 @@ class RowState:
 
     Methods store what they learn at prefill here (sink masks, head scales, ...). The decode
     loop re-indexes every entry whenever rows are dropped, expanded or reordered.
+
+    Entries live on the model's input device. A hook on a layer of a split model on another
+    device sees `state.on(device)` (through `ForwardContextOn`): reads are copies there, cached
+    until the entry changes through this object: `state[key] = value`, `write` (in place) or
+    `index_rows`. So a hook changes an entry in place only with `write`, never through
+    `state[key][...] = ...`, which would change a copy.
     """
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    # (key, device) -> (entry, its copy on device)
+    _copies: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @classmethod
     def start(cls, views: Sequence[View], n_samples: int, device) -> RowState:
@@ -199,6 +211,7 @@ class RowState:
 
     def __setitem__(self, key: str, value: torch.Tensor) -> None:
         self.tensors[key] = value
+        self._forget(key)
 
     def get(self, key: str) -> torch.Tensor | None:
         return self.tensors.get(key)
@@ -206,6 +219,55 @@ class RowState:
     def __contains__(self, key: str) -> bool:
         return key in self.tensors
 
+    def write(self, key: str, index: Any, value: torch.Tensor) -> None:
+        """`state[key][index] = value` in place, from any device (`index`: ints and slices)."""
+        entry = self.tensors[key]
+        entry[index] = value.to(entry.device, non_blocking=True)
+        self._forget(key)
+
     def index_rows(self, rows: torch.Tensor) -> None:
         for key, value in self.tensors.items():
             self.tensors[key] = value.index_select(0, rows.to(value.device))
+        self._copies.clear()
+
+    def on(self, device: torch.device, home: torch.device) -> RowStateOn:
+        """This state as seen from `device`; entries it sets are stored on `home`."""
+        return RowStateOn(self, device, home)
+
+    def copy_on(self, key: str, device: torch.device) -> torch.Tensor:
+        """Entry `key` on `device` (a cached copy while the entry is unchanged)."""
+        entry = self.tensors[key]
+        held = self._copies.get((key, device))
+        if held is None or held[0] is not entry:
+            held = (entry, devices.moved(entry, device))
+            self._copies[(key, device)] = held
+        return held[1]
+
+    def _forget(self, key: str) -> None:
+        for held in [k for k in self._copies if k[0] == key]:
+            del self._copies[held]
+
+
+class RowStateOn:
+    """A RowState as a hook on another device sees it (see `RowState`)."""
+
+    def __init__(self, state: RowState, device: torch.device, home: torch.device):
+        self._state, self.device, self._home = state, device, home
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._state.copy_on(key, self.device)
+
+    def get(self, key: str) -> torch.Tensor | None:
+        return self[key] if key in self._state.tensors else None
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._state.tensors
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        stored = devices.moved(value, self._home)
+        self._state[key] = stored
+        if stored is not value:  # what this device reads back is the value it set
+            self._state._copies[(key, self.device)] = (stored, value)
+
+    def write(self, key: str, index: Any, value: torch.Tensor) -> None:
+        self._state.write(key, index, value)

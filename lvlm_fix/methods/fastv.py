@@ -33,7 +33,9 @@ def top_image_columns(scores: torch.Tensor, image: torch.Tensor, n_keep: torch.T
 
     Ties break toward the lower column (stable sort), so the choice is deterministic.
     """
-    ranked = scores.float().masked_fill(~image, float("-inf"))
+    # (scores come from the layer before: on a split model, maybe from another device)
+    scores = scores.to(image.device, torch.float32, non_blocking=True)
+    ranked = scores.masked_fill(~image, float("-inf"))
     order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))

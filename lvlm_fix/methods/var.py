@@ -156,9 +156,9 @@ class SinkFinder:
         real = columns[None, :] >= ctx.layout.key_start[:, None]  # padding is never a sink
         sink = (phi > self.tau) & real  # [R, S]
         image = ctx.layout.image_mask
-        state["var.sink_mask"][:, layer] = sink
+        state.write("var.sink_mask", (slice(None), layer), sink)
         counts = torch.stack([(sink & ~image).sum(-1), (sink & image).sum(-1)], -1)
-        state["var.sink_count"][:, layer] = counts
+        state.write("var.sink_count", (slice(None), layer), counts)
         if layer == self.num_layers - 1 and log.isEnabledFor(logging.DEBUG):
             log.debug("VAR sinks per layer (row 0, text/visual): %s",
                       state["var.sink_count"][0].tolist())  # fmt: skip

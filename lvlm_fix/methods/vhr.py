@@ -166,6 +166,6 @@ class Reinforce:
         per_sample = torch.where(chosen & has_image[:, None], self.alpha, 1.0)  # [B, H]
         targets = state["row.edited"] | ((views == view) & self.scale_counterfactual)
         scale = torch.where(targets[:, None], per_sample[sample], 1.0)  # [R, H]
-        state["vhr.head_scale"][:, call.layer] = scale
+        state.write("vhr.head_scale", (slice(None), call.layer), scale)
         rows = out[:, -1:] if self.last_only else out
         rows.mul_(scale[:, None, :, None].to(out.dtype))

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import ray
 from pydantic import BaseModel, ConfigDict, Field
@@ -39,7 +39,7 @@ from lvlm_fix.decoding import Sample
 from lvlm_fix.engine import Timing
 from lvlm_fix.generation import Generation
 from lvlm_fix.lvlm import LVLM
-from lvlm_fix.model import ModelInfo
+from lvlm_fix.model import ModelInfo, torch_dtype
 from lvlm_fix.params import GenerationParams
 from lvlm_fix.service.app import build_app
 from lvlm_fix.service.config import EngineSettings, ServeConfig
@@ -58,6 +58,14 @@ class AppArgs(BaseModel):
 
     model: str | None = Field(None, description="Checkpoint path or id (None = bundled model).")
     device: str = Field("cpu", description="cpu, cuda, ...")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="The weights' dtype (auto = the checkpoint's)."
+    )
+    device_map: str | dict[str, int | str] | None = Field(
+        None,
+        description="Instead of device: transformers' device_map, e.g. 'auto' or 'balanced' to "
+        "split a model too large for one GPU over the GPUs of its replica (num_gpus: 2 or more).",
+    )
     num_replicas: int | str = Field(1, description="Model replicas, or 'auto' (see autoscaling).")
     autoscaling: dict[str, Any] | None = Field(
         None, description="Serve autoscaling_config, e.g. {min_replicas: 1, max_replicas: 4}."
@@ -84,9 +92,11 @@ class AppArgs(BaseModel):
 
 @serve.deployment
 class ModelServer:
-    def __init__(self, model: str | None, device: str, engine: EngineSettings):
+    def __init__(self, model: str | None, device: str, engine: EngineSettings,
+                 dtype: str = "auto", device_map: str | dict | None = None):  # fmt: skip
         keep_replica_grpc_on_loopback()
-        self.lvlm = LVLM.from_pretrained(model, device=device, engine=engine.config())
+        self.lvlm = LVLM.from_pretrained(model, device=device, dtype=torch_dtype(dtype),
+                                         engine=engine.config(), device_map=device_map)  # fmt: skip
         self.engine = LocalEngine(self.lvlm, Gauges(Metrics(RayBackend())))
         self._probe = LocalEngine(self.lvlm)  # health checks: not requests, so not counted
         params = GenerationParams(max_new_tokens=1)
@@ -204,7 +214,9 @@ def build(args: AppArgs | dict) -> serve.Application:
         options["autoscaling_config"] = args.autoscaling
     else:
         options["num_replicas"] = args.num_replicas
-    model = ModelServer.options(**options).bind(args.model, args.device, args.engine)
+    model = ModelServer.options(**options).bind(
+        args.model, args.device, args.engine, args.dtype, args.device_map
+    )
     ingress = Ingress.options(
         num_replicas=args.ingress_replicas,
         ray_actor_options={"num_cpus": args.ingress_cpus, **env},

@@ -7,6 +7,8 @@ serve.yaml (all keys optional; the schema is `deployment.AppArgs` plus `address`
     port: 8000
     model: llava-hf/llava-1.5-7b-hf
     device: cuda
+    # device_map: auto       # instead of device: split the model over the replica's GPUs
+    # dtype: bfloat16        # the weights' dtype (default: the checkpoint's)
     num_gpus: 1              # per model replica: one replica per GPU
     num_replicas: 2          # or, instead:
     # autoscaling: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 32}
@@ -85,6 +87,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         "host": args.host,
         "port": args.port,
         "num_replicas": args.replicas,
+        "device_map": args.device_map,
+        "dtype": args.dtype,
     }
     if args.device != "cpu" or "device" not in settings:
         overrides["device"] = args.device
@@ -124,13 +128,19 @@ def _serve_uvicorn(settings: dict, host: str, port: int) -> int:
     import uvicorn
 
     from lvlm_fix.lvlm import LVLM
+    from lvlm_fix.model import torch_dtype
     from lvlm_fix.service.app import build_app
     from lvlm_fix.service.config import EngineSettings, ServeConfig
 
     config = ServeConfig.model_validate(settings.get("service", {}))
     engine = EngineSettings.model_validate(settings.get("engine", {})).config()
-    lvlm = LVLM.from_pretrained(settings.get("model"), device=settings.get("device", "cpu"),
-                                engine=engine)  # fmt: skip
+    lvlm = LVLM.from_pretrained(
+        settings.get("model"),
+        device=settings.get("device", "cpu"),
+        dtype=torch_dtype(settings.get("dtype")),
+        device_map=settings.get("device_map"),
+        engine=engine,
+    )
     uvicorn.run(build_app(lvlm, config), host=host, port=port)
     return 0
 
