@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 HOST ?= 127.0.0.1
 PORT ?= 8000
-EXTRAS := serve,eval,dev
+EXTRAS := serve,eval,dev,split
 # The lowest transformers pyproject allows: CI also tests against it.
 TRANSFORMERS_FLOOR := $(shell sed -n 's/.*"transformers>=\([0-9.]*\).*/\1/p' pyproject.toml)
 # pip's own resolver, told to keep the machine's CPU build of torch (constraints.txt): an
