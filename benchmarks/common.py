@@ -105,6 +105,13 @@ def llava_config(sizes: Sizes, tokenizer: PreTrainedTokenizerFast) -> LlavaConfi
 
 def build_llava(preset: str, device: str | torch.device, dtype: torch.dtype) -> LVLM:
     """A random-weight LLaVA-1.5 of `SIZES[preset]`, created directly on `device` in `dtype`."""
+    model, processor = build_model(preset, device, dtype)
+    return LVLM(model, processor, name=SIZES[preset].name)
+
+
+def build_model(preset: str, device: str | torch.device, dtype: torch.dtype):
+    """(model, processor) of `build_llava`, as transformers has them: what `save_pretrained`
+    writes as a checkpoint."""
     if preset not in SIZES:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(SIZES)}")
     sizes = SIZES[preset]
@@ -116,8 +123,9 @@ def build_llava(preset: str, device: str | torch.device, dtype: torch.dtype) -> 
     with torch.device(device):
         model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
     model.eval()
-    processor = llava_processor(tokenizer, sizes.image_size, sizes.patch_size)
-    return LVLM(model, processor, name=sizes.name)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model, llava_processor(tokenizer, sizes.image_size, sizes.patch_size)
 
 
 def sync(device: str | torch.device) -> None:

@@ -2,6 +2,7 @@
 
     python benchmarks/serving.py --engine both --baseline-path .bench_base --out serving.json
     python benchmarks/serving.py --engine old --sizes tiny --rates 2,8 --requests 12  # CPU run
+    python benchmarks/serving.py --engine http --url http://127.0.0.1:8000 --rates 8  # a server
 
 Poisson arrivals, per rate, of one seeded request list (the same for both engines and at every
 rate): 40% no intervention, 20% VHR, 20% VAR+VHR+PAI, 20% RITUAL+VCD; each request one image and a
@@ -25,6 +26,10 @@ ms at p50/p99, and peak GPU memory. A rate ends when all its requests are done, 
 after its start: then it is marked saturated (latencies of completed requests only) and higher
 rates are skipped (unless --all-rates). Warm-up requests (--warmup, one per mix entry in turn, at
 the longest length, all at once) come first and are not counted.
+
+- http: a running server at --url (`lvlm-fix serve`, e.g. with several model replicas): each
+  request one streamed chat completion (`HttpEngine`); token times: the stream's content chunks.
+  `benchmarks/two_gpus.py` drives it against one and two replicas.
 
 --engine both runs old, then new, each in a subprocess: old with `lvlm_fix` from --baseline-path
 (a checkout of the pre-engine commit: `git worktree add .bench_base 5e3c667`), new from this tree;
@@ -233,6 +238,82 @@ class NewEngine:
         self.lvlm.close()
 
 
+class HttpEngine:
+    """A running server (`lvlm-fix serve`, Ray or not) at `url`: each request one streamed chat
+    completion (its image a PNG data URL, its interventions the `interventions` field, greedy).
+    Token times: each content chunk (a chunk carries the text pieces of one step or more), the
+    token count: the stream's usage."""
+
+    startup_s = 0.0
+
+    def __init__(self, url: str, api_key: str | None = None, model: str = "lvlm-fix"):
+        import asyncio
+
+        import httpx
+
+        self.url, self.model, self.asyncio = url, model, asyncio
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        limits = httpx.Limits(max_connections=4096, max_keepalive_connections=256)
+
+        async def client() -> httpx.AsyncClient:
+            return httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits)
+
+        self.client = asyncio.run_coroutine_threadsafe(client(), self.loop).result()
+        self.pending: set = set()
+
+    def submit(self, request: Request, record: Record) -> None:
+        future = self.asyncio.run_coroutine_threadsafe(self._one(request, record), self.loop)
+        self.pending.add(future)
+        future.add_done_callback(self.pending.discard)
+
+    async def _one(self, request: Request, record: Record) -> None:
+        import base64
+        import io
+
+        buffer = io.BytesIO()
+        request.sample.images[0].save(buffer, format="PNG")
+        image = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        content = [{"type": "image_url", "image_url": {"url": image}},
+                   {"type": "text", "text": request.sample.text}]  # fmt: skip
+        body = {
+            "model": self.model, "messages": [{"role": "user", "content": content}],
+            "max_tokens": request.max_new_tokens, "temperature": 0, "seed": request.sample.seed,
+            "stream": True, "stream_options": {"include_usage": True},
+            "interventions": list(request.interventions),
+        }  # fmt: skip
+        tokens, error = 0, None
+        try:
+            async with self.client.stream("POST", "/v1/chat/completions", json=body) as reply:
+                if reply.status_code != 200:
+                    error = f"HTTP {reply.status_code}: {(await reply.aread())[:300]!r}"
+                else:
+                    async for line in reply.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        chunk = json.loads(line[6:])
+                        if chunk.get("usage"):
+                            tokens = chunk["usage"]["completion_tokens"]
+                        if any(c["delta"].get("content") for c in chunk.get("choices", [])):
+                            record.marks.append(time.monotonic())
+        except Exception as failure:  # noqa: BLE001 (recorded: the table counts failures)
+            error = repr(failure)
+        record.finish(tokens, error)
+
+    def drain(self) -> None:
+        """After a timeout: cancel what is still streaming (the server cancels it too)."""
+        for future in list(self.pending):
+            future.cancel()
+        deadline = time.monotonic() + 30
+        while self.pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.asyncio.run_coroutine_threadsafe(self.client.aclose(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
 def run_rate(engine, requests: list[Request], times: list[float], timeout: float):
     """Submit `requests` at `times` (s) from a thread; wait until all are done or `timeout`."""
     records = [Record() for _ in requests]
@@ -276,13 +357,15 @@ def summarize(rate: float, records: list[Record], elapsed: float, timed_out: boo
 
 
 def bench(args: argparse.Namespace) -> dict:
-    """One engine over every rate, in this process."""
-    device = args.device or ("cpu" if args.sizes == "tiny" else "cuda")
+    """One engine over every rate, in this process (or a server's, with --url)."""
+    device = args.device or ("cpu" if args.sizes == "tiny" or args.url else "cuda")
     dtype = torch.float32 if args.sizes == "tiny" else torch.bfloat16
-    cuda = torch.device(device).type == "cuda"
-    lvlm = build_llava(args.sizes, device, dtype)
+    cuda = torch.device(device).type == "cuda" and not args.url
+    lvlm = None if args.url else build_llava(args.sizes, device, dtype)
     print(f"{args.engine} engine, lvlm_fix from {Path(lvlm_fix.__file__).parent}", flush=True)
-    if args.engine == "old":
+    if args.url:
+        engine = HttpEngine(args.url, args.api_key)
+    elif args.engine == "old":
         engine = OldEngine(lvlm, args.max_batch_size, args.batch_wait_ms / 1e3)
     else:
         engine = NewEngine(lvlm, args.slots, args.max_len)
@@ -312,8 +395,8 @@ def bench(args: argparse.Namespace) -> dict:
         print(json.dumps(row), flush=True)
     if hasattr(engine, "close"):
         engine.close()
-    meta = {"engine": args.engine, "model": lvlm.info.name, "dtype": str(dtype),
-            "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+    meta = {"engine": args.engine, "model": args.url or lvlm.info.name, "dtype": str(dtype),
+            "device": torch.cuda.get_device_name(device) if cuda else args.url or "cpu",
             "torch": torch.__version__, "lvlm_fix": str(Path(lvlm_fix.__file__).parent),
             "startup_s": round(engine.startup_s, 2), "warmup_s": round(warmup_s, 2),
             "skipped_rates": skipped, "args": vars(args)}  # fmt: skip
@@ -420,7 +503,9 @@ def drive(args: argparse.Namespace, argv: list[str]) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("--engine", choices=["old", "new", "both"], required=True)
+    parser.add_argument("--engine", choices=["old", "new", "both", "http"], required=True)
+    parser.add_argument("--url", default=None, help="--engine http: the server's base URL")
+    parser.add_argument("--api-key", default=None, help="--engine http: its API key, if any")
     parser.add_argument("--baseline-path", help="--engine both: checkout whose lvlm_fix is 'old'")
     parser.add_argument("--sizes", choices=["llava-1.5-7b", "tiny"], default="llava-1.5-7b")
     parser.add_argument("--device", default=None, help="default: cuda (cpu with --sizes tiny)")
@@ -443,6 +528,8 @@ def main() -> None:
     )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
+    if (args.engine == "http") != bool(args.url):
+        parser.error("--engine http goes with --url (and --url with --engine http)")
     if args.engine == "both":
         sys.exit(drive(args, sys.argv[1:]))
     result = bench(args)

@@ -39,6 +39,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,13 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "--max-len", type=int, default=None, help="prompt + new tokens per engine row"
     )
     parser.add_argument("--num-cpus", type=float, default=None, help="CPUs given to local Ray")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="local Ray: the port its metrics agent exports every process's metrics on "
+        "(Prometheus; loopback like the rest of the private cluster); default: one Ray picks",
+    )
     parser.add_argument("--api-key", default=None, help="require this Bearer key")
     parser.epilog = (
         "--intervention here sets the default interventions, applied when a request sends no "
@@ -118,7 +126,7 @@ def serve_main(args: argparse.Namespace) -> int:
         )
         if args.no_ray:
             return _serve_uvicorn(settings, host, port)
-        return _serve_ray(settings, address, host, port, args.num_cpus)
+        return _serve_ray(settings, address, host, port, args.num_cpus, args.metrics_port)
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -145,7 +153,9 @@ def _serve_uvicorn(settings: dict, host: str, port: int) -> int:
     return 0
 
 
-def _serve_ray(settings: dict, address: str | None, host: str, port: int, cpus) -> int:
+def _serve_ray(
+    settings: dict, address: str | None, host: str, port: int, cpus, metrics_port: int | None
+) -> int:
     os.environ.update(RAY_ENV if address else {**RAY_ENV, **PRIVATE_RAY_ENV})  # read at import
     import ray
     from ray import serve
@@ -157,13 +167,18 @@ def _serve_ray(settings: dict, address: str | None, host: str, port: int, cpus) 
         ray.init(address=address)
     else:
         # A private cluster on loopback: no Ray process listens beyond this machine.
-        ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+        ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 _metrics_export_port=metrics_port)  # fmt: skip
     # `docker stop` sends SIGTERM: shut Serve and Ray down as for Ctrl-C.
     signal.signal(signal.SIGTERM, _interrupt)
     serve.start(http_options={"host": host, "port": port})
     print(f"serving on http://{host}:{port} (docs at /docs); Ctrl-C stops", file=sys.stderr)
     try:
-        serve.run(build(app_args), name=APP_NAME, route_prefix="/", blocking=True)
+        serve.run(build(app_args), name=APP_NAME, route_prefix="/")  # returns once running
+        replicas = "autoscaling" if app_args.autoscaling else app_args.num_replicas
+        print(f"ready: {replicas} model replica(s) running", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:

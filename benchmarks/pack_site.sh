@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Pack what the GPU image lacks for the service and the evals into one compressed site folder,
+# to carry to the GPU machine (no package index there) within its 64 MiB carry limit.
+# Run HERE (a machine that reaches the package index), from the repository root:
+#   bash benchmarks/pack_site.sh            # -> .whl/site-cp312.tar.xz (the GPU image's Python)
+#   PY=3.11 bash benchmarks/pack_site.sh    # -> .whl/site-cp311.tar.xz (to test the recipe here)
+# On the GPU machine: mkdir -p /tmp/site && tar -xJf .whl/site-cp312.tar.xz -C /tmp/site, then
+# PYTHONPATH=/tmp/site:$PWD (benchmarks/two_gpus.sh does it).
+#
+# What goes in: versions from requirements.lock of the packages requirements.lock has and the
+# GPU image does not (/work/.library/device/KINDS.md lists the image's), as far as Ray Serve,
+# the app and the evals import them, plus transformers (the image's is older than pyproject's
+# floor). What is cut to fit: Ray's Java jars, dashboard web client, RLlib and ray.llm (none is
+# used by Serve or a private cluster), and transformers' model folders other than the LLaVA
+# families and their text and vision backbones (transformers imports model folders lazily).
+# xz instead of the wheels' deflate: Ray's binaries (gcs_server, raylet, _raylet.so) shrink by
+# about a third more.
+set -euo pipefail
+PY=${PY:-3.12}
+TAG=cp${PY/./}
+DEST=${1:-.whl/site-$TAG.tar.xz}
+PACKAGES=(
+  ray pydantic pydantic-core annotated-types typing-inspection
+  fastapi starlette uvicorn python-multipart
+  jsonschema jsonschema-specifications referencing rpds-py
+  aiohttp-cors colorful smart-open grpcio-reflection mmh3
+  opencensus opencensus-context google-api-core google-auth googleapis-common-protos proto-plus
+  pyasn1 pyasn1-modules
+  opentelemetry-api opentelemetry-sdk opentelemetry-proto opentelemetry-exporter-prometheus
+  opentelemetry-semantic-conventions
+  transformers
+)
+KEEP_MODELS="auto llava llava_next llava_onevision llama qwen2 clip siglip"
+pins=()
+for name in "${PACKAGES[@]}"; do
+  pin=$(grep -i -E "^${name//-/[-_]}==" requirements.lock | sed 's/ *;.*//') \
+    || { echo "$name is not in requirements.lock" >&2; exit 2; }
+  pins+=("$pin")
+done
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+platform=(--only-binary=:all: --python-version "$PY" --implementation cp
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
+  --platform manylinux2014_x86_64)
+python3 -m pip download -q --no-deps "${platform[@]}" -d "$work/wheels" "${pins[@]}"
+python3 -m pip install -q --no-deps --no-compile "${platform[@]}" --target "$work/site" \
+  "$work/wheels"/*.whl
+cd "$work/site"
+rm -rf ray/jars ray/dashboard/client/build ray/rllib ray/llm bin
+for model in transformers/models/*/; do
+  name=$(basename "$model")
+  [[ " $KEEP_MODELS " == *" $name "* ]] || rm -rf "$model"
+done
+find . -name __pycache__ -prune -exec rm -rf {} +
+cd - > /dev/null
+mkdir -p "$(dirname "$DEST")"
+tar -C "$work/site" -cf - . | xz -T2 -9 > "$DEST"
+echo "$DEST: $(du -h "$DEST" | cut -f1) ($(printf '%s ' "${pins[@]}"))"
