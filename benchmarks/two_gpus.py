@@ -295,13 +295,15 @@ def split_check(args, out: Path) -> dict:
     text = " ".join(CORPUS[0].split()[3:20])
     samples = [Sample(text, (image,))]
     params = GenerationParams(max_new_tokens=args.split_tokens)
-    config = EngineConfig(slots=4, max_len=2048, graphs=False)
-    loads = {
-        "one_gpu": {"device": "cpu" if args.tiny else "cuda:0"},
-        "split": {"device_map": "balanced"},
+    eager = EngineConfig(slots=4, max_len=2048, graphs=False)  # a split model's steps are eager
+    one = {"device": "cpu" if args.tiny else "cuda:0"}
+    loads = {  # the split model against the same engine on one GPU, then with its CUDA graphs
+        "split": ({"device_map": "balanced"}, eager),
+        "one_gpu": (one, eager),
+        "one_gpu_graphs": (one, EngineConfig(slots=4, max_len=2048)),
     }
     result: dict = {}
-    for name, where in loads.items():
+    for name, (where, config) in loads.items():
         started = time.monotonic()
         lvlm = LVLM.from_pretrained(args.model_dir, engine=config, **where)
         loaded = round(time.monotonic() - started, 1)
