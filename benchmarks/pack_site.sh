@@ -11,8 +11,8 @@
 # GPU image does not (/work/.library/device/KINDS.md lists the image's), as far as Ray Serve,
 # the app and the evals import them, plus transformers (the image's is older than pyproject's
 # floor). What is cut to fit: Ray's Java jars, dashboard web client, RLlib and ray.llm (none is
-# used by Serve or a private cluster), and transformers' model folders other than the LLaVA
-# families and their text and vision backbones (transformers imports model folders lazily).
+# used by Serve or a private cluster). transformers stays whole: its auto classes import other
+# model folders (encoder_decoder, ...) eagerly.
 # xz instead of the wheels' deflate: Ray's binaries (gcs_server, raylet, _raylet.so) shrink by
 # about a third more.
 set -euo pipefail
@@ -30,7 +30,6 @@ PACKAGES=(
   opentelemetry-semantic-conventions
   transformers
 )
-KEEP_MODELS="auto llava llava_next llava_onevision llama qwen2 clip siglip"
 pins=()
 for name in "${PACKAGES[@]}"; do
   pin=$(grep -i -E "^${name//-/[-_]}==" requirements.lock | sed 's/ *;.*//') \
@@ -47,12 +46,8 @@ python3 -m pip install -q --no-deps --no-compile "${platform[@]}" --target "$wor
   "$work/wheels"/*.whl
 cd "$work/site"
 rm -rf ray/jars ray/dashboard/client/build ray/rllib ray/llm bin
-for model in transformers/models/*/; do
-  name=$(basename "$model")
-  [[ " $KEEP_MODELS " == *" $name "* ]] || rm -rf "$model"
-done
 find . -name __pycache__ -prune -exec rm -rf {} +
 cd - > /dev/null
 mkdir -p "$(dirname "$DEST")"
-tar -C "$work/site" -cf - . | xz -T2 -9 > "$DEST"
+tar -C "$work/site" -cf - . | xz -T2 -7 > "$DEST"
 echo "$DEST: $(du -h "$DEST" | cut -f1) ($(printf '%s ' "${pins[@]}"))"

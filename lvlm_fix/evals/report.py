@@ -13,13 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from lvlm_fix.evals.bootstrap import Delta
-from lvlm_fix.evals.chair import ChairSummary
 from lvlm_fix.evals.pope import PopeMetrics
 from lvlm_fix.evals.protocols import POOLED_SPLIT
+
+if TYPE_CHECKING:  # CHAIR's word tools (the eval extra) load only when CHAIR runs
+    from lvlm_fix.evals.chair import ChairSummary
 
 POPE_COLUMNS = (("acc", "Acc"), ("precision", "Prec"), ("recall", "Rec"), ("f1", "F1"),
                 ("yes_ratio", "Yes"))  # fmt: skip
