@@ -13,6 +13,8 @@ Stages (`--stages`, in this order; default: checkpoint serve eval):
   split       part 6 on the 7B checkpoint: loaded with --device-map balanced (half the layers
               on each GPU) and on one GPU; greedy tokens of VAR+VHR+PAI, RITUAL+VCD, FastV and
               plain decoding compared, and batch-1 ms per token of each.
+  gputests    pytest -m gpu tests/test_device_map.py tests/test_engine.py (the tiny split
+              models; the engine's graphs on one GPU).
 Everything goes to --out: summary.json (every number), one log per subprocess.
 
     python benchmarks/two_gpus.py --out results                # the GPU machine
@@ -436,6 +438,15 @@ def main() -> int:
         save()
     if "split" in stages:
         summary["split"] = split_check(args, out)
+        save()
+    if "gputests" in stages:
+        tests = ["tests/test_device_map.py", "tests/test_engine.py"]
+        command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                   "-o", "addopts=", *tests]  # fmt: skip
+        code = run("gputests", command, out, 420)
+        tail = (out / "gputests.log").read_text(errors="replace").strip().splitlines()[-15:]
+        summary["gputests"] = {"exit": code, "tests": tests, "tail": tail}
+        say("gputests: " + (tail[-1] if tail else "no output"))
         save()
     say(f"done: {out / 'summary.json'}")
     return 0
