@@ -2,7 +2,9 @@
 
 It has transformers' attention signature. With no plan, or a plan whose hooks edit nothing in
 this layer, it calls `sdpa_attention_forward` untouched (bit-identical to stock SDPA). Otherwise
-it merges the hooks' edits into one `AttentionEdits` and runs the fused kernel once.
+it merges the hooks' edits into one `AttentionEdits` and runs the fused kernel once, or the
+plain-torch path when a hook's edits hold modifiers. It records which path ran in the forward
+context (`ForwardContext.paths`): "sdpa", "fused" or "modifiers".
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ NAME = "lvlm_fix"
 
 # Fields that several hooks may request at once, and how their values merge.
 _FLAGS = ("want_group_mass", "want_last_row")
+_MODIFIERS = ("score_mods", "prob_mods")  # applied in the plan's hook order
 
 
 def register() -> None:
@@ -60,6 +63,8 @@ def merge_edits(call: AttentionCall, requests: list[dict[str, Any]]) -> dict[str
                 merged[key] = merged[key] * value
             elif key in _FLAGS:
                 merged[key] = merged[key] or value
+            elif key in _MODIFIERS:
+                merged[key] = merged[key] + value
             else:
                 raise ValueError(f"two interventions both set attention field {key!r}")
     if "col_group" not in merged and _needs_columns(merged):
@@ -88,6 +93,8 @@ def lvlm_attention(
     # decode step) runs our kernel even without edits: it reads each row from its key_start
     # to key_end, where stock SDPA would read every column of the cache.
     if ctx is None or (not ctx.plan.attention_hooks and ctx.key_end is None):
+        if ctx is not None:
+            ctx.paths.add("sdpa")
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
         )
@@ -96,6 +103,7 @@ def lvlm_attention(
     requests = [r for hook in ctx.plan.attention_hooks if (r := hook.edits(call))]
     if requests or ctx.key_end is not None:
         edits = AttentionEdits(**merge_edits(call, requests)) if requests else AttentionEdits()
+        ctx.paths.add("fused" if edits.fused else "modifiers")
         # Our hooks build the edits to the kernel's contract, so the hot loop skips re-checking
         # it (tests hold the methods to it); public callers of edited_attention keep the checks.
         out, stats = edited_attention(
@@ -106,6 +114,7 @@ def lvlm_attention(
         out, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
         )
+        ctx.paths.add("sdpa")
         stats = {}
     for hook in ctx.plan.attention_hooks:
         hook.after(call, out, stats)

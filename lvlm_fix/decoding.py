@@ -68,9 +68,12 @@ class Runner:
         self.cache = DynamicCache(config=model.config.get_text_config())
         self.attention_mask = batch.attention_mask
         self.positions = batch.position_ids[:, -1]  # long [R]: position of the last column
+        self.paths: set[str] = set()  # the attention paths its forwards ran (attention.py)
 
-    def _context(self, phase: Phase) -> ForwardContext:
-        return ForwardContext(self.plan, self.state, self.layout, phase, self.num_layers)
+    def _context(self, phase: Phase, layout: ImageLayout | None = None) -> ForwardContext:
+        layout = self.layout if layout is None else layout
+        return ForwardContext(self.plan, self.state, layout, phase, self.num_layers,
+                              paths=self.paths)  # fmt: skip
 
     def prefill(self) -> torch.Tensor:
         """Run the prompt rows; returns next-token logits [R, V] in fp32."""
@@ -86,7 +89,7 @@ class Runner:
         """A prefill forward of rows `b` (filling `cache` unless None): the last position's
         logits [R, V] (fp32) and the layout, where prune hooks record per-layer kept columns."""
         extra = image_kwargs(self.model, b)
-        ctx = ForwardContext(self.plan, self.state, b.layout, "prefill", self.num_layers)
+        ctx = self._context("prefill", b.layout)
         ctx.image_sizes = b.image_sizes  # an anyres vision stage maps the packed crops with it
         with forward_context(ctx), torch.inference_mode():
             out = self.model(

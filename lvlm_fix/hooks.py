@@ -51,6 +51,9 @@ class ForwardContext:
     # for every row), each row's cache columns filled so far, this step's included. The keys
     # past it are empty (or stale); the query sits at key_end - 1.
     key_end: torch.Tensor | None = None
+    # Which attention paths ran ("sdpa", "fused", "modifiers"; see attention.py). A Runner
+    # hands every forward of a request the same set, so the request can say what ran.
+    paths: set[str] = field(default_factory=set)
 
 
 _CURRENT: ContextVar[ForwardContext | None] = ContextVar("lvlm_fix_forward", default=None)
