@@ -206,7 +206,8 @@ def build_rows(processor, image_token_id: int, plan: Plan, samples: list[Sample]
         rows[stripped] = True
         batch = drop_image_tokens(batch, rows, pad_id)
     for stage in plan.vision_stages:  # a pruning vision tower emits `budget` features per image
-        if stage.grid is None:  # (anyres keeps every placeholder: LLM layer 0 drops them)
+        # (anyres keeps every placeholder: LLM layer 0 drops them; budget None only looks)
+        if stage.grid is None and stage.budget is not None:
             batch = shrink_image_runs(batch, stage.budget, pad_id)
     if pixel_fns:
         pixels = batch.pixel_values.clone()

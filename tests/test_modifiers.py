@@ -163,3 +163,51 @@ def test_modifier_requests_decode_beside_shared_ones(lvlm, images):
         lvlm.submit([Sample("describe this", (images[i],))], specs, params) for specs, i in jobs
     ]
     assert [r.result(60)[0].token_ids for r in requests] == expected
+
+
+def test_the_users_words_are_found_in_every_template(lvlm):
+    """ModelInfo.query_gap/query_tail locate a one-turn prompt's text (GIFT reads it there)."""
+    from lvlm_fix.model import render_prompt
+
+    tokenizer = lvlm.processor.tokenizer
+    for text in ("what color is the star", "Is there a dog in the image?"):
+        ids = tokenizer(render_prompt(lvlm.processor, text, 1)).input_ids
+        last_image = max(i for i, t in enumerate(ids) if t == lvlm.info.image_token_id)
+        words = ids[last_image + 1 + lvlm.info.query_gap : len(ids) - lvlm.info.query_tail]
+        assert tokenizer.decode(words).strip() == text
+
+
+@dataclass(frozen=True)
+class LookAtRows:
+    """AttentionHook: at prefill of one layer, compare AttentionCall.probabilities with the
+    kernel's last row (both unedited)."""
+
+    layer: int
+    seen: list
+
+    def edits(self, call):
+        return {"want_last_row": True} if call.layer == self.layer else None
+
+    def after(self, call, out, stats):
+        if call.layer == self.layer and call.ctx.phase == "prefill":
+            last = torch.tensor([call.query.shape[2] - 1])
+            self.seen.append((call.probabilities(last)[:, :, 0], stats["last_row"]))
+
+
+class Look(Intervention):
+    name: ClassVar[str] = "test_look"
+    hooks: ClassVar[frozenset] = frozenset({"attention"})
+
+    def contribute(self, model) -> Contribution:
+        return Contribution(attention=LookAtRows(1, []), shared_decode=False)
+
+
+def test_hooks_can_look_at_the_probabilities_of_chosen_rows(lvlm, images):
+    params = GenerationParams(max_new_tokens=1)
+    plan = lvlm.plan([Look()], params)
+    samples = [Sample("describe this", (images[0],)), Sample("what color is it", (images[1],))]
+    lvlm.submit(samples, [Look()], params, plan=plan).result(60)
+    [hook] = plan.attention_hooks
+    ours, kernels = hook.seen[0]
+    torch.testing.assert_close(ours, kernels, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours.sum(-1), torch.ones_like(ours[..., 0]))
