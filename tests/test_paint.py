@@ -153,6 +153,19 @@ def test_a_batch_equals_each_sample_alone(lvlm, samples):
     assert not np.allclose(chosen_logprobs(together), chosen_logprobs(plain), atol=1e-4)
 
 
+def test_each_image_of_a_row_gets_its_own_sets(lvlm, images):
+    """Images fill a row's image columns in order: a two-image row's gains are each image's
+    gains alone, block by block."""
+    two = Sample("compare the two pictures", (images[0], images[1]))
+    runner, _ = prefill(lvlm, [two, Sample("describe", (images[1],))], [STRONG])
+    gain, image = runner.state["paint.gain"], runner.layout.image_mask
+    blocks = gain[0][image[0]].view(2, -1)
+    for block, picture in zip(blocks, images, strict=True):
+        alone, _ = prefill(lvlm, [Sample("describe", (picture,))], [STRONG])
+        assert torch.equal(block, alone.state["paint.gain"][0][alone.layout.image_mask[0]])
+    assert torch.equal(gain[1][image[1]], blocks[1])
+
+
 # ---------------------------------------------------------------- 3. composition
 
 
@@ -162,8 +175,9 @@ def test_a_batch_equals_each_sample_alone(lvlm, samples):
         [{"name": "pai_cfg"}],  # the reported setting: PAI's CFG, gamma 1.1
         [{"name": "vhr"}, {"name": "ritual"}],
         [{"name": "fastv", "ratio": 0.5}],  # pruned layers see their kept columns' gains
+        [{"name": "fastv", "ratio": 0.5, "mode": "per_step"}],  # each step is a prefill
     ],
-    ids=["pai_cfg", "vhr+ritual", "fastv"],
+    ids=["pai_cfg", "vhr+ritual", "fastv", "fastv_per_step"],
 )
 def test_composes_and_stays_batch_independent(lvlm, samples, others):
     specs = [STRONG, *others]
