@@ -29,6 +29,7 @@ CHANGED = {
     "opera": {"penalty": 0.5},
     "pai": {"alpha": 0.5},
     "pai_cfg": {"gamma": 1.5},
+    "paint": {"alpha": 0.5},
     "ritual": {"alpha_pos": 2.0},
     "var": {"tau": 10.0},
     "vcd": {"noise_step": 400},

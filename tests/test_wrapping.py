@@ -44,6 +44,7 @@ def method_spec(name: str, router: str) -> dict:
         "vcd": {"name": "vcd"},
         "m3id": {"name": "m3id"},
         "pai_cfg": {"name": "pai_cfg"},
+        "paint": {"name": "paint"},
     }
     return specs[name]
 

@@ -9,6 +9,7 @@ from lvlm_fix.methods import (
     opera,  # noqa: F401
     pai,  # noqa: F401
     pai_cfg,  # noqa: F401
+    paint,  # noqa: F401
     ritual,  # noqa: F401
     var,  # noqa: F401
     vcd,  # noqa: F401
