@@ -338,5 +338,7 @@ class Enhance:
         edited = p * scale
         total = edited.sum(-1, keepdim=True)
         edited = torch.where(total > 0, edited / torch.where(total > 0, total, 1.0), p)
-        last = torch.where(self.active[rows][:, None, None], edited, p)
-        return torch.cat([x[:, :, :-1], last[:, :, None]], 2)
+        # In place: at prefill x is the whole [B, H, S, S] (fresh from the softmax or VAR), and
+        # a copy of it for one row would double the plain-torch path's largest tensor.
+        x[:, :, -1] = torch.where(self.active[rows][:, None, None], edited, p)
+        return x
