@@ -152,6 +152,14 @@ def test_a_batch_equals_each_sample_alone(lvlms, images, family):
     assert together[0].attention_paths == ["modifiers", "sdpa"]  # map layer 1 and 0: stock
 
 
+def test_beam_search_rows_keep_their_maps(lvlms, samples):
+    lvlm = lvlms["llava"]
+    params = GenerationParams(max_new_tokens=8, num_beams=3)
+    spec = [{"name": "gift", "alpha": 8.0}]
+    together = [g.token_ids for g in lvlm.generate(samples, spec, params)]
+    assert together == [lvlm.generate([s], spec, params)[0].token_ids for s in samples]
+
+
 # ---------------------------------------------------------------- composition
 
 
