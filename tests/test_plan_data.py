@@ -25,6 +25,7 @@ CHANGED = {
     "dyvte": {"threshold": 0.7},
     "fastv": {"ratio": 0.25},
     "flowcut": {"budget": 8},
+    "gift": {"alpha": 2.0},
     "m3id": {"decay": 0.05},
     "opera": {"penalty": 0.5},
     "pai": {"alpha": 0.5},

@@ -39,6 +39,7 @@ def method_spec(name: str, router: str) -> dict:
         "opera": {"name": "opera", "num_beams": 2, "candidates": 2},
         "fastv": {"name": "fastv", "keep": 8},
         "flowcut": {"name": "flowcut", "budget": 16},
+        "gift": {"name": "gift"},
         "dyvte": {"name": "dyvte", "router": router, "threshold": 0.4},
         "ritual": {"name": "ritual"},
         "vcd": {"name": "vcd"},

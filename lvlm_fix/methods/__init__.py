@@ -5,6 +5,7 @@ from lvlm_fix.methods import (
     dyvte,  # noqa: F401
     fastv,  # noqa: F401
     flowcut,  # noqa: F401
+    gift,  # noqa: F401
     m3id,  # noqa: F401
     opera,  # noqa: F401
     pai,  # noqa: F401
