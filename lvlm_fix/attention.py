@@ -9,6 +9,7 @@ context (`ForwardContext.paths`): "sdpa", "fused" or "modifiers".
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -73,6 +74,20 @@ def merge_edits(call: AttentionCall, requests: list[dict[str, Any]]) -> dict[str
     return merged
 
 
+@dataclass(frozen=True)
+class HiddenColumns:
+    """Score modifier: the columns a request's mask hides past its first column (OPERA's replay
+    holes), which the fused kernels' [key_start, key_end) window cannot state."""
+
+    mask: torch.Tensor  # [R, K'] 0 = hidden; columns past K' are visible
+
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        width = score.shape[-1]
+        visible = self.mask[:, :width].bool()
+        visible = torch.nn.functional.pad(visible, (0, width - visible.shape[1]), value=True)
+        return score.masked_fill(~visible[b, kv_idx], float("-inf"))
+
+
 def _needs_columns(edits: dict[str, Any]) -> bool:
     return "image_gain" in edits or "var_rows" in edits or bool(edits.get("want_group_mass"))
 
@@ -101,6 +116,8 @@ def lvlm_attention(
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     call = AttentionCall(module.layer_idx, query, key, value, scale, ctx)
     requests = [r for hook in ctx.plan.attention_hooks if (r := hook.edits(call))]
+    if requests and ctx.holes:
+        requests.append({"score_mods": (HiddenColumns(ctx.attention_mask),)})
     if requests or ctx.key_end is not None:
         edits = AttentionEdits(**merge_edits(call, requests)) if requests else AttentionEdits()
         ctx.paths.add("fused" if edits.fused else "modifiers")

@@ -69,6 +69,7 @@ class Runner:
         self.attention_mask = batch.attention_mask
         self.positions = batch.position_ids[:, -1]  # long [R]: position of the last column
         self.paths: set[str] = set()  # the attention paths its forwards ran (attention.py)
+        self.holes = False  # a forward was given hole columns (see `forward`)
 
     def _context(self, phase: Phase, layout: ImageLayout | None = None) -> ForwardContext:
         layout = self.layout if layout is None else layout
@@ -129,12 +130,16 @@ class Runner:
         """
         if self.plan.recompute:
             return self._rerun(tokens)
-        mask = self.attention_mask.new_ones(tokens.shape) if mask is None else mask
+        if mask is None:
+            mask = self.attention_mask.new_ones(tokens.shape)
+        else:  # one host sync, on replays only
+            self.holes = self.holes or not bool(mask.all())
         self.attention_mask = torch.cat([self.attention_mask, mask.to(self.attention_mask)], 1)
         positions = self.positions[:, None] + mask.long().cumsum(1)
         self.positions = positions[:, -1]
         ctx = self._context("decode")
         ctx.attention_mask = self.attention_mask  # pruned layers read generated columns here
+        ctx.holes = self.holes
         with forward_context(ctx), torch.inference_mode():
             out = self.model(
                 input_ids=tokens,

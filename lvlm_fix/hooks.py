@@ -52,6 +52,9 @@ class ForwardContext:
     # for every row), each row's cache columns filled so far, this step's included. The keys
     # past it are empty (or stale); the query sits at key_end - 1.
     key_end: torch.Tensor | None = None
+    # The attention mask hides columns past key_start (OPERA's replay holes): edited attention,
+    # whose kernels only know [key_start, key_end), then masks them with a modifier.
+    holes: bool = False
     # Which attention paths ran ("sdpa", "fused", "modifiers"; see attention.py). A Runner
     # hands every forward of a request the same set, so the request can say what ran.
     paths: set[str] = field(default_factory=set)

@@ -211,3 +211,28 @@ def test_hooks_can_look_at_the_probabilities_of_chosen_rows(lvlm, images):
     ours, kernels = hook.seen[0]
     torch.testing.assert_close(ours, kernels, rtol=0, atol=1e-6)
     torch.testing.assert_close(ours.sum(-1), torch.ones_like(ours[..., 0]))
+
+
+def test_edited_attention_never_sees_replay_holes(tiny_paths, images):
+    """OPERA replays rows of unequal length with hole columns in the mask; edits (here PAI)
+    then go through the plain-torch path, which masks them: a row with a hole equals the same
+    row without the hole's token."""
+    from lvlm_fix.decoding import Runner, build_rows
+    from lvlm_fix.methods import RowState
+
+    lvlm = LVLM.from_pretrained(tiny_paths["llava"])
+    plan = lvlm.plan([{"name": "pai", "alpha": 1.0}])
+    samples = [Sample("describe this", (images[0],))]
+
+    def last_logits(tokens, mask):
+        batch = build_rows(lvlm.processor, lvlm.info.image_token_id, plan, samples, lvlm.device)
+        state = RowState.start(plan.views, 1, lvlm.device)
+        runner = Runner(lvlm.model, batch, plan, state, lvlm.info.num_layers)
+        runner.prefill()
+        mask = None if mask is None else torch.tensor([mask])
+        return runner.forward(torch.tensor([tokens]), mask)[:, -1], runner
+
+    with_hole, runner = last_logits([5, 6, 7], [1, 0, 1])
+    without, _ = last_logits([5, 7], None)
+    torch.testing.assert_close(with_hole, without, rtol=0, atol=1e-5)
+    assert "modifiers" in runner.paths
