@@ -240,7 +240,7 @@ def test_sink_scope_rows_and_targets(lvlms):
     assert torch.equal(every, text | pictured) and not (text & pictured).any()
     assert not pictured[:, [0, 1, *range(7, K)]].any()
 
-    after, _ = run_hook(hook_of(lvlm, rows="after_image"), q, k, layout, state_of(1))
+    after, _ = run_hook(hook_of(lvlm, edited_rows="after_image"), q, k, layout, state_of(1))
     torch.testing.assert_close(after[:, :, :7], p[:, :, :7], rtol=0, atol=0)
     assert not torch.allclose(after[:, :, 7:], p[:, :, 7:], atol=1e-3)
 
@@ -497,15 +497,17 @@ def test_composition_with_views_beams_and_refusals(lvlms, samples):
     pruned = [{"name": "act"}, {"name": "fastv", "keep": 8}]
     together = lvlm.generate(samples, pruned, params)
     assert tokens(together) == [lvlm.generate([s], pruned, params)[0].token_ids for s in samples]
-    with pytest.raises(PlanConflict, match="'act' and 'opera' cannot be combined"):
-        lvlm.plan([{"name": "act"}, {"name": "opera"}])
+    for decode in ("running", "current_row"):
+        with pytest.raises(PlanConflict, match="'act' and 'opera' cannot be combined"):
+            lvlm.plan([{"name": "act", "decode": decode}, {"name": "opera"}])
     lvlm.plan([{"name": "act", "decode": "prefill_only"}, {"name": "opera"}])  # no state
 
 
 def test_plans_pickle_and_compile_equal(lvlms):
     lvlm = lvlms["llava"]
     spec = {"name": "act", "heads": [[2, 1], [2, 3]], "threshold_mode": "alpha_over_n",
-            "sink_scope": "image", "rows": "after_image", "decode": "current_row"}  # fmt: skip
+            "sink_scope": "image", "edited_rows": "after_image",
+            "decode": "current_row"}  # fmt: skip
     plan = lvlm.plan([spec])
     assert pickle.loads(pickle.dumps(plan)) == plan == lvlm.plan([spec])
     assert lvlm.plan([{**spec, "alpha": 2.0}]) != plan

@@ -36,7 +36,9 @@ probabilities it receives (after PAI and VAR, when those run too).
   decodes in the engine's shared batch); `"current_row"`: sinks from the current row alone
   (P[t, j] > threshold), no state.
   The state is updated in `edits`, which runs once per layer call, before the kernel. It is not
-  undone by a KV-cache crop, so running statistics refuse OPERA (its rollback replays rows).
+  undone by a KV-cache crop, and a decode call is taken to hold one row per sample, so both
+  decode-time modes refuse OPERA (its rollback replays several rows at once); "prefill_only"
+  composes with it.
 - The first real token (column key_start, BOS) is never a sink (`exclude_first="first_token"`,
   ours). The reference drops the smallest detected index, which is BOS whenever BOS passes the
   threshold (nearly always); `"first_detected"` reproduces it literally. The reference sets
@@ -53,7 +55,8 @@ probabilities it receives (after PAI and VAR, when those run too).
   a list of [layer, head] pairs is a custom set (e.g. one searched for LLaVA on held-out POPE
   images, one head at a time, as the reference's `--calibrate 1` does; that search is not
   shipped, and its selection rule is not in the released code). The MT-bench list is not
-  shipped: that path never ran as released (specs: the patched forward never gets `signal`).
+  shipped: that path never ran as released (it patches transformers' own LlamaAttention, whose
+  stock LlamaModel never passes the layer index `signal`, so no layer is calibrated).
 - Layers: 2..L-2 of L (the reference: 2..30 of 32), i.e. the first two and the last layer are
   never calibrated; `skip_last_layer=False` gives 2..L-1 (the Mistral and MT-bench variants).
   The tiny and gym models (4 layers) calibrate layer 2 only. A preset's heads outside the layer
@@ -63,8 +66,8 @@ probabilities it receives (after PAI and VAR, when those run too).
   columns, the paper's form as secondary sources describe it, alpha unverified);
   `first_token_receives` (True: BOS shares the freed mass, as in the code; False: it does not);
   `sink_scope` (all columns, as the reference, which is modality-blind; or only text / only
-  image columns); `rows` (prefill rows edited: all, as the reference; or only those after the
-  image, ours); `min_rows` (a column needs at least this many rows seeing it; 1 = reference).
+  image columns); `edited_rows` (prefill rows edited: all, as the reference; or only those
+  after the image, ours); `min_rows` (a column needs this many rows seeing it; 1 = reference).
   Not offered: fp16 statistics (the reference's precision; we keep fp32).
 
 LLaVA-NeXT and OneVision (anyres): nothing differs. ACT is modality-blind and reads whatever
@@ -163,7 +166,7 @@ class ACT(Intervention):
         description="'absolute' (code) or 'alpha_over_n': threshold alpha / N (the row's columns).",
     )
     alpha: float = Field(
-        5.0, gt=0.0, le=1e4, description="alpha_over_n only: the threshold is alpha / N."
+        5.0, gt=0.0, le=1e4, description="alpha_over_n only: threshold alpha / N (unverified)."
     )
     heads: Literal["auto", "llama2_chat_cls", "all"] | list[tuple[Index, Index]] = Field(
         "auto",
@@ -185,7 +188,7 @@ class ACT(Intervention):
     sink_scope: Literal["all", "text", "image"] = Field(
         "all", description="Columns that may be sinks: all (reference), text only, image only."
     )
-    rows: Literal["all", "after_image"] = Field(
+    edited_rows: Literal["all", "after_image"] = Field(
         "all", description="Prefill rows calibrated: all (reference) or those after the image."
     )
     decode: Literal["running", "prefill_only", "current_row"] = Field(
@@ -213,16 +216,17 @@ class ACT(Intervention):
             exclude_detected=self.exclude_first == "first_detected",
             first_receives=self.first_token_receives,
             scope=self.sink_scope,
-            after_image=self.rows == "after_image",
+            after_image=self.edited_rows == "after_image",
             decode=self.decode,
             min_rows=self.min_rows,
         )
-        running = self.decode == "running"
+        prefill_only = self.decode == "prefill_only"
         return Contribution(
             attention=hook,
-            shared_decode=self.decode == "prefill_only",
-            # OPERA's rollback crops the cache and replays rows: the sums would count them twice
-            conflicts=frozenset({"opera"}) if running else frozenset(),
+            shared_decode=prefill_only,
+            # OPERA's rollback crops the cache and replays several rows in one call: running
+            # sums would count them twice, and one call's rows would share one sink set
+            conflicts=frozenset() if prefill_only else frozenset({"opera"}),
         )
 
 
