@@ -22,6 +22,7 @@ PARAMS = GenerationParams(max_new_tokens=6)
 
 # Per method, a parameter whose change reaches the compiled hooks, views or search.
 CHANGED = {
+    "act": {"beta": 0.5},
     "dyvte": {"threshold": 0.7},
     "fastv": {"ratio": 0.25},
     "flowcut": {"budget": 8},

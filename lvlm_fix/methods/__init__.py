@@ -2,6 +2,7 @@
 
 # Importing a method module registers it (one line each).
 from lvlm_fix.methods import (
+    act,  # noqa: F401
     dyvte,  # noqa: F401
     fastv,  # noqa: F401
     flowcut,  # noqa: F401
