@@ -2,11 +2,14 @@
 
 It has transformers' attention signature. With no plan, or a plan whose hooks edit nothing in
 this layer, it calls `sdpa_attention_forward` untouched (bit-identical to stock SDPA). Otherwise
-it merges the hooks' edits into one `AttentionEdits` and runs the fused kernel once.
+it merges the hooks' edits into one `AttentionEdits` and runs the fused kernel once, or the
+plain-torch path when a hook's edits hold modifiers. It records which path ran in the forward
+context (`ForwardContext.paths`): "sdpa", "fused" or "modifiers".
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,6 +24,7 @@ NAME = "lvlm_fix"
 
 # Fields that several hooks may request at once, and how their values merge.
 _FLAGS = ("want_group_mass", "want_last_row")
+_MODIFIERS = ("score_mods", "prob_mods")  # applied in the plan's hook order
 
 
 def register() -> None:
@@ -60,12 +64,28 @@ def merge_edits(call: AttentionCall, requests: list[dict[str, Any]]) -> dict[str
                 merged[key] = merged[key] * value
             elif key in _FLAGS:
                 merged[key] = merged[key] or value
+            elif key in _MODIFIERS:
+                merged[key] = merged[key] + value
             else:
                 raise ValueError(f"two interventions both set attention field {key!r}")
     if "col_group" not in merged and _needs_columns(merged):
         # 3 = image, no sinks; prompt-wide: the generated columns past it are group 0 (rest)
         merged["col_group"] = (call.layout.image_mask * 3).to(torch.int8)
     return merged
+
+
+@dataclass(frozen=True)
+class HiddenColumns:
+    """Score modifier: the columns a request's mask hides past its first column (OPERA's replay
+    holes), which the fused kernels' [key_start, key_end) window cannot state."""
+
+    mask: torch.Tensor  # [R, K'] 0 = hidden; columns past K' are visible
+
+    def __call__(self, score, b, h, q_idx, kv_idx):
+        width = score.shape[-1]
+        visible = self.mask[:, :width].bool()
+        visible = torch.nn.functional.pad(visible, (0, width - visible.shape[1]), value=True)
+        return score.masked_fill(~visible[b, kv_idx], float("-inf"))
 
 
 def _needs_columns(edits: dict[str, Any]) -> bool:
@@ -88,6 +108,8 @@ def lvlm_attention(
     # decode step) runs our kernel even without edits: it reads each row from its key_start
     # to key_end, where stock SDPA would read every column of the cache.
     if ctx is None or (not ctx.plan.attention_hooks and ctx.key_end is None):
+        if ctx is not None:
+            ctx.paths.add("sdpa")
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
         )
@@ -95,8 +117,11 @@ def lvlm_attention(
     ctx = ctx.on(query.device)  # a split model's layer on another GPU: the context's copies there
     call = AttentionCall(module.layer_idx, query, key, value, scale, ctx)
     requests = [r for hook in ctx.plan.attention_hooks if (r := hook.edits(call))]
+    if requests and ctx.holes:
+        requests.append({"score_mods": (HiddenColumns(ctx.attention_mask),)})
     if requests or ctx.key_end is not None:
         edits = AttentionEdits(**merge_edits(call, requests)) if requests else AttentionEdits()
+        ctx.paths.add("fused" if edits.fused else "modifiers")
         # Our hooks build the edits to the kernel's contract, so the hot loop skips re-checking
         # it (tests hold the methods to it); public callers of edited_attention keep the checks.
         out, stats = edited_attention(
@@ -107,6 +132,7 @@ def lvlm_attention(
         out, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
         )
+        ctx.paths.add("sdpa")
         stats = {}
     for hook in ctx.plan.attention_hooks:
         hook.after(call, out, stats)

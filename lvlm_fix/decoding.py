@@ -17,7 +17,7 @@ from PIL import Image
 from transformers import DynamicCache
 
 from lvlm_fix.compat import cache_kwargs
-from lvlm_fix.hooks import ForwardContext, Phase, forward_context
+from lvlm_fix.hooks import DeviceCopies, ForwardContext, Phase, forward_context
 from lvlm_fix.methods.base import RowState
 from lvlm_fix.model import (
     ImageLayout,
@@ -68,9 +68,14 @@ class Runner:
         self.cache = DynamicCache(config=model.config.get_text_config())
         self.attention_mask = batch.attention_mask
         self.positions = batch.position_ids[:, -1]  # long [R]: position of the last column
+        self.paths: set[str] = set()  # the attention paths its forwards ran (attention.py)
+        self.holes = False  # a forward was given hole columns (see `forward`)
+        self.copies = DeviceCopies()  # a split model's: layout and mask on its other devices
 
-    def _context(self, phase: Phase) -> ForwardContext:
-        return ForwardContext(self.plan, self.state, self.layout, phase, self.num_layers)
+    def _context(self, phase: Phase, layout: ImageLayout | None = None) -> ForwardContext:
+        layout = self.layout if layout is None else layout
+        return ForwardContext(self.plan, self.state, layout, phase, self.num_layers,
+                              paths=self.paths, copies=self.copies)  # fmt: skip
 
     def prefill(self) -> torch.Tensor:
         """Run the prompt rows; returns next-token logits [R, V] in fp32."""
@@ -86,7 +91,7 @@ class Runner:
         """A prefill forward of rows `b` (filling `cache` unless None): the last position's
         logits [R, V] (fp32) and the layout, where prune hooks record per-layer kept columns."""
         extra = image_kwargs(self.model, b)
-        ctx = ForwardContext(self.plan, self.state, b.layout, "prefill", self.num_layers)
+        ctx = self._context("prefill", b.layout)
         ctx.image_sizes = b.image_sizes  # an anyres vision stage maps the packed crops with it
         with forward_context(ctx), torch.inference_mode():
             out = self.model(
@@ -126,12 +131,16 @@ class Runner:
         """
         if self.plan.recompute:
             return self._rerun(tokens)
-        mask = self.attention_mask.new_ones(tokens.shape) if mask is None else mask
+        if mask is None:
+            mask = self.attention_mask.new_ones(tokens.shape)
+        else:  # one host sync, on replays only
+            self.holes = self.holes or not bool(mask.all())
         self.attention_mask = torch.cat([self.attention_mask, mask.to(self.attention_mask)], 1)
         positions = self.positions[:, None] + mask.long().cumsum(1)
         self.positions = positions[:, -1]
         ctx = self._context("decode")
         ctx.attention_mask = self.attention_mask  # pruned layers read generated columns here
+        ctx.holes = self.holes
         with forward_context(ctx), torch.inference_mode():
             out = self.model(
                 input_ids=tokens,
@@ -203,7 +212,8 @@ def build_rows(processor, image_token_id: int, plan: Plan, samples: list[Sample]
         rows[stripped] = True
         batch = drop_image_tokens(batch, rows, pad_id)
     for stage in plan.vision_stages:  # a pruning vision tower emits `budget` features per image
-        if stage.grid is None:  # (anyres keeps every placeholder: LLM layer 0 drops them)
+        # (anyres keeps every placeholder: LLM layer 0 drops them; budget None only looks)
+        if stage.grid is None and stage.budget is not None:
             batch = shrink_image_runs(batch, stage.budget, pad_id)
     if pixel_fns:
         pixels = batch.pixel_values.clone()

@@ -204,6 +204,7 @@ class _Job:
     seqs: list[_Seq] = field(default_factory=list)  # shared lane
     steps: object | None = None  # own lane: the decode_steps iterator
     step: int = 0  # tokens chosen so far
+    attention_paths: frozenset[str] = frozenset()  # shared lane: its prefill's, and "fused"
 
     @property
     def plan(self) -> Plan:
@@ -453,6 +454,7 @@ class Engine:
         """Put prefilled rows (the jobs' samples in order, each sample's views together) in
         the shared batch and choose each sample's first token."""
         slots = self.slots.place(prefilled, edits)
+        paths = frozenset(prefilled.runner.paths | {"fused"})  # the shared step's kernel
         positions = (prefilled.runner.positions + 1).tolist()
         views = jobs[0].plan.n_views
         first, pending = 0, []
@@ -465,6 +467,7 @@ class Engine:
                                       prefilled.view_notes[samples],
                                       prefilled.image_tokens_pruned[samples])  # fmt: skip
             job.limits = self._limits(job.request)
+            job.attention_paths = paths
             for b in range(n):
                 row = (first + b) * views
                 generator = job.limits.generators[b]
@@ -582,7 +585,7 @@ class Engine:
             outputs.append(generation(
                 self.processor.tokenizer, seq.tokens, seq.reason, params,
                 prefilled.prompt_tokens[seq.sample], plan.config_id, notes[seq.sample], logprobs,
-                prefilled.image_tokens_pruned[seq.sample],
+                prefilled.image_tokens_pruned[seq.sample], job.attention_paths,
             ))  # fmt: skip
         return outputs
 
@@ -601,10 +604,13 @@ class Engine:
         notes = event.view_notes or ({},) * len(result.tokens)
         logprobs = result.logprobs or (None,) * len(result.tokens)
         tokenizer, config_id = self.processor.tokenizer, job.plan.config_id
+        paths = frozenset(job.prefilled.runner.paths)
         rows = zip(result.tokens, result.finish_reasons, event.prompt_tokens, notes, logprobs,
                    event.image_tokens_pruned, strict=True)  # fmt: skip
         outputs = [
-            generation(tokenizer, ids, reason, params, prompt, config_id, views, steps, pruned)
+            generation(
+                tokenizer, ids, reason, params, prompt, config_id, views, steps, pruned, paths
+            )
             for ids, reason, prompt, views, steps, pruned in rows
         ]
         self._end(job, Event(generations=outputs))

@@ -32,6 +32,10 @@ class Generation(BaseModel):
     views: dict[str, list[str]] = {}  # what each image-transforming view applied, per image
     logprobs: list[TokenLogprobs] | None = None  # with params.logprobs: one per token_ids entry
     image_tokens_pruned: int = 0  # image tokens that token pruning removed (FastV, FlowCut, ...)
+    # The language model's attention paths that ran for it: "sdpa" (stock), "fused" (the fused
+    # edited-attention kernel; its plain-torch reference off CUDA), "modifiers" (the plain-torch
+    # path of edits the fused kernel does not cover: correct, slower).
+    attention_paths: list[str] = []
 
 
 def decode_text(tokenizer, ids: Sequence[int]) -> str:
@@ -141,7 +145,7 @@ def sampling_generator(seed: int | None, device: torch.device) -> torch.Generato
 def generation(
     tokenizer, ids: list[int], reason: str, params: GenerationParams, prompt_tokens: int,
     config_id: str, views: dict[str, list[str]], logprobs: list[TokenLogprobs] | None,
-    image_tokens_pruned: int = 0,
+    image_tokens_pruned: int = 0, attention_paths: frozenset[str] = frozenset(),
 ) -> Generation:  # fmt: skip
     """One sample's `Generation` from its generated ids (the token that ended it excluded)."""
     text, stopped = answer(tokenizer, ids, params.stop, params.min_tokens)
@@ -154,4 +158,5 @@ def generation(
         views=views,
         logprobs=logprobs,
         image_tokens_pruned=image_tokens_pruned,
+        attention_paths=sorted(attention_paths),
     )

@@ -20,6 +20,7 @@ import torch
 
 from lvlm_fix import anyres, devices
 from lvlm_fix.compat import layer_cache
+from lvlm_fix.kernels.reference import masked_softmax, visibility
 from lvlm_fix.model import Family, ImageLayout, resolve
 from lvlm_fix.pruning import gather_columns, layer_mask, pack_kept
 
@@ -51,6 +52,12 @@ class ForwardContext:
     # for every row), each row's cache columns filled so far, this step's included. The keys
     # past it are empty (or stale); the query sits at key_end - 1.
     key_end: torch.Tensor | None = None
+    # The attention mask hides columns past key_start (OPERA's replay holes): edited attention,
+    # whose kernels only know [key_start, key_end), then masks them with a modifier.
+    holes: bool = False
+    # Which attention paths ran ("sdpa", "fused", "modifiers"; see attention.py). A Runner
+    # hands every forward of a request the same set, so the request can say what ran.
+    paths: set[str] = field(default_factory=set)
     # Copies of the tensors above on the devices of a split model's other layers (`on`). Its
     # owner passes the same object to each forward (a request's Runner, the engine's slots), so
     # copies of what did not change since the last step are not made again.
@@ -192,6 +199,18 @@ class AttentionCall:
         end = self.key.shape[2] if self.ctx.key_end is None else self.ctx.key_end
         return end - q_len + torch.arange(q_len, device=self.query.device)
 
+    def probabilities(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 [R, H, n, K]: stock (unedited) attention probabilities of query rows `rows`
+        (long [n]; default all) over the columns each sees. For hooks that look at attention,
+        at the rows they need: the kernels never materialise probabilities."""
+        q_len, width = self.query.shape[2], self.key.shape[2]
+        rows = torch.arange(q_len, device=self.query.device) if rows is None else rows
+        group = self.query.shape[1] // self.key.shape[1]
+        keys = self.key.float().repeat_interleave(group, dim=1)  # [R, H, K, D]
+        scores = self.scaling * (self.query[:, :, rows].float() @ keys.transpose(-1, -2))
+        visible = visibility(self.layout.key_start, q_len, width, self.ctx.key_end)[:, :, rows]
+        return masked_softmax(scores, visible)
+
     def image_columns(self) -> torch.Tensor:
         """bool [R, K]: prompt image tokens, padded with False over generated columns."""
         mask = self.layout.image_mask
@@ -265,18 +284,20 @@ class GridRestore:
 
 
 class VisionHook(Protocol):
-    """Token pruning inside the vision tower (FlowCut). One per plan.
+    """Token pruning inside the vision tower (FlowCut), or a look at it. One per plan.
 
-    `budget` tokens per image (per crop for anyres) survive the tower. With `grid` None the LLM
-    receives exactly those (the prompt's placeholders are cut to match). With a `GridRestore`
-    (LLaVA-NeXT) the prompt keeps every placeholder: the survivors go back into their crops' full
-    grids before the projector, transformers packs them, and LLM layer 0 keeps only the
-    placeholders of survivors. `after_layer` returns keep bool [N, n] over the layer's output
-    tokens, or None; token 0 (CLS) must be kept. Every image must hold exactly the budget when
+    `budget` tokens per image (per crop for anyres) survive the tower; None: the hook only
+    looks (at each layer's input, output and attention projections) and never cuts. With
+    `grid` None the LLM receives exactly those (the prompt's placeholders are cut to match).
+    With a `GridRestore` (LLaVA-NeXT) the prompt keeps every placeholder: the survivors go
+    back into their crops' full grids before the projector, transformers packs them, and LLM
+    layer 0 keeps only the placeholders of survivors. `after_layer` returns keep bool [N, n]
+    over the layer's output tokens, or None; token 0 (CLS) must be kept. Every image must hold
+    exactly the budget when
     `read_layer` runs.
     """
 
-    budget: int
+    budget: int | None
     grid: GridRestore | None
 
     def after_layer(self, call: VisionLayerCall) -> torch.Tensor | None: ...
@@ -470,6 +491,8 @@ def _vision_output(layer: int, where: tuple[int, int, bool], module, args, kwarg
     keep = stage.after_layer(call)
     if keep is None:
         return None
+    if stage.budget is None:
+        raise ValueError("a vision hook without a budget looks and never cuts")
     kept = keep & valid
     lengths = kept.sum(-1)
     # The only host-device sync of a cut: "did anything go", the CLS check, the new widths.

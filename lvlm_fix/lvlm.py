@@ -74,7 +74,9 @@ class LVLM:
         self.processor = processor
         self.engine_config = engine or EngineConfig()
         path = model.name_or_path  # where transformers loaded it from ("" if built in memory)
-        self.info: ModelInfo = model_info(model, self.family, name or path or self.family, path)
+        self.info: ModelInfo = model_info(
+            model, processor, self.family, name or path or self.family, path
+        )
         install_hook_points(model, FAMILIES[self.family])
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()

@@ -70,6 +70,10 @@ class ModelInfo:
     name: str
     path: str = ""  # the checkpoint directory it was loaded from ("" if unknown)
     image_size: int = 336  # the vision tower's input side in pixels (LLaVA-1.5: 336)
+    # Where the user's words sit in a rendered prompt (`query_span`): a one-turn prompt's text
+    # takes columns [last image column + 1 + query_gap, S - query_tail) of its S columns.
+    query_gap: int = 0  # tokens between the last image slot and the text ("\n")
+    query_tail: int = 0  # tokens after the text (the assistant's generation prompt)
 
 
 @dataclass(frozen=True)
@@ -277,9 +281,12 @@ def _family(model_type: str, where: object) -> str:
     return model_type
 
 
-def model_info(model: PreTrainedModel, family: str, name: str, path: str = "") -> ModelInfo:
+def model_info(
+    model: PreTrainedModel, processor: ProcessorMixin, family: str, name: str, path: str = ""
+) -> ModelInfo:
     text = model.config.text_config
     heads = text.num_attention_heads
+    gap, tail = query_span(processor, model.config.image_token_id)
     return ModelInfo(
         family=family,
         text_model_type=text.model_type,
@@ -293,7 +300,26 @@ def model_info(model: PreTrainedModel, family: str, name: str, path: str = "") -
         name=name,
         path=path,
         image_size=model.config.vision_config.image_size,
+        query_gap=gap,
+        query_tail=tail,
     )
+
+
+def query_span(processor: ProcessorMixin, image_token_id: int) -> tuple[int, int]:
+    """(tokens between a one-image prompt's image slot and the user's text, tokens after it).
+
+    Two prompts that differ only in their text share the template's tokens around it: the
+    common prefix (after the image slot) and the common suffix of their ids are the template's.
+    """
+    ids = []
+    for text in ("red cat sat", "where are two dogs"):
+        prompt = processor.tokenizer(render_prompt(processor, text, 1)).input_ids
+        ids.append(prompt[prompt.index(image_token_id) + 1 :])
+    first, second = ids
+    gap = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
+    backwards = zip(first[::-1], second[::-1], strict=False)
+    tail = next(i for i, (a, b) in enumerate(backwards) if a != b)
+    return gap, tail
 
 
 def render_prompt(processor: ProcessorMixin, text: str, n_images: int) -> str:

@@ -108,7 +108,7 @@ def compile_plan(
     stages = [(i, c.vision) for i, c in contributions if c.vision is not None]
     if len(stages) > 1:
         raise PlanConflict(
-            f"{stages[0][0].name!r} and {stages[1][0].name!r} both prune the vision tower"
+            f"{stages[0][0].name!r} and {stages[1][0].name!r} both hook the vision tower (one may)"
         )
     search = searches[0][1] if searches else default_search(params)
     view_users = [i.name for i, c in contributions if any(not v.prefill_only for v in c.views)]

@@ -40,11 +40,13 @@ from lvlm_fix.plan import Plan, compile_plan
 
 log = logging.getLogger(__name__)
 
-# The attention edit fields a slot can hold: every edit, no statistics. A request whose decode
-# edits ask the kernel for statistics decodes in a lane of its own instead.
+# The attention edit fields a slot can hold: the fused kernel's edits, no statistics. A request
+# whose decode edits ask for statistics or hold modifiers decodes in a lane of its own instead.
 TABLE_FIELDS = frozenset(f.name for f in fields(AttentionEdits)) - {
     "want_group_mass",
     "want_last_row",
+    "score_mods",
+    "prob_mods",
 }
 
 

@@ -23,6 +23,16 @@ PLANS = {
     "fastv": [{"name": "fastv", "layer": 3, "keep": 4}],  # the cut enters the second half
     "none": [],
 }
+# Every other method that keeps per-row state or reads it on later layers, for the view test.
+MORE = {
+    "act": [{"name": "act"}],
+    "gift": [{"name": "gift"}],
+    "paint": [{"name": "paint", "head_modulation": "sensitivity"}],
+    "opera": [{"name": "opera"}],
+    "flowcut": [{"name": "flowcut", "budget": 4}],
+    "pai_cfg+m3id": [{"name": "pai_cfg"}, {"name": "m3id"}],
+    "fastv per step": [{"name": "fastv", "mode": "per_step", "layer": 3, "keep": 4}],
+}
 GREEDY = GenerationParams(max_new_tokens=10)
 BEAMS = GenerationParams(max_new_tokens=6, num_beams=2)
 
@@ -144,7 +154,8 @@ def test_every_hook_through_device_views(monkeypatch, six_layers, images):
     lvlm = LVLM.from_pretrained(six_layers, engine=EngineConfig(slots=8))
     moves = []
     try:
-        expected = {name: _tokens(lvlm, images, plan) for name, plan in PLANS.items()}
+        plans = {**PLANS, **MORE}
+        expected = {name: _tokens(lvlm, images, plan) for name, plan in plans.items()}
         expected["beams"] = _tokens(lvlm, images, PLANS["var+vhr+pai"], BEAMS)
 
         def counted(x, device):
@@ -153,7 +164,7 @@ def test_every_hook_through_device_views(monkeypatch, six_layers, images):
 
         monkeypatch.setattr(hooks, "_ALWAYS_VIEW", True)
         monkeypatch.setattr(devices, "moved", counted)
-        for name, plan in PLANS.items():
+        for name, plan in plans.items():
             assert _tokens(lvlm, images, plan) == expected[name], name
         assert _tokens(lvlm, images, PLANS["var+vhr+pai"], BEAMS) == expected["beams"]
     finally:

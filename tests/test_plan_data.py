@@ -22,13 +22,16 @@ PARAMS = GenerationParams(max_new_tokens=6)
 
 # Per method, a parameter whose change reaches the compiled hooks, views or search.
 CHANGED = {
+    "act": {"beta": 0.5},
     "dyvte": {"threshold": 0.7},
     "fastv": {"ratio": 0.25},
     "flowcut": {"budget": 8},
+    "gift": {"alpha": 2.0},
     "m3id": {"decay": 0.05},
     "opera": {"penalty": 0.5},
     "pai": {"alpha": 0.5},
     "pai_cfg": {"gamma": 1.5},
+    "paint": {"alpha": 0.5},
     "ritual": {"alpha_pos": 2.0},
     "var": {"tau": 10.0},
     "vcd": {"noise_step": 400},

@@ -39,11 +39,14 @@ def method_spec(name: str, router: str) -> dict:
         "opera": {"name": "opera", "num_beams": 2, "candidates": 2},
         "fastv": {"name": "fastv", "keep": 8},
         "flowcut": {"name": "flowcut", "budget": 16},
+        "gift": {"name": "gift"},
         "dyvte": {"name": "dyvte", "router": router, "threshold": 0.4},
         "ritual": {"name": "ritual"},
         "vcd": {"name": "vcd"},
+        "act": {"name": "act", "threshold": 0.0},  # every column a sink: no sinks at 0.1 here
         "m3id": {"name": "m3id"},
         "pai_cfg": {"name": "pai_cfg"},
+        "paint": {"name": "paint"},
     }
     return specs[name]
 

@@ -1,6 +1,7 @@
 """Edited attention: one call applies PAI, VAR and VHR's head scale and returns statistics.
 
-`edited_attention` runs the Triton kernels on CUDA and the plain-torch reference elsewhere. It
+`edited_attention` runs the Triton kernels on CUDA and the plain-torch reference elsewhere, and
+the plain-torch path wherever the edits hold modifiers (which the kernels do not cover). It
 goes through the custom op `lvlm_fix::edited_attention` (defined when this module is imported;
 nothing else happens at import) so that a decode step calling it can be captured and compiled.
 """
@@ -98,6 +99,11 @@ def edited_attention(
     if validate:
         check_inputs(q, k, v, key_start, scale, key_end)
         check_edits(edits, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
+    if not edits.fused:  # modifiers: plain torch, on every device (and traceable as it is)
+        return reference.edited_attention(
+            q, k, v, scale=scale, key_start=key_start, edits=edits, key_end=key_end,
+            validate=False,
+        )  # fmt: skip
     if not torch.compiler.is_compiling():  # eager: the op's dispatch would only add host time
         return _run(q, k, v, scale, key_start, key_end, edits, validate=False)
     # Floats and per-row tensors alike go in as one tensor: the schema has no per-row float.

@@ -4,11 +4,17 @@ Shapes: B batch rows, H query heads, Q query rows, K key columns. Every field at
 (None / False / 1.0) means "off", and a call with every edit off is plain causal attention.
 VAR's three parameters are each a float (every batch row) or a float32 [B] tensor (one value
 per row), so one call can serve rows of requests with different VAR settings.
+
+A change the built-in fields cannot express is a modifier: a small function on the rows, heads
+and columns it chooses, in the shape of FlexAttention's `score_mod`. Modifiers run on the
+plain-torch path (reference.py), which materialises the probabilities; the fused Triton kernels
+cover the built-in fields only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -16,6 +22,23 @@ from torch import Tensor
 # col_group values. Image columns are {VISUAL_SINK, IMAGE}; VAR taxes {TEXT_SINK, VISUAL_SINK}.
 REST, TEXT_SINK, VISUAL_SINK, IMAGE = 0, 1, 2, 3
 N_GROUPS = 4
+
+
+class Modifier(Protocol):
+    """A change to attention scores (before the softmax) or probabilities (after it and VAR).
+
+    x is fp32 [B, H, Q, K]; b [B, 1, 1, 1], h [1, H, 1, 1], q_idx [B or 1, 1, Q, 1] (the key
+    column each query row sits at) and kv_idx [1, 1, 1, K] are index tensors that broadcast
+    against it, as FlexAttention's score_mod(score, b, h, q_idx, kv_idx) receives them, so a
+    modifier picks its rows, heads and columns by indexing its own tensors (`self.gain[b, h]`).
+    Returns the new x (broadcastable to it). Scores of columns a query row cannot see are
+    masked after every score modifier; such probabilities are 0 on entry and zeroed again after
+    every probability modifier. Modifiers are frozen dataclasses (plain data, no closures).
+    """
+
+    def __call__(
+        self, x: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor
+    ) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -46,6 +69,10 @@ class AttentionEdits:
     """float32 [B]: image columns per row, for the epsilon term (None = count col_group >= 2)."""
     head_scale: Tensor | None = None
     """float32 [B, H]: VHR output scale per head (1 = identity), an epilogue multiply."""
+    score_mods: tuple[Modifier, ...] = ()
+    """Modifiers of the scores (after PAI, before masking and the softmax): plain-torch path."""
+    prob_mods: tuple[Modifier, ...] = ()
+    """Modifiers of the probabilities (after VAR, before P @ V): plain-torch path."""
     want_group_mass: bool = False
     """Return group masses [B, H, Q, 4] (after PAI, before VAR; fp32)."""
     want_last_row: bool = False
@@ -67,6 +94,11 @@ class AttentionEdits:
     def var_per_row(self) -> bool:
         """Whether any of VAR's parameters is a per-row tensor (else all are floats)."""
         return any(isinstance(v, Tensor) for v in (self.var_keep, self.var_rho, self.var_summ))
+
+    @property
+    def fused(self) -> bool:
+        """Whether the fused kernels cover these edits (no modifiers)."""
+        return not (self.score_mods or self.prob_mods)
 
     @property
     def needs_groups(self) -> bool:
@@ -171,6 +203,10 @@ def check_edits(
     needs_cols = edits.pai_on or edits.var_rows is not None or edits.want_group_mass
     if needs_cols and edits.col_group is None:
         raise ValueError("PAI, VAR and want_group_mass need edits.col_group")
+    for name in ("score_mods", "prob_mods"):
+        mods = getattr(edits, name)
+        if not isinstance(mods, tuple) or not all(callable(mod) for mod in mods):
+            raise ValueError(f"edits.{name} must be a tuple of modifiers, got {mods!r}")
     for name in ("var_keep", "var_rho", "var_summ"):
         value = getattr(edits, name)
         if isinstance(value, Tensor):  # per row: the values stay on the device, unchecked

@@ -1,8 +1,9 @@
 """Plain-torch edited attention: the oracle the Triton kernels are tested against.
 
 It materialises the [B, H, Q, K] probabilities in fp32 and applies the edits in the order the
-kernels fuse them: scores -> mask -> PAI gain -> softmax -> group masses -> VAR -> P @ V -> head
-scale.
+kernels fuse them: scores -> PAI gain -> mask -> softmax -> group masses -> VAR -> P @ V -> head
+scale. It is also the path of edits the kernels do not cover: score modifiers run after the PAI
+gain, probability modifiers after VAR (see `edits.Modifier`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,18 @@ def visibility(key_start: Tensor, Q: int, K: int, key_end: Tensor | None = None)
     causal = cols[None, None, :] <= (end[:, None] - Q + rows[None, :])[..., None]  # [B, Q, K]
     unpadded = cols[None, :] >= key_start[:, None]  # [B, K]
     return (causal & unpadded[:, None, :])[:, None]
+
+
+def mod_indices(B: int, H: int, Q: int, K: int, key_end: Tensor | None, device) -> tuple:
+    """(b, h, q_idx, kv_idx): the index tensors a modifier receives (see `edits.Modifier`)."""
+    end = torch.full((1,), K, device=device) if key_end is None else key_end
+    q_idx = end[:, None] - Q + torch.arange(Q, device=device)  # [B or 1, Q]
+    return (
+        torch.arange(B, device=device)[:, None, None, None],
+        torch.arange(H, device=device)[None, :, None, None],
+        q_idx[:, None, :, None],
+        torch.arange(K, device=device)[None, None, None, :],
+    )
 
 
 def masked_softmax(s: Tensor, visible: Tensor) -> Tensor:
@@ -100,9 +113,10 @@ def edited_attention(
 
     Mask: causal with query row i at key column E - Q + i, and left padding from key_start [B];
     E = key_end when given ([B] or [1]: a preallocated cache whose columns >= E are empty), else K.
-    Stats: "group_mass" [B, H, Q, 4] (after PAI, before VAR), "last_row" [B, H, K] (after all
-    edits but the head scale), both fp32. edits.col_group [B, G] may be narrower than the keys:
-    columns G.. are group 0. validate=False skips the shape checks (the caller made them).
+    Stats: "group_mass" [B, H, Q, 4] (after PAI and score modifiers, before VAR), "last_row"
+    [B, H, K] (after all edits but the head scale), both fp32. edits.col_group [B, G] may be
+    narrower than the keys: columns G.. are group 0. validate=False skips the shape checks
+    (the caller made them).
     """
     B, H, Q, _ = q.shape
     K = k.shape[2]
@@ -118,6 +132,9 @@ def edited_attention(
     visible = visibility(key_start, Q, K, key_end)
     if edits.pai_on:
         s = pai_gain(s, visible, edits)
+    where = mod_indices(B, H, Q, K, key_end, q.device) if not edits.fused else ()
+    for mod in edits.score_mods:
+        s = mod(s, *where)
     p = masked_softmax(s, visible)  # [B, H, Q, K] fp32
     stats: dict[str, Tensor] = {}
     if edits.needs_groups:
@@ -127,6 +144,8 @@ def edited_attention(
             stats["group_mass"] = mass
         if edits.var_on:
             p = apply_var(p, mass, edits)
+    for mod in edits.prob_mods:
+        p = torch.where(visible, mod(p, *where), 0.0)
     if edits.want_last_row:
         stats["last_row"] = p[:, :, -1, :].clone()  # columns >= key_end are 0
     out = p @ vf  # [B, H, Q, D]

@@ -15,6 +15,7 @@ shape images with template questions; answers are the frozen model's own greedy 
 from __future__ import annotations
 
 import argparse
+import math
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -172,10 +173,28 @@ def train_step(
     return loss.item(), labels.float().mean().item()
 
 
+def cosine_schedule(steps: int, warmup: float):
+    """The reference's learning-rate factor per step: linear warmup over `warmup` of the steps,
+    then cosine decay to 0 (transformers' get_cosine_schedule_with_warmup)."""
+    warm = max(1, int(warmup * steps + 0.999)) if warmup > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, steps - warm)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
 def train(
-    lvlm: LVLM, samples, *, width: int, epochs: int, batch_size: int, lr: float, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Routers w1 [L, width, 2D], w2 [L, 2, width] (xavier init) trained on `samples`."""
+    lvlm: LVLM, samples, *, width: int, epochs: int, batch_size: int, lr: float, seed: int,
+    schedule: str = "cosine", warmup: float = 0.03, every_layer: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Routers w1 [L, width, 2D], w2 [L, 2, width] (xavier init) trained on `samples`.
+
+    Each batch trains the router of one exit layer drawn at random, as the reference does;
+    `every_layer` trains every router on every batch (one exit branch per layer)."""
     info = lvlm.info
     generator = torch.Generator().manual_seed(seed)
     w1 = torch.empty(info.num_layers, width, 2 * info.hidden_size)
@@ -184,20 +203,25 @@ def train(
         torch.nn.init.xavier_uniform_(w, generator=generator)
     w1, w2 = w1.to(lvlm.device).requires_grad_(), w2.to(lvlm.device).requires_grad_()
     optimizer = torch.optim.AdamW([w1, w2], lr=lr, weight_decay=0.0)
+    steps = epochs * -(-len(samples) // batch_size)
+    factor = cosine_schedule(steps, warmup) if schedule == "cosine" else (lambda step: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     rng = random.Random(seed)
     for epoch in range(epochs):
         order = rng.sample(samples, len(samples))
         for start in range(0, len(order), batch_size):
             built = answer_batch(lvlm, order[start : start + batch_size], answer_tokens=8)
-            if built is None:
-                continue
-            exit_after = rng.randrange(info.num_layers - 1)  # an exit after the last layer is moot
-            loss, rate = train_step(lvlm, (w1, w2), optimizer, *built, exit_after)
-            print(
-                f"epoch {epoch} step {start // batch_size}: layer {exit_after} "
-                f"loss {loss:.4f} exit-rate {rate:.2f}",
-                flush=True,
-            )
+            # an exit after the last layer is moot
+            layers = range(info.num_layers - 1)
+            exits = list(layers) if every_layer else [rng.randrange(info.num_layers - 1)]
+            for exit_after in exits if built is not None else ():
+                loss, rate = train_step(lvlm, (w1, w2), optimizer, *built, exit_after)
+                print(
+                    f"epoch {epoch} step {start // batch_size}: layer {exit_after} "
+                    f"loss {loss:.4f} exit-rate {rate:.2f}",
+                    flush=True,
+                )
+            scheduler.step()
     return w1.detach().cpu(), w2.detach().cpu()
 
 
@@ -211,6 +235,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=6e-5)
+    parser.add_argument(
+        "--schedule", choices=("cosine", "constant"), default="cosine",
+        help="learning rate: the reference's cosine decay after warmup, or constant",
+    )  # fmt: skip
+    parser.add_argument("--warmup", type=float, default=0.03, help="warmup share of the steps")
+    parser.add_argument(
+        "--every-layer", action="store_true",
+        help="train every router on every batch (the reference draws one exit layer a batch)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -230,6 +263,9 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
+        schedule=args.schedule,
+        warmup=args.warmup,
+        every_layer=args.every_layer,
     )
     out = Path(args.out) if args.out else Path(args.model) / ROUTER_FILE
     save_file({"w1": w1.contiguous(), "w2": w2.contiguous()}, str(out))

@@ -87,6 +87,11 @@ class Metrics:
             "Image tokens removed by token pruning, per method",
             ("model_name", "method"),
         )
+        self.attention_path = b.counter(
+            "attention_path_requests",
+            "Finished requests by the attention paths that ran (fused, modifiers, sdpa)",
+            ("model_name", "path"),
+        )
         self.errors = b.counter(
             "request_errors", "Error responses by status", ("model_name", "code")
         )

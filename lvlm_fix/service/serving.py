@@ -390,6 +390,8 @@ class Serving:
         m.generation_tokens.inc(usage.completion_tokens, model_name=model)
         for output in outputs:
             m.success.inc(model_name=model, finished_reason=output.finish_reason)
+        for path in outputs[0].attention_paths if outputs else ():
+            m.attention_path.inc(model_name=model, path=path)
         pruned = sum(output.image_tokens_pruned for output in outputs)
         for method in _pruning_methods(job.plan) if pruned else ():
             m.pruned_image_tokens.inc(pruned, model_name=model, method=method)
