@@ -11,8 +11,10 @@
 # GPU image does not (/work/.library/device/KINDS.md lists the image's), as far as Ray Serve,
 # the app and the evals import them, plus transformers (the image's is older than pyproject's
 # floor). What is cut to fit: Ray's Java jars, dashboard web client, RLlib and ray.llm (none is
-# used by Serve or a private cluster). transformers stays whole: its auto classes import other
-# model folders (encoder_decoder, ...) eagerly.
+# used by Serve or a private cluster), the symbols of Ray's binaries, and transformers' model
+# folders that nothing we load can import: kept are the LLaVA families with their backbones,
+# every folder transformers' own modules outside models/ name, and what those import in turn
+# (a static closure, 171 of 558).
 # xz instead of the wheels' deflate: Ray's binaries (gcs_server, raylet, _raylet.so) shrink by
 # about a third more.
 set -euo pipefail
@@ -46,6 +48,31 @@ python3 -m pip install -q --no-deps --no-compile "${platform[@]}" --target "$wor
   "$work/wheels"/*.whl
 cd "$work/site"
 rm -rf ray/jars ray/dashboard/client/build ray/rllib ray/llm bin
+# Ray's binaries carry their symbol tables (a third of their size); running needs none of it.
+strip --strip-unneeded ray/_raylet.so ray/core/src/ray/gcs/gcs_server \
+  ray/core/src/ray/raylet/raylet ray/core/libjemalloc.so
+python3 - <<'PY'
+import glob, os, re, shutil
+os.chdir("transformers")
+models = {d for d in os.listdir("models") if os.path.isdir(f"models/{d}")} - {"__pycache__"}
+keep = {"auto", "encoder_decoder", "llava", "llava_next", "llava_onevision", "llama", "qwen2",
+        "clip", "siglip"}
+for path in glob.glob("**/*.py", recursive=True):
+    if not path.startswith("models/"):
+        keep |= set(re.findall(r"models\.([a-z0-9_]+)", open(path).read())) & models
+todo = list(keep)
+while todo:
+    for path in glob.glob(f"models/{todo.pop()}/*.py"):
+        text = open(path).read()
+        found = set(re.findall(r"from \.\.([a-z0-9_]+)", text))
+        found |= set(re.findall(r"models\.([a-z0-9_]+)", text))
+        for name in (found & models) - keep:
+            keep.add(name)
+            todo.append(name)
+for name in models - keep:
+    shutil.rmtree(f"models/{name}")
+print(f"transformers: kept {len(keep)} of {len(models)} model folders")
+PY
 find . -name __pycache__ -prune -exec rm -rf {} +
 cd - > /dev/null
 mkdir -p "$(dirname "$DEST")"
