@@ -15,8 +15,9 @@ step of the decoder layer transformers' Llama, Mistral and Qwen2 share is writte
 The fused projections are made once per model (`fuse_projections`): the concatenated weight
 becomes the storage of the transformers modules' own weights, each module's `weight` re-pointed
 to its rows, so prefill and the own lane (transformers' forward) run on the same memory and
-nothing is copied. The arithmetic is transformers', op for op; only the fused matmuls may round
-differently from three separate ones.
+nothing is copied. (A decoder holds the weights it was built on: move the model to another
+device or dtype before its engine starts.) The arithmetic is transformers', op for op; only the
+fused matmuls may round differently from separate ones.
 
 Compiled (on a GPU, for the CUDA graphs SlotBatch captures), inductor fuses the norms, rotary,
 cache writes, residual adds and activation around the matmuls and our attention op

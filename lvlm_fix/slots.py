@@ -14,9 +14,11 @@ answers are written into `EditTables` at the request's slots; rows of other requ
 neutral values there (PAI gain 0, head scale 1, VAR rows off). A step hands each layer its
 slice of the tables.
 
-On a GPU each batch-size bucket's step is captured as a CUDA graph when the engine starts, once
-with the edit tables and once without (a batch where no row has an edit runs plain attention);
-a step replays the smallest bucket that covers the highest occupied slot.
+The step runs the compact decoder of fused_step.py (fused projections; compiled on a GPU) where
+the language model allows, transformers' forward with our attention function elsewhere. On a GPU
+each batch-size bucket's step is captured as a CUDA graph when the engine starts, once with the
+edit tables and once without (a batch where no row has an edit runs plain attention); a step
+replays the smallest bucket that covers the highest occupied slot.
 """
 
 from __future__ import annotations
@@ -202,10 +204,9 @@ def decode_edits(prefilled: Prefilled, plan: Plan, info: ModelInfo) -> list[dict
 class SlotBatch:
     """The slot KV cache, the edit tables, the step's inputs and (GPU) its captured graphs.
 
-    The step runs the fused decoder (fused_step.py; `fused`, where the language model allows),
-    compiled in `compile_mode` where graphs capture it (None: eagerly), or else transformers'
-    forward with our attention function. Host-side bookkeeping per slot: occupied, its row's
-    length (filled columns), edited.
+    `fused`: step with the fused decoder where the language model allows, compiled in
+    `compile_mode` where graphs capture it (None: uncompiled). Host-side bookkeeping per slot:
+    occupied, its row's length (filled columns), edited.
     """
 
     def __init__(self, model, info: ModelInfo, slots: int, max_len: int, graphs: bool,
