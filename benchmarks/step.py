@@ -11,7 +11,8 @@ One run measures, in milliseconds per decode step (each row one token):
 - ours: `SlotBatch.step`, the engine's shared step over the random-weight LLaVA-1.5-7B of
   common.py (the fused decoder, compiled and replayed from CUDA graphs; `--mode`), its rows
   placed from real prefills of one image (576 tokens) and ~40 text tokens, without
-  interventions and with VAR+VHR+PAI edit tables in every row;
+  interventions and with VAR+VHR+PAI edit tables in every row (`--transformers`: also the
+  step as transformers' forward, the unfused path);
 at batch 1, 8 and 32, each over the same context (prompt, then `--steps` generated tokens); and
 the prefill of one such request without and with VAR+VHR+PAI (rows built, prefill, decode edits:
 what the engine runs to admit it). The bound printed is what the step must read (the language
@@ -228,6 +229,25 @@ def time_ours(slots: SlotBatch, admitted, batch: int, steps: int) -> tuple[float
     return per_step, replay
 
 
+def measure_ours(lvlm: LVLM, admitted: dict, batches: list[int], columns: int, steps: int,
+                 fused: bool, mode: str) -> tuple[dict, float]:  # fmt: skip
+    """{(batch, plan): (ms per step, ms per replay)} of a SlotBatch as the engine builds it, and
+    the seconds its start took (compiling and capturing)."""
+    began = time.monotonic()
+    slots = SlotBatch(lvlm.model, lvlm.info, max(batches), columns,
+                      graphs=lvlm.device.type == "cuda", buckets=tuple(batches), fused=fused,
+                      compile_mode=None if mode == "none" else mode)  # fmt: skip
+    warmup_s = time.monotonic() - began
+    kind = "fused" if slots.decoder else "transformers"
+    say(f"{kind} step: buckets {slots.buckets}, compiled and captured in {warmup_s:.1f} s")
+    results = {}
+    for batch in batches:
+        for name, request in admitted.items():
+            results[batch, name] = time_ours(slots, request, batch, steps)
+            say(f"{kind} step, batch {batch}, {name}: {results[batch, name][0]:.3f} ms/step")
+    return results, warmup_s
+
+
 def copy_bandwidth(device, nbytes: int) -> float:
     """Bytes/s of a device copy (each byte read once and written once)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -251,6 +271,8 @@ def main() -> None:
                         help="torch.compile mode of our step ('none': uncompiled)")  # fmt: skip
     parser.add_argument("--ref-mode", default=None,
                         help="the reference's compile mode (max-autotune; CPU: none)")  # fmt: skip
+    parser.add_argument("--transformers", action="store_true",
+                        help="also time the unfused step (transformers' forward)")  # fmt: skip
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     tiny = args.preset == "tiny"
@@ -283,19 +305,12 @@ def main() -> None:
     admitted = {"none": admit(lvlm, [], sizes.image_size),
                 "var+vhr+pai": admit(lvlm, edited, sizes.image_size)}  # fmt: skip
     context = admitted["none"][0].runner.attention_mask.shape[1]
-    began = time.monotonic()
-    slots = SlotBatch(lvlm.model, lvlm.info, max(batches), context + steps + 8,
-                      graphs=device.type == "cuda", buckets=tuple(batches),
-                      compile_mode=None if args.mode == "none" else args.mode)  # fmt: skip
-    warmup_s = time.monotonic() - began
-    say(f"our step: {'fused' if slots.decoder else 'transformers'}, buckets {slots.buckets}, "
-        f"compiled and captured in {warmup_s:.1f} s; context {context} tokens")  # fmt: skip
-    ours = {}
-    for batch in batches:
-        for name in ("none", "var+vhr+pai"):
-            ours[batch, name] = time_ours(slots, admitted[name], batch, steps)
-            say(f"ours batch {batch} {name}: {ours[batch, name][0]:.3f} ms/step")
-    del slots, admitted
+    say(f"context: {context} tokens")
+    columns = context + steps + 8
+    ours, warmup_s = measure_ours(lvlm, admitted, batches, columns, steps, True, args.mode)
+    if args.transformers:
+        before, _ = measure_ours(lvlm, admitted, batches, columns, steps, False, args.mode)
+    del admitted
     reference = time_reference(sizes, batches, context, steps, ref_mode, device, dtype)
 
     info = lvlm.info  # a row's keys and values over its mean columns while timed
@@ -316,6 +331,9 @@ def main() -> None:
             "bound_ms": round(bound, 3), "ours_tokens_per_s": round(batch / plain * 1e3, 1),
             "reference_tokens_per_s": round(batch / reference[batch] * 1e3, 1),
         })  # fmt: skip
+        if args.transformers:
+            rows[-1]["transformers_ms"] = round(before[batch, "none"][0], 3)
+            rows[-1]["transformers_edited_ms"] = round(before[batch, "var+vhr+pai"][0], 3)
     meta = {
         "model": lvlm.info.name, "device": _device_name(device), "dtype": str(dtype),
         "torch": torch.__version__, "context_tokens": context, "timed_steps": steps,
@@ -346,6 +364,11 @@ def print_table(meta: dict, rows: list[dict]) -> None:
               f"{r['ours_edited_ms']:.3f} ({_ms(r['ours_edited_replay_ms'])}) | "
               f"{r['edited_over_ours']:.3f} | {r['bound_ms']:.3f} | "
               f"{r['ours_tokens_per_s']:.0f} |")  # fmt: skip
+    for r in rows:
+        if "transformers_ms" in r:
+            print(f"batch {r['batch']}, unfused (transformers' forward): "
+                  f"{r['transformers_ms']:.3f} ms, with VAR+VHR+PAI "
+                  f"{r['transformers_edited_ms']:.3f} ms")  # fmt: skip
     none, edited = meta["prefill_ms"]["none"], meta["prefill_ms"]["var+vhr+pai"]
     print(f"\nprefill batch 1 (rows, prefill, decode edits): none {none:.2f} ms, VAR+VHR+PAI "
           f"{edited:.2f} ms ({edited / none:.2f}x); total run {meta['total_s']} s")  # fmt: skip
