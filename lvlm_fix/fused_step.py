@@ -242,4 +242,4 @@ class FusedDecoder:
         for layer, (w, cache) in enumerate(zip(self.weights, caches, strict=True)):
             edits = None if layer_edits is None else layer_edits(layer)
             h, x = self._layer(h, x, w, rows, cache, edits, self.shape, self.act)
-        return self.lm_head(x)
+        return self.lm_head(x[:, None])[:, -1]  # [n, 1, hidden], as transformers calls the head
