@@ -71,12 +71,11 @@ def unsupported(model, info: ModelInfo) -> str | None:
     if text.model_type not in ARCHITECTURES:
         return f"its language model is {text.model_type!r}, not one of {ARCHITECTURES}"
     layer_types, _ = get_layer_types_and_kwargs(text)
-    # Mistral's window is in its config, not in its layer types
-    window = text.model_type == "mistral" and getattr(text, "sliding_window", None)
-    if window or any(kind != "full_attention" for kind in layer_types):
+    if any(kind != "full_attention" for kind in layer_types):
         return "it has sliding-window layers"
     lm = resolve(model, FAMILIES[info.family].language_model)
-    if "dynamic" in lm.rotary_emb.rope_type or lm.rotary_emb.rope_type == "longrope":
+    rope = getattr(lm.rotary_emb, "rope_type", "default")
+    if "dynamic" in rope or rope == "longrope":  # frequencies recomputed from the positions
         return "its rotary frequencies change with the sequence length"
     layer = lm.layers[0]
     unbiased = (layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj,
