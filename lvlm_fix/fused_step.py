@@ -12,12 +12,13 @@ step of the decoder layer transformers' Llama, Mistral and Qwen2 share is writte
     gate, up = RMSNorm(h) @ Wgate_up                 one matmul
     h = h + (act(gate) * up) @ Wdown;  x' = the next layer's RMSNorm(h)
 
-The fused projections are made once per model (`fuse_projections`): the concatenated weight
-becomes the storage of the transformers modules' own weights, each module's `weight` re-pointed
-to its rows, so prefill and the own lane (transformers' forward) run on the same memory and
-nothing is copied. (A decoder holds the weights it was built on: move the model to another
-device or dtype before its engine starts.) The arithmetic is transformers', op for op; only the
-fused matmuls may round differently from separate ones.
+The fused projections are made once per model, when `LVLM` wraps it (`fused_layers`): the
+concatenated weight becomes the storage of the transformers modules' own weights, each module's
+`weight` re-pointed to its rows, so prefill and the own lane (transformers' forward) run on the
+same memory and nothing is copied. Made at load, before any CUDA graph is captured: a graph
+captured over the old tensors would read freed memory. (A decoder holds the weights it was
+built on: move the model to another device or dtype before wrapping it.) The arithmetic is
+transformers', op for op; only the fused matmuls may round differently from separate ones.
 
 Compiled (on a GPU, for the CUDA graphs SlotBatch captures), inductor fuses the norms, rotary,
 cache writes, residual adds and activation around the matmuls and our attention op
@@ -124,6 +125,22 @@ def _adjacent(tensors: list[Tensor]) -> Tensor | None:
     return first.detach().as_strided((rows, *first.shape[1:]), first.stride())
 
 
+def fused_layers(model, info: ModelInfo) -> list[Weights]:
+    """Each decoder layer's `Weights`, fusing q/k/v and gate/up in place where not yet done."""
+    lm = resolve(model, FAMILIES[info.family].language_model)
+    layers = list(lm.layers)
+    norms = [layer.input_layernorm.weight for layer in layers] + [lm.norm.weight]
+    weights = []
+    for layer, next_norm in zip(layers, norms[1:], strict=True):
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv, qkv_bias = fuse_projections([attn.q_proj, attn.k_proj, attn.v_proj])
+        gate_up, _ = fuse_projections([mlp.gate_proj, mlp.up_proj])
+        weights.append(Weights(qkv, qkv_bias, attn.o_proj.weight,
+                               layer.post_attention_layernorm.weight, gate_up,
+                               mlp.down_proj.weight, next_norm))  # fmt: skip
+    return weights
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """transformers' Llama/Mistral/Qwen2 RMSNorm, op for op."""
     normed = x.float()
@@ -206,23 +223,15 @@ class FusedDecoder:
             raise ValueError(f"compile mode {compile_mode!r} captures CUDA graphs of its own; "
                              "the engine captures the step itself (use 'default' or "
                              "'max-autotune-no-cudagraphs')")  # fmt: skip
+        self.weights = fused_layers(model, info)  # fused when LVLM wrapped the model
         lm = resolve(model, FAMILIES[info.family].language_model)
-        layers = list(lm.layers)
-        norms = [layer.input_layernorm.weight for layer in layers] + [lm.norm.weight]
-        self.weights: list[Weights] = []
-        for layer, next_norm in zip(layers, norms[1:], strict=True):
-            attn, mlp = layer.self_attn, layer.mlp
-            qkv, qkv_bias = fuse_projections([attn.q_proj, attn.k_proj, attn.v_proj])
-            gate_up, _ = fuse_projections([mlp.gate_proj, mlp.up_proj])
-            self.weights.append(Weights(qkv, qkv_bias, attn.o_proj.weight,
-                                        layer.post_attention_layernorm.weight, gate_up,
-                                        mlp.down_proj.weight, next_norm))  # fmt: skip
-        self.first_norm = norms[0]
+        first = lm.layers[0]
+        self.first_norm = first.input_layernorm.weight
         self.table, self.rotary_emb = lm.embed_tokens.weight, lm.rotary_emb
         self.lm_head = model.get_output_embeddings()
-        self.act = layers[0].mlp.act_fn  # one module for every layer: one compiled function
+        self.act = first.mlp.act_fn  # one module for every layer: one compiled function
         self.shape = Shape(info.num_heads, info.num_kv_heads, info.head_dim,
-                           layers[0].input_layernorm.variance_epsilon, columns)  # fmt: skip
+                           first.input_layernorm.variance_epsilon, columns)  # fmt: skip
         self._embed, self._layer = embed, layer_step
         if compile_mode is not None:
             self._embed = torch.compile(embed, mode=compile_mode, fullgraph=True)

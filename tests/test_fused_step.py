@@ -80,16 +80,21 @@ def test_the_edits_change_the_fused_step(tiny_paths, images):
 
 
 def test_fusing_shares_the_modules_memory(tiny_paths):
-    """The fused q/k/v and gate/up weights are the modules' own memory (their weights are views
-    of it), a second decoder reuses them, and transformers' forward is unchanged."""
-    lvlm = LVLM.from_pretrained(tiny_paths["llava_onevision"])  # Qwen2: q/k/v biases too
-    model, info = lvlm.model, lvlm.info
+    """Wrapping a model fuses its q/k/v and gate/up weights in its own memory (the modules'
+    weights become views of the fused tensors), a decoder reuses them, and transformers' forward
+    is unchanged."""
+    family = "llava_onevision"  # Qwen2: q/k/v biases too
+    spec = FAMILIES[family]
+    model = spec.model_class.from_pretrained(tiny_paths[family])
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.inference_mode():
         before = model(input_ids=ids).logits
     bytes_before = sum(p.nbytes for p in model.parameters())
-    decoder = FusedDecoder(model, info, columns=64)
-    layers = resolve(model, FAMILIES[info.family].decoder_layers)
+    lvlm = LVLM(model, spec.processor_class.from_pretrained(tiny_paths[family]))
+    layers = resolve(model, spec.decoder_layers)
+    q, k = layers[0].self_attn.q_proj.weight, layers[0].self_attn.k_proj.weight
+    assert k.data_ptr() == q.data_ptr() + q.nbytes  # fused at load, before any engine starts
+    decoder = FusedDecoder(model, lvlm.info, columns=64)
     for layer, weights in zip(layers, decoder.weights, strict=True):
         attn, mlp = layer.self_attn, layer.mlp
         fused = [(weights.qkv, [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
@@ -102,7 +107,7 @@ def test_fusing_shares_the_modules_memory(tiny_paths):
                 assert part.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()
                 address += part.nbytes
             assert address == whole.data_ptr() + whole.nbytes
-    again = FusedDecoder(model, info, columns=64)
+    again = FusedDecoder(model, lvlm.info, columns=64)
     assert [w.qkv.data_ptr() for w in again.weights] == [w.qkv.data_ptr() for w in decoder.weights]
     assert sum(p.nbytes for p in model.parameters()) == bytes_before
     with torch.inference_mode():
