@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU benchmark of BENCHMARKS.md in one go (one machine lease): results as JSON + logs in $OUT.
 # Usage on the GPU machine, from the repository root:
-#   OUT=results bash benchmarks/gpu_suite.sh [pruning pruning8 attention attention_host decoding opera serving]
+#   OUT=results bash benchmarks/gpu_suite.sh [pruning pruning8 attention attention_host decoding step opera serving]
 #   (default: pruning attention decoding opera)
 # serving compares the engine with the pre-engine code: it needs a checkout of that commit in
 # $SERVING_BASE (default .bench_base, e.g. `git worktree add .bench_base 5e3c667`).
@@ -33,6 +33,7 @@ for name in ${@:-pruning attention decoding opera}; do
     attention) run attention "${ATTENTION_S:-420}" python3 benchmarks/attention.py --out "$OUT/attention.json" ;;
     attention_host) run attention_host "${ATTENTION_S:-180}" python3 benchmarks/attention_host.py ;;
     decoding) run decoding "${DECODING_S:-330}" python3 benchmarks/decoding.py --out "$OUT/decoding.json" ;;
+    step) run step "${STEP_S:-590}" python3 benchmarks/step.py --out "$OUT/step.json" ;;
     opera) run opera "${OPERA_S:-300}" python3 benchmarks/opera.py --out "$OUT/opera.json" ;;
     serving) run serving "${SERVING_S:-590}" python3 benchmarks/serving.py --engine both --baseline-path "${SERVING_BASE:-.bench_base}" --out "$OUT/serving.json" ;;
     *) echo "unknown benchmark $name"; exit 2 ;;

@@ -297,9 +297,10 @@ def split_check(args, out: Path) -> dict:
     text = " ".join(CORPUS[0].split()[3:20])
     samples = [Sample(text, (image,))]
     params = GenerationParams(max_new_tokens=args.split_tokens)
-    eager = EngineConfig(slots=4, max_len=2048, graphs=False)  # a split model's steps are eager
+    # a split model's shared steps: transformers' layers, eagerly
+    eager = EngineConfig(slots=4, max_len=2048, graphs=False, fused_step=False)
     one = {"device": "cpu" if args.tiny else "cuda:0"}
-    loads = {  # the split model against the same engine on one GPU, then with its CUDA graphs
+    loads = {  # the split model against the same engine on one GPU, then its default engine
         "split": ({"device_map": "balanced"}, eager),
         "one_gpu": (one, eager),
         "one_gpu_graphs": (one, EngineConfig(slots=4, max_len=2048)),

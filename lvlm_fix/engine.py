@@ -72,6 +72,12 @@ class EngineConfig:
     # kernels differ between batch sizes), at the cost of full-width steps at low load.
     batch_invariant: bool = False
     memory_share: float = 0.4  # of the free GPU memory at start, for the slots (slots None)
+    # The shared step as a compact decoder with fused projections (fused_step.py), where the
+    # language model is a Llama, Mistral or Qwen2 (else, or False: transformers' forward).
+    fused_step: bool = True
+    # torch.compile mode of the fused step where CUDA graphs capture it ("default" compiles in
+    # about a minute at 7B; "max-autotune-no-cudagraphs" tunes its matmuls too; None: uncompiled).
+    compile_mode: str | None = "default"
 
 
 class Cancelled(Exception):
@@ -239,7 +245,8 @@ class Engine:
         started = time.monotonic()
         buckets = (slots,) if config.batch_invariant else config.buckets
         self.slots = SlotBatch(self.model, self.info, slots, max_len, graphs, buckets,
-                               always_edited=config.batch_invariant)  # fmt: skip
+                               always_edited=config.batch_invariant, fused=config.fused_step,
+                               compile_mode=config.compile_mode)  # fmt: skip
         self.warmup_s = time.monotonic() - started
         self._inbox: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
         self._waiting: deque[_Job] = deque()

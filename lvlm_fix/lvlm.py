@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedModel, ProcessorMixin
 
-from lvlm_fix import attention
+from lvlm_fix import attention, fused_step
 from lvlm_fix.decoding import Sample
 from lvlm_fix.engine import Engine, EngineConfig, Event, Request
 from lvlm_fix.generation import Generation, TextPieces
@@ -59,8 +59,10 @@ class LVLM:
     ):
         """Wrap a loaded LLaVA-family model (family read from its config) and its processor.
 
-        Changes both in place: the language model switches to our attention, the tokenizer pads
-        on the left (decoding appends on the right), and the hook points are installed.
+        Changes both in place: the language model switches to our attention, its q/k/v and
+        gate/up weights become views of one fused tensor per layer (for the engine's fused
+        step; `fused_step.py`), the tokenizer pads on the left (decoding appends on the right),
+        and the hook points are installed.
         """
         self.family = family_of(model)
         if not isinstance(processor, ProcessorMixin):  # e.g. a bare tokenizer
@@ -78,6 +80,8 @@ class LVLM:
             model, processor, self.family, name or path or self.family, path
         )
         install_hook_points(model, FAMILIES[self.family])
+        if fused_step.unsupported(model, self.info) is None:
+            fused_step.fused_layers(model, self.info)  # at load: before any graph is captured
         self._engine: Engine | None = None
         self._engine_lock = threading.Lock()
 

@@ -14,15 +14,18 @@ answers are written into `EditTables` at the request's slots; rows of other requ
 neutral values there (PAI gain 0, head scale 1, VAR rows off). A step hands each layer its
 slice of the tables.
 
-On a GPU each batch-size bucket's step is captured as a CUDA graph when the engine starts, once
-with the edit tables and once without (a batch where no row has an edit runs plain attention);
-a step replays the smallest bucket that covers the highest occupied slot.
+The step runs the compact decoder of fused_step.py (fused projections; compiled on a GPU) where
+the language model allows, transformers' forward with our attention function elsewhere. On a GPU
+each batch-size bucket's step is captured as a CUDA graph when the engine starts, once with the
+edit tables and once without (a batch where no row has an edit runs plain attention); a step
+replays the smallest bucket that covers the highest occupied slot.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, fields, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -31,6 +34,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from lvlm_fix.attention import merge_edits
 from lvlm_fix.compat import cache_kwargs
 from lvlm_fix.decoding import Prefilled
+from lvlm_fix.fused_step import FusedDecoder, compile_room, unsupported
 from lvlm_fix.hooks import AttentionCall, DeviceCopies, ForwardContext, forward_context
 from lvlm_fix.kernels import AttentionEdits
 from lvlm_fix.methods.base import RowState
@@ -51,20 +55,22 @@ TABLE_FIELDS = frozenset(f.name for f in fields(AttentionEdits)) - {
 
 
 class SlotLayer(CacheLayerMixin):
-    """One decoder layer's keys and values, stored [slots, max_len, Hkv, D] and seen as
-    [slots, Hkv, max_len, D] (`keys`, `values`). A step's forward of N rows writes slot s's
-    token at flat row `cells[s]` = s * max_len + its column (one `index_copy_`), and attends over
-    those slots' rows: every column in a CUDA graph (the kernel stops at each row's key_end),
-    the first `width` in an eager step."""
+    """One decoder layer's keys and values, stored flat [slots * max_len, Hkv, D] (`stores`)
+    and seen as [slots, Hkv, max_len, D] (`keys`, `values`). A step's forward of N rows writes
+    slot s's token at flat row `cells[s]` = s * max_len + its column (one `index_copy_`), and
+    attends over those slots' rows: every column in a CUDA graph (the kernel stops at each row's
+    key_end), the first `width` in an eager step."""
 
     is_compileable = True
 
     def __init__(self, shape: tuple[int, int, int, int], dtype, device, cells: torch.Tensor):
         super().__init__()
         slots, columns, heads, dim = shape
-        self._stored = [torch.zeros(shape, dtype=dtype, device=device) for _ in "kv"]
-        self.keys, self.values = (t.transpose(1, 2) for t in self._stored)
-        self._flat = [t.view(slots * columns, heads, dim) for t in self._stored]
+        # Flat, not views of a 4-d tensor: the compiled fused step writes into them in place.
+        self.stores = tuple(
+            torch.zeros(slots * columns, heads, dim, dtype=dtype, device=device) for _ in "kv"
+        )
+        self.keys, self.values = (t.view(shape).transpose(1, 2) for t in self.stores)
         self.cells = cells
         self.width: int | None = None  # eager steps: the longest row's columns (None = all)
         self.is_initialized = True
@@ -75,8 +81,8 @@ class SlotLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         n = key_states.shape[0]
         cells = self.cells[:n]
-        self._flat[0].index_copy_(0, cells, key_states[:, :, 0])  # [n, Hkv, D]: one token a row
-        self._flat[1].index_copy_(0, cells, value_states[:, :, 0])
+        self.stores[0].index_copy_(0, cells, key_states[:, :, 0])  # [n, Hkv, D]: one token a row
+        self.stores[1].index_copy_(0, cells, value_states[:, :, 0])
         return self.keys[:n, :, : self.width], self.values[:n, :, : self.width]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -189,6 +195,13 @@ class SlotTables:
     def layer_edits(self, layer: int, rows: int) -> dict[str, Any]:
         return self.of_layer[layer].layer_edits(layer, rows)
 
+    def __getattr__(self, name: str) -> Any:
+        """An unsplit model's tables, field by field (`tables.head_scale`, ...)."""
+        parts = self.__dict__.get("parts", {})
+        if len(parts) == 1:
+            return getattr(next(iter(parts.values())), name)
+        raise AttributeError(f"{name!r}: a split model's tables are per device (`parts`)")
+
 
 @dataclass(frozen=True)
 class TableEdits:
@@ -229,11 +242,14 @@ def decode_edits(prefilled: Prefilled, plan: Plan, info: ModelInfo) -> list[dict
 class SlotBatch:
     """The slot KV cache, the edit tables, the step's inputs and (GPU) its captured graphs.
 
-    Host-side bookkeeping per slot: occupied, its row's length (filled columns), edited.
+    `fused`: step with the fused decoder where the language model allows, compiled in
+    `compile_mode` where graphs capture it (None: uncompiled). Host-side bookkeeping per slot:
+    occupied, its row's length (filled columns), edited.
     """
 
     def __init__(self, model, info: ModelInfo, slots: int, max_len: int, graphs: bool,
-                 buckets: tuple[int, ...], always_edited: bool = False):  # fmt: skip
+                 buckets: tuple[int, ...], always_edited: bool = False, fused: bool = True,
+                 compile_mode: str | None = "default"):  # fmt: skip
         self.model, self.info = model, info
         self.slots, self.max_len = slots, max_len
         device, dtype = model.device, model.dtype
@@ -277,6 +293,12 @@ class SlotBatch:
         self._plain_plan = replace(base, attention_hooks=())
         self._edited_plans = {n: replace(base, attention_hooks=(TableEdits(self.tables, n),))
                               for n in self.buckets}  # fmt: skip
+        self.decoder: FusedDecoder | None = None
+        why_not = unsupported(model, info) if fused else None
+        if fused and why_not is None:
+            self.decoder = FusedDecoder(model, info, max_len, compile_mode if graphs else None)
+        elif why_not is not None:
+            log.info("the shared step runs transformers' forward: %s", why_not)
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if graphs:
             self._capture_all()
@@ -339,12 +361,8 @@ class SlotBatch:
             if graph is not None:
                 graph[0].replay()
                 logits = graph[1].float()  # a copy: the next replay overwrites the buffer
-            else:
-                for layer in self.cache.layers:  # read only up to the longest row
-                    layer.width = max(lengths) + 1
-                logits = self._forward(rows, edited).float()
-                for layer in self.cache.layers:
-                    layer.width = None
+            else:  # read only up to the longest row
+                logits = self._forward(rows, edited, width=max(lengths) + 1).float()
         for slot in range(rows):
             if self.occupied[slot]:
                 self.lengths[slot] += 1
@@ -365,27 +383,41 @@ class SlotBatch:
             self.copies.put("key_end", ctx.key_end, device, key_end[:rows])
         return ctx
 
-    def _forward(self, rows: int, edited: bool) -> torch.Tensor:
+    def _forward(self, rows: int, edited: bool, width: int | None = None) -> torch.Tensor:
+        """Logits [rows, V] of one step, reading each row's first `width` columns (None: all)."""
         torch.add(self.columns, 1, out=self.key_end)
         torch.add(self.row_base, self.columns, out=self.cells)
         for device, cells in self._cells_on.items():  # a split model's other devices
             cells.copy_(self.cells, non_blocking=True)
             self._key_end_on[device].copy_(self.key_end, non_blocking=True)
-        with forward_context(self._context(rows, edited)):
-            out = self.model(
-                input_ids=self.tokens[:rows],
-                attention_mask=self.mask[:rows],  # 4-D, passed through; attention reads key_end
-                position_ids=self.positions[:rows],
-                **cache_kwargs(self.cache),
-                use_cache=True,
-            )
+        if self.decoder is not None:
+            tables = partial(self.tables.layer_edits, rows=rows) if edited else None
+            return self.decoder.step(
+                self.tokens[:rows], self.positions[:rows],
+                [layer.stores for layer in self.cache.layers], self.cells[:rows],
+                self.key_end[:rows], self.key_start[:rows], tables, width,
+            )  # fmt: skip
+        for layer in self.cache.layers:
+            layer.width = width
+        try:
+            with forward_context(self._context(rows, edited)):
+                out = self.model(
+                    input_ids=self.tokens[:rows],
+                    attention_mask=self.mask[:rows],  # 4-D, passed through; attention reads key_end
+                    position_ids=self.positions[:rows],
+                    **cache_kwargs(self.cache),
+                    use_cache=True,
+                )
+        finally:
+            for layer in self.cache.layers:
+                layer.width = None
         return out.logits[:, -1]
 
     def _capture_all(self) -> None:
         """Capture every bucket's step, with and without edit tables (largest first, so the
         smaller graphs reuse the largest's memory pool)."""
         pool = torch.cuda.graph_pool_handle()
-        with torch.inference_mode():
+        with torch.inference_mode(), compile_room():
             for rows in sorted(self.buckets, reverse=True):
                 for edited in (True,) if self.always_edited else (False, True):
                     self._forward(rows, edited)  # compile kernels, settle allocations

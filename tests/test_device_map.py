@@ -189,18 +189,20 @@ def test_split_over_two_gpus_equals_one_gpu(tmp_path, images, family, dtype):
     """Half the decoder layers on cuda:0, half on cuda:1: the engine's greedy tokens equal the
     same model's on one GPU, for VAR+VHR+PAI, RITUAL+VCD (shared lane), FastV (its cut at the
     first layer of cuda:1; own lane) and beams. The single-GPU engine runs without graphs too
-    (a split model's shared steps run eagerly): the same kernels on the same shapes, so the
-    same bits, in bf16 too."""
+    and unfused (a split model's shared steps run transformers' layers eagerly): the same
+    kernels on the same shapes, so the same bits, in bf16 too."""
     pytest.importorskip("accelerate")
     path = str(build_tiny(family, tmp_path / family, layers=6))
-    config = EngineConfig(slots=8, graphs=False)
+    # transformers' own layers, eagerly: what a split model's shared steps run
+    config = EngineConfig(slots=8, graphs=False, fused_step=False)
     one = LVLM.from_pretrained(path, device="cuda:0", dtype=dtype, engine=config)
     split = LVLM.from_pretrained(path, device_map=split_map(path, family, 0, 1), dtype=dtype,
                                  engine=EngineConfig(slots=8))  # fmt: skip
     try:
         cuda = [torch.device("cuda", 0)] * 3 + [torch.device("cuda", 1)] * 3
         assert layer_devices(split.model, family) == cuda
-        assert split.engine.slots.split and not split.engine.slots.graphs
+        slots = split.engine.slots
+        assert slots.split and not slots.graphs and slots.decoder is None
         for name, plan in PLANS.items():
             assert _tokens(split, images, plan) == _tokens(one, images, plan), name
         beams = PLANS["var+vhr+pai"]

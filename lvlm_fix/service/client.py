@@ -90,6 +90,7 @@ def _from_chat(body: dict) -> list[Generation]:
             finish_reason=c["finish_reason"],
             prompt_tokens=prompt_tokens,
             config_id=body["system_fingerprint"],
+            attention_paths=c.get("attention_paths") or [],
         )
         for c in body["choices"]
     ]
@@ -102,6 +103,7 @@ def _from_task(body: dict) -> Generation:
         finish_reason=body["finish_reason"],
         prompt_tokens=body["usage"]["prompt_tokens"],
         config_id=body["config_id"],
+        attention_paths=body.get("attention_paths", []),
     )
 
 

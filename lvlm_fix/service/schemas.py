@@ -333,6 +333,9 @@ class Choice(_Open):
     finish_reason: Literal["stop", "length"]
     logprobs: ChoiceLogprobs | None = None
     token_ids: list[int] | None = Field(None, description="Not in OpenAI spec: generated ids.")
+    attention_paths: list[str] | None = Field(
+        None, description="Not in OpenAI spec: the attention paths that ran."
+    )
 
 
 class ChatCompletionResponse(_Open):
@@ -378,6 +381,9 @@ class TaskResponse(_Open):
     token_ids: list[int]
     finish_reason: Literal["stop", "length"]
     config_id: str
+    attention_paths: list[str] = Field(
+        default_factory=list, description="The attention paths that ran (sdpa, fused, modifiers)."
+    )
     usage: Usage
 
 

@@ -413,6 +413,7 @@ class Serving:
                 message=s.AssistantMessage(content=g.text),
                 finish_reason=g.finish_reason,
                 token_ids=g.token_ids,
+                attention_paths=g.attention_paths,
                 logprobs=self._logprobs(g),
             )
             for i, g in enumerate(outputs)
@@ -458,6 +459,7 @@ class Serving:
             token_ids=out.token_ids,
             finish_reason=out.finish_reason,
             config_id=out.config_id,
+            attention_paths=out.attention_paths,
             usage=_usage([out]),
         )
 
