@@ -27,10 +27,12 @@ step computes rows independently, and each sample samples from its own generator
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -258,6 +260,9 @@ class Engine:
         self._admitting: list[_Job] = []  # in prefill: left the queue, maybe not in a lane yet
         self._thread = threading.Thread(target=self._loop, name="lvlm-engine", daemon=True)
         self._thread.start()
+        # A daemon thread still inside a torch op when the interpreter finalises can abort the
+        # process (seen as SIGABRT at exit): stop the scheduler before that, if nobody did.
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     def _default_slots(self, max_len: int) -> int:
         if self.device.type != "cuda":
@@ -621,6 +626,12 @@ class Engine:
             for ids, reason, prompt, views, steps, pruned in rows
         ]
         self._end(job, Event(generations=outputs))
+
+
+def _close_at_exit(engine: weakref.ref[Engine]) -> None:
+    alive = engine()
+    if alive is not None and not alive._closed:
+        alive.close()
 
 
 __all__ = ["Cancelled", "Engine", "EngineConfig", "EngineFailure", "Event", "Request", "Timing"]
