@@ -8,7 +8,7 @@
 # PYTHONPATH=/tmp/site:$PWD (benchmarks/two_gpus.sh does it).
 #
 # What goes in: versions from requirements.lock of the packages requirements.lock has and the
-# GPU image does not (/work/.library/device/KINDS.md lists the image's), as far as Ray Serve,
+# GPU image does not (the device tool's notes list the image's packages), as far as Ray Serve,
 # the app and the evals import them, plus transformers (the image's is older than pyproject's
 # floor). What is cut to fit: Ray's Java jars, dashboard web client, RLlib and ray.llm (none is
 # used by Serve or a private cluster), the symbols of Ray's binaries, and transformers' model

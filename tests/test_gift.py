@@ -1,10 +1,10 @@
 """GIFT on tiny LLaVA / NeXT / OneVision models.
 
-The central check re-implements GIFT from its spec (specs: /work/notes/m17/gift.md, the official
-code's `inference.py` and `eager_attention_forward`) as an eager attention function of the test's
-own, registered with transformers and driven by `model.generate` on a separately loaded model,
-one sample at a time (batch 1, as the reference runs): no library hook, state or modifier takes
-part. The engine's tokens, decoding the samples together, must equal it.
+The central check re-implements GIFT from its spec (the module docstring of methods/gift.py,
+the official code's `inference.py` and `eager_attention_forward`) as an eager attention function
+of the test's own, registered with transformers and driven by `model.generate` on a separately
+loaded model, one sample at a time (batch 1, as the reference runs): no library hook, state or
+modifier takes part. The engine's tokens, decoding the samples together, must equal it.
 """
 
 from __future__ import annotations
