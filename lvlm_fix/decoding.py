@@ -17,7 +17,8 @@ from PIL import Image
 from transformers import DynamicCache
 
 from lvlm_fix.compat import cache_kwargs
-from lvlm_fix.hooks import DeviceCopies, ForwardContext, Phase, forward_context
+from lvlm_fix.devices import DeviceCopies
+from lvlm_fix.hooks import ForwardContext, Phase, forward_context
 from lvlm_fix.methods.base import RowState
 from lvlm_fix.model import (
     ImageLayout,

@@ -20,6 +20,7 @@ import torch
 
 from lvlm_fix import anyres, devices
 from lvlm_fix.compat import layer_cache
+from lvlm_fix.devices import DeviceCopies
 from lvlm_fix.kernels.reference import masked_softmax, visibility
 from lvlm_fix.model import Family, ImageLayout, resolve
 from lvlm_fix.pruning import gather_columns, layer_mask, pack_kept
@@ -61,7 +62,7 @@ class ForwardContext:
     # Copies of the tensors above on the devices of a split model's other layers (`on`). Its
     # owner passes the same object to each forward (a request's Runner, the engine's slots), so
     # copies of what did not change since the last step are not made again.
-    copies: DeviceCopies = field(default_factory=lambda: DeviceCopies(), repr=False)
+    copies: DeviceCopies = field(default_factory=DeviceCopies, repr=False)
     _views: dict[torch.device, ForwardContextOn] = field(default_factory=dict, repr=False)
 
     @property
@@ -83,29 +84,6 @@ class ForwardContext:
 
 # Tests set this to run every hook through a `ForwardContextOn`, also on the context's own device.
 _ALWAYS_VIEW = False
-
-
-class DeviceCopies:
-    """Copies of a forward's tensors on other devices, one per (name, device): kept while the
-    source is the same object (tensors here are replaced, never changed in place, except where
-    their owner refreshes the copy itself, see `put`)."""
-
-    def __init__(self) -> None:
-        self._held: dict[tuple[str, torch.device], tuple[Any, Any]] = {}
-
-    def get(self, name: str, source: Any, device: torch.device) -> Any:
-        """`source` (a tensor or an ImageLayout; None stays None) on `device`."""
-        if source is None:
-            return None
-        held = self._held.get((name, device))
-        if held is None or held[0] is not source:
-            held = (source, devices.moved(source, device))
-            self._held[(name, device)] = held
-        return held[1]
-
-    def put(self, name: str, source: Any, device: torch.device, copy: Any) -> None:
-        """Register `copy` as `source` on `device` (its owner keeps both in step)."""
-        self._held[(name, device)] = (source, copy)
 
 
 class ForwardContextOn:

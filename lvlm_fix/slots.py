@@ -34,8 +34,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from lvlm_fix.attention import merge_edits
 from lvlm_fix.compat import cache_kwargs
 from lvlm_fix.decoding import Prefilled
+from lvlm_fix.devices import DeviceCopies
 from lvlm_fix.fused_step import FusedDecoder, compile_room, unsupported
-from lvlm_fix.hooks import AttentionCall, DeviceCopies, ForwardContext, forward_context
+from lvlm_fix.hooks import AttentionCall, ForwardContext, forward_context
 from lvlm_fix.kernels import AttentionEdits
 from lvlm_fix.methods.base import RowState
 from lvlm_fix.model import ImageLayout, ModelInfo, layer_devices

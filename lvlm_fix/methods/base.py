@@ -186,10 +186,9 @@ class RowState:
     """
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    # (key, device) -> (entry, its copy on device)
-    _copies: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = field(
-        default_factory=dict, repr=False, compare=False
-    )
+    copies: devices.DeviceCopies = field(
+        default_factory=devices.DeviceCopies, repr=False, compare=False
+    )  # entries on a split model's other devices
 
     @classmethod
     def start(cls, views: Sequence[View], n_samples: int, device) -> RowState:
@@ -210,8 +209,7 @@ class RowState:
         return self.tensors[key]
 
     def __setitem__(self, key: str, value: torch.Tensor) -> None:
-        self.tensors[key] = value
-        self._forget(key)
+        self.tensors[key] = value  # a new object: copies of the old one are not reused
 
     def get(self, key: str) -> torch.Tensor | None:
         return self.tensors.get(key)
@@ -223,29 +221,15 @@ class RowState:
         """`state[key][index] = value` in place, from any device (`index`: ints and slices)."""
         entry = self.tensors[key]
         entry[index] = value.to(entry.device, non_blocking=True)
-        self._forget(key)
+        self.copies.forget(key)
 
     def index_rows(self, rows: torch.Tensor) -> None:
         for key, value in self.tensors.items():
             self.tensors[key] = value.index_select(0, rows.to(value.device))
-        self._copies.clear()
 
     def on(self, device: torch.device, home: torch.device) -> RowStateOn:
         """This state as seen from `device`; entries it sets are stored on `home`."""
         return RowStateOn(self, device, home)
-
-    def copy_on(self, key: str, device: torch.device) -> torch.Tensor:
-        """Entry `key` on `device` (a cached copy while the entry is unchanged)."""
-        entry = self.tensors[key]
-        held = self._copies.get((key, device))
-        if held is None or held[0] is not entry:
-            held = (entry, devices.moved(entry, device))
-            self._copies[(key, device)] = held
-        return held[1]
-
-    def _forget(self, key: str) -> None:
-        for held in [k for k in self._copies if k[0] == key]:
-            del self._copies[held]
 
 
 class RowStateOn:
@@ -255,7 +239,7 @@ class RowStateOn:
         self._state, self.device, self._home = state, device, home
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        return self._state.copy_on(key, self.device)
+        return self._state.copies.get(key, self._state.tensors[key], self.device)
 
     def get(self, key: str) -> torch.Tensor | None:
         return self[key] if key in self._state.tensors else None
@@ -267,7 +251,7 @@ class RowStateOn:
         stored = devices.moved(value, self._home)
         self._state[key] = stored
         if stored is not value:  # what this device reads back is the value it set
-            self._state._copies[(key, self.device)] = (stored, value)
+            self._state.copies.put(key, stored, self.device, value)
 
     def write(self, key: str, index: Any, value: torch.Tensor) -> None:
         self._state.write(key, index, value)
