@@ -196,13 +196,6 @@ class SlotTables:
     def layer_edits(self, layer: int, rows: int) -> dict[str, Any]:
         return self.of_layer[layer].layer_edits(layer, rows)
 
-    def __getattr__(self, name: str) -> Any:
-        """An unsplit model's tables, field by field (`tables.head_scale`, ...)."""
-        parts = self.__dict__.get("parts", {})
-        if len(parts) == 1:
-            return getattr(next(iter(parts.values())), name)
-        raise AttributeError(f"{name!r}: a split model's tables are per device (`parts`)")
-
 
 @dataclass(frozen=True)
 class TableEdits:

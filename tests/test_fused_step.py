@@ -60,7 +60,7 @@ def test_fused_step_gives_transformers_logits_with_and_without_edits(tiny_paths,
                for fused in (False, True)]  # fmt: skip
     assert batches[0].decoder is None and batches[1].decoder is not None
     placed = place_requests(lvlm, images, batches)
-    tables = batches[1].tables  # VAR, PAI and VHR are all in the step
+    [tables] = batches[1].tables.parts.values()  # one device; VAR, PAI and VHR are all in it
     assert tables.var_rows.any() and tables.image_gain.any() and (tables.head_scale != 1).any()
     for plain, fused in step_all(batches, placed, info.vocab_size):
         torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
