@@ -133,6 +133,19 @@ class Intervention(BaseModel):
         return {"name": self.name, **self.model_dump(mode="json")}
 
 
+def layer_range(name: str, start: int, end: int | None, num_layers: int) -> frozenset[int]:
+    """Layers [start, end) of a model of `num_layers`: end None = the model's depth, end < 0
+    counts from it (-1 = every layer but the last). A range that is empty or goes beyond the
+    model is refused, naming the method."""
+    end = num_layers if end is None else end
+    end = end + num_layers if end < 0 else end
+    if not start < end <= num_layers:
+        raise ValueError(
+            f"{name} layers [{start}, {end}) are empty or beyond the model's {num_layers} layers"
+        )
+    return frozenset(range(start, end))
+
+
 REGISTRY: dict[str, type[Intervention]] = {}
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from pydantic import Field
 
-from lvlm_fix.methods.base import Contribution, Intervention, register
+from lvlm_fix.methods.base import Contribution, Intervention, layer_range, register
 from lvlm_fix.model import ModelInfo
 
 if TYPE_CHECKING:
@@ -52,14 +52,7 @@ class PAI(Intervention):
         return self.alpha == 0
 
     def contribute(self, model: ModelInfo) -> Contribution:
-        L = model.num_layers
-        end = L if self.end_layer is None else self.end_layer
-        end = end + L if end < 0 else end  # -1 = every layer but the last
-        if not self.start_layer < end <= L:
-            raise ValueError(
-                f"PAI layers [{self.start_layer}, {end}) are empty or beyond the model's {L} layers"
-            )
-        layers = frozenset(range(self.start_layer, end))
+        layers = layer_range("PAI", self.start_layer, self.end_layer, model.num_layers)
         return Contribution(attention=ImageGain(layers, self.alpha, self.edit_first_token))
 
 

@@ -86,7 +86,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 import torch
 from pydantic import Field
 
-from lvlm_fix.methods.base import Contribution, Intervention, register
+from lvlm_fix.methods.base import Contribution, Intervention, layer_range, register
 from lvlm_fix.model import ModelInfo
 
 if TYPE_CHECKING:
@@ -176,14 +176,7 @@ class PAINT(Intervention):
                 "llava_onevision": "its SigLIP tower has no CLS token to rank patches with",
             }.get(model.family, "the reference is LLaVA-1.5 only")
             raise ValueError(f"paint supports LLaVA-1.5, not {model.family!r}: {why}")
-        L = model.num_layers
-        end = L if self.end_layer is None else self.end_layer
-        end = end + L if end < 0 else end  # -1 = every layer but the last
-        if not self.start_layer < end <= L:
-            raise ValueError(
-                f"paint layers [{self.start_layer}, {end}) are empty or beyond the model's "
-                f"{L} layers"
-            )
+        layers = layer_range("paint", self.start_layer, self.end_layer, model.num_layers)
         selection = TokenSelection(
             local_layer=self.local_layer,
             summary_layer=None if self.summary_layer == "read" else self.summary_layer,
@@ -198,7 +191,7 @@ class PAINT(Intervention):
             model_dtype=self.selection_dtype == "model",
         )
         gain = ChosenTokenGain(
-            layers=frozenset(range(self.start_layer, end)),
+            layers=layers,
             edit_prefill=self.edit_first_token,
             sensitivity=self.head_modulation == "sensitivity",
         )
