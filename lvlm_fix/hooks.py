@@ -252,6 +252,17 @@ class VisionLayerCall:
     # when the encoder layer has `self_attn.{q,k,v}_proj`; None otherwise.
     projections: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
+    def heads(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layer attention's q (times its scale), k and v per head, fp32 [N, H, n, d] each,
+        from its own projections: what scoring the layer's attention needs (no second GEMM)."""
+        if self.projections is None:
+            raise ValueError("this vision encoder's attention has no q/k/v projections to read")
+        attn = self.module.self_attn
+        n_images, n, _ = self.projections[0].shape
+        q, k, v = (p.reshape(n_images, n, attn.num_heads, attn.head_dim).transpose(1, 2).float()
+                   for p in self.projections)  # fmt: skip
+        return q * attn.scale, k, v
+
 
 @dataclass(frozen=True)
 class GridRestore:

@@ -50,18 +50,8 @@ EPS = 1e-7
 
 def flow_scores(call: VisionLayerCall) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token score s [N, n] (0 for CLS and padding) and CLS attention a [N, n] (fp32)."""
-    attn = call.module.self_attn
-    if call.projections is not None:  # the layer's own projections (no second GEMM)
-        q, k, v = call.projections
-        q_cls = q[:, :1]
-    else:
-        x = call.module.layer_norm1(call.hidden_in)  # the attention's own input
-        q_cls, k, v = attn.q_proj(x[:, :1]), attn.k_proj(x), attn.v_proj(x)
-    n_images, n, _ = k.shape
-    heads, dim = attn.num_heads, attn.head_dim
-    q_cls = (q_cls * attn.scale).view(n_images, 1, heads, dim).transpose(1, 2).float()
-    k = k.view(n_images, n, heads, dim).transpose(1, 2).float()
-    v = v.view(n_images, n, heads, dim).transpose(1, 2).float()  # [N, H, n, d]
+    q, k, v = call.heads()  # [N, H, n, d]
+    q_cls = q[:, :, :1]
     # Row 0: CLS -> token attention logits; row 1: CLS value . token value (no scaling).
     logits = torch.cat([q_cls @ k.transpose(-1, -2), v[:, :, :1] @ v.transpose(-1, -2)], 2)
     if call.padded:  # [N, H, 2, n]; with no padding the mask would change nothing

@@ -204,21 +204,9 @@ class PAINT(Intervention):
 def vit_attention(call: VisionLayerCall, every_row: bool) -> torch.Tensor:
     """fp32 [N, H, 1 or n, n]: this ViT layer's attention probabilities of the CLS query row (or
     of every query row), softmax over all n tokens, from the layer's own q/k projections."""
-    attn = call.module.self_attn
-    if call.projections is not None:
-        q, k, _ = call.projections
-    else:  # the attention's own input
-        x = call.module.layer_norm1(call.hidden_in)
-        q, k = attn.q_proj(x if every_row else x[:, :1]), attn.k_proj(x)
-    q = q if every_row else q[:, :1]
-    n_images, n, _ = k.shape
-    heads, dim = attn.num_heads, attn.head_dim
-    q = q.reshape(n_images, q.shape[1], heads, dim).transpose(1, 2).float() * attn.scale
-    k = k.reshape(n_images, n, heads, dim).transpose(1, 2).float()
-    logits = q @ k.transpose(-1, -2)
-    if call.padded:  # (a look-only hook beside no cutting one: never; kept for safety)
-        logits = logits.masked_fill(~call.valid[:, None, None, :], float("-inf"))
-    return logits.softmax(-1)
+    q, k, _ = call.heads()  # [N, H, n, d]
+    q = q if every_row else q[:, :, :1]
+    return (q @ k.transpose(-1, -2)).softmax(-1)  # one vision hook a plan: nothing cut, no padding
 
 
 def head_sum(probs: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
