@@ -116,6 +116,11 @@ def build_model(preset: str, device: str | torch.device, dtype: torch.dtype):
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(SIZES)}")
     sizes = SIZES[preset]
     tokenizer = train_tokenizer(CORPUS)
+    # Every id the model can emit gets text of its own, as with a real checkpoint's tokenizer:
+    # random weights pick ids all over the vocabulary, and ids past the trained tokenizer's few
+    # hundred decode to nothing, so a stream would send one text chunk per several tokens (and
+    # chunk gaps would read as several steps). Prompts tokenize as before (no prompt holds "~N").
+    tokenizer.add_tokens([f"~{i}" for i in range(len(tokenizer), sizes.vocab)])
     tokenizer.padding_side = "left"  # batched generation appends on the right
     config = llava_config(sizes, tokenizer)
     torch.manual_seed(0)

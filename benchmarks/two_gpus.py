@@ -179,6 +179,9 @@ def serve_and_load(args, replicas: int, out: Path) -> dict:
         "num_gpus": 0 if args.tiny else 1,
         "num_cpus": 0.5 if args.tiny else 1,
         "ingress_cpus": 0.25 if args.tiny else 1,
+        # one HTTP app replica per model replica, so that the HTTP side (images decoded, plans
+        # compiled, every streamed token relayed) grows with the engines it feeds
+        "ingress_replicas": replicas,
         "engine": {"slots": args.slots, "max_len": args.max_len},
         "service": {"max_tokens_limit": 1024},
         "host": "127.0.0.1",
@@ -400,7 +403,7 @@ def main() -> int:
     args.preset = "tiny" if tiny else "llava-1.5-7b"
     args.model_dir = args.model_dir or Path("/tmp/two_gpus_tiny" if tiny else "/tmp/llava7b")
     defaults = {  # (tiny, GPU)
-        "rates": ("4", "12"), "duration": (4, 20), "load_timeout": (30, 35),
+        "rates": ("4", "20"), "duration": (4, 12), "load_timeout": (30, 60),
         "lengths": ("8,16", "32,64,128,256"), "slots": (8, 32), "eval_limit": (4, 30),
         "split_tokens": (16, 64),
     }  # fmt: skip
