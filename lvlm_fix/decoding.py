@@ -181,17 +181,26 @@ def image_kwargs(model, batch: PromptBatch) -> dict:
 
 def build_rows(processor, image_token_id: int, plan: Plan, samples: list[Sample], device):
     """All prefill rows: each sample's original view, then its extra views (prefill-only too)."""
-    prompts: list[str] = []
+    prompts: list[str] = []  # the rows to encode, with their images
     images: list[list[Image.Image]] = []
+    # Each prefill row's encoded row: a text-only row made by dropping image tokens (see
+    # View.text_only) is its sample's original row, stripped below (one image preprocessing).
+    source: list[int] = []
     pixel_fns: list[tuple[int, object, torch.Generator]] = []
-    stripped: list[int] = []  # text-only rows built by dropping image tokens (see View.text_only)
+    stripped: list[int] = []
     notes: list[dict[str, list[str]]] = []
     for sample in samples:
         generator = torch.Generator().manual_seed(view_seed(sample.seed))
+        original = len(prompts)
+        source.append(original)
         prompts.append(sample.prompt(processor))
         images.append(list(sample.images))
         notes.append({})
         for view in plan.views:
+            if view.drop_image and view.text_only == "drop_image_tokens":
+                stripped.append(len(source))
+                source.append(original)
+                continue
             kept = [] if view.drop_image else list(sample.images)
             if view.image_fn is not None:
                 applied = [view.image_fn(image, generator) for image in kept]
@@ -199,17 +208,17 @@ def build_rows(processor, image_token_id: int, plan: Plan, samples: list[Sample]
                 if applied:
                     notes[-1][view.name] = [note for _, note in applied]
             if view.pixel_fn is not None and kept:
-                pixel_fns.append((len(prompts), view.pixel_fn, generator))
-            if view.drop_image and view.text_only == "drop_image_tokens":
-                stripped.append(len(prompts))
-                kept = list(sample.images)  # encoded as the original is, then stripped below
+                pixel_fns.append((len(source), view.pixel_fn, generator))
+            source.append(len(prompts))
             prompts.append(sample.prompt(processor, with_images=bool(kept)))
             images.append(kept)
     batch = encode_rows(processor, image_token_id, prompts, images, device)
+    if stripped:
+        batch = batch.index_rows(torch.tensor(source, device=device))
     image_tokens = tuple(batch.layout.n_image[:: len(plan.views) + 1].tolist())
     pad_id = processor.tokenizer.pad_token_id or 0
     if stripped:
-        rows = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+        rows = torch.zeros(len(source), dtype=torch.bool, device=device)
         rows[stripped] = True
         batch = drop_image_tokens(batch, rows, pad_id)
     for stage in plan.vision_stages:  # a pruning vision tower emits `budget` features per image

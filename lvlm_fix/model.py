@@ -10,6 +10,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from itertools import accumulate
 from pathlib import Path
 
@@ -94,10 +95,26 @@ class ImageLayout:
     # the dropped tokens never existed); below it, or when None, columns keep original positions.
     renumber_from: int | None = None
 
-    @property
+    # Derived tensors are computed once per layout (hooks read them at every layer; a layout
+    # is never changed in place: a cut or a row selection makes a new one).
+    @cached_property
     def n_image(self) -> torch.Tensor:
         """Image tokens per row: long [R]."""
         return self.image_mask.sum(-1)
+
+    @cached_property
+    def filled(self) -> torch.Tensor:
+        """bool [R, S]: the prompt columns that are not left padding (from key_start on)."""
+        columns = torch.arange(self.image_mask.shape[1], device=self.image_mask.device)
+        return columns[None, :] >= self.key_start[:, None]
+
+    @cached_property
+    def after_image(self) -> torch.Tensor:
+        """bool [R, S]: the prompt columns after each row's last image column (all of a row
+        without image)."""
+        columns = torch.arange(self.image_mask.shape[1], device=self.image_mask.device)
+        last_image = torch.where(self.image_mask, columns, -1).amax(-1)  # [R], -1 without image
+        return columns[None, :] > last_image[:, None]
 
     def index_rows(self, rows: torch.Tensor) -> ImageLayout:
         # Layers after one cut share one tensor; keep them sharing (one index op per cut,

@@ -145,23 +145,22 @@ class SinkFinder:
         if "var.sink_mask" not in state:
             state["var.sink_mask"] = torch.zeros(R, self.num_layers, S, dtype=torch.bool,
                                                  device=hidden.device)  # fmt: skip
-            state["var.sink_count"] = torch.zeros(R, self.num_layers, 2, dtype=torch.long,
-                                                  device=hidden.device)  # fmt: skip
         ratio = sink_ratio(hidden)  # [R, S, D]
         if self.dims is None:
             phi = (ratio * self._auto_dims(layer, ratio, ctx)[:, None, :]).amax(-1)  # [R, S]
         else:
-            phi = ratio[..., list(self.dims)].amax(-1)
-        columns = torch.arange(S, device=hidden.device)
-        real = columns[None, :] >= ctx.layout.key_start[:, None]  # padding is never a sink
-        sink = (phi > self.tau) & real  # [R, S]
-        image = ctx.layout.image_mask
+            # one slice per dim: indexing with the list would copy it to the GPU (a host sync)
+            phi = torch.stack([ratio[..., d] for d in self.dims], -1).amax(-1)
+        sink = (phi > self.tau) & ctx.layout.filled  # [R, S]: padding is never a sink
         state.write("var.sink_mask", (slice(None), layer), sink)
-        counts = torch.stack([(sink & ~image).sum(-1), (sink & image).sum(-1)], -1)
-        state.write("var.sink_count", (slice(None), layer), counts)
-        if layer == self.num_layers - 1 and log.isEnabledFor(logging.DEBUG):
-            log.debug("VAR sinks per layer (row 0, text/visual): %s",
-                      state["var.sink_count"][0].tolist())  # fmt: skip
+        if layer == self.num_layers - 1:  # the counts of every layer at once (VAR never prunes)
+            sinks, image = state["var.sink_mask"], ctx.layout.image_mask[:, None]
+            state["var.sink_count"] = torch.stack(
+                [(sinks & ~image).sum(-1), (sinks & image).sum(-1)], -1
+            )
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("VAR sinks per layer (row 0, text/visual): %s",
+                          state["var.sink_count"][0].tolist())  # fmt: skip
 
     def _auto_dims(self, layer: int, ratio: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """float [R, D]: 1 on dims where the first token exceeded tau at layers 2..min(l, L-2)."""
@@ -203,15 +202,13 @@ class Redistribute:
         image = ctx.layout.image_mask  # [R, S]
         sink = sinks[:, call.layer]  # [R, S]
         active = ctx.state["row.edited"] & (sink & image).any(-1)  # [R]
-        # At prefill a host check lets layers without visual sinks run stock SDPA; at decode
-        # we avoid the sync and let var_rows (all False) make the kernel a no-op.
-        if ctx.phase == "prefill" and not bool(active.any()):
-            return None
+        # No host check for layers without visual sinks: var_rows all False makes the kernel's
+        # VAR a no-op, and a sync per layer would cost more than the kernel saves.
         return {
             "col_group": _groups(
                 sink, image, active[:, None]
             ),  # [R, S]: generated columns are group 0
-            "var_rows": self._rows(call, image, active),
+            "var_rows": self._rows(call, active),
             "var_keep": self.keep,
             "var_rho": self.rho,
             "var_summ": self.summ,
@@ -236,15 +233,12 @@ class Redistribute:
             "n_image": state["var.n_image"],
         }
 
-    def _rows(self, call: AttentionCall, image: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    def _rows(self, call: AttentionCall, active: torch.Tensor) -> torch.Tensor:
         """bool [R, Q]: query rows VAR may edit."""
-        R, Q = image.shape[0], call.query.shape[2]
+        layout, Q = call.ctx.layout, call.query.shape[2]
         if call.ctx.phase == "decode":
-            return active[:, None].expand(R, Q)
-        columns = torch.arange(image.shape[1], device=image.device)
-        last_image = torch.where(image, columns, -1).amax(-1)  # [R], -1 without image
-        after = call.query_columns[None, :] > last_image[:, None]  # [R, Q]
-        return after & active[:, None]
+            return active[:, None].expand(active.shape[0], Q)
+        return layout.after_image[:, -Q:] & active[:, None]  # a prefill's Q rows end the prompt
 
     def after(self, call: AttentionCall, out: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
         return None

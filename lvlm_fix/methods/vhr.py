@@ -156,13 +156,15 @@ class Reinforce:
             )
         view = 1 + next(i for i, v in enumerate(ctx.plan.views) if v is self.view)
         sample, views = state["row.sample"], state["row.view"]
-        original = (views == 0).nonzero().flatten()  # one row per sample, sample order
-        text_only = (views == view).nonzero().flatten()
-        with_image = out[original, -1].float()  # [B, H, D] last prompt position
-        without = out[text_only, -1].float()
+        # Prefill rows are in RowState.start's order, sample-major with views 0..V: reshaping
+        # finds each sample's rows without a host sync (a nonzero() per layer would wait for
+        # the GPU 2x15 times a prefill).
+        per_sample_rows = len(ctx.plan.views) + 1
+        last = out[:, -1].float().unflatten(0, (-1, per_sample_rows))  # [B, V+1, H, D]
+        with_image, without = last[:, 0], last[:, view]  # [B, H, D] last prompt position
         vhd = (with_image - without).norm(dim=-1)  # [B, H]
         chosen = select_heads(vhd, without.norm(dim=-1), self.outlier_filter)
-        has_image = ctx.layout.n_image[original] > 0  # without image VHR changes nothing
+        has_image = ctx.layout.n_image[::per_sample_rows] > 0  # without image VHR changes nothing
         per_sample = torch.where(chosen & has_image[:, None], self.alpha, 1.0)  # [B, H]
         targets = state["row.edited"] | ((views == view) & self.scale_counterfactual)
         scale = torch.where(targets[:, None], per_sample[sample], 1.0)  # [R, H]
