@@ -85,20 +85,48 @@ def settled(text: str, stops: Sequence[str]) -> str:
 class TextPieces:
     """One sample's answer as it streams: `add` each chosen token and get the newly settled
     text, then `finish` with the final `Generation` for the rest; the pieces concatenate to its
-    text. Uses the tokenizer: call it from the thread that owns it (the engine's)."""
+    text. Uses the tokenizer: call it from the thread that owns it (the engine's).
+
+    The text grows incrementally, as vLLM's detokenizer does: each token decodes a short window
+    (the tokens since the last piece of text, after the tokens of the piece before it, which give
+    the decoder its context: a SentencePiece decoder drops the space of a window's first word),
+    not the whole answer again, which would cost O(n) per token and O(n^2) per answer.
+    """
 
     def __init__(self, tokenizer, params: GenerationParams):
         self.tokenizer, self.params = tokenizer, params
         self.ids: list[int] = []
+        self.text = ""  # the text of ids[:read]; ids[read:] have none yet (or half a character)
+        self.context = 0  # ids[context:read]: decoded again before the new tokens
+        self.read = 0
+        self.unchecked: int | None = None  # min_tokens' text length, once there are min_tokens
         self.sent = ""
 
     def add(self, token: int) -> str:
         if token in self.params.stop_token_ids:  # it ends the sample, outside its text
             return ""
         self.ids.append(token)
-        stops = self.params.stop
-        text, stopped = answer(self.tokenizer, self.ids, stops, self.params.min_tokens)
-        return self._send(text if stopped else settled(text, stops))
+        text = self._decoded()
+        stops, min_tokens = self.params.stop, self.params.min_tokens
+        if len(self.ids) < min_tokens:  # no stop string counts yet
+            return self._send(settled(text.strip(), stops))
+        if self.unchecked is None:
+            self.unchecked = _unchecked(self.tokenizer, self.ids, min_tokens)
+        cut = _first_stop(text, stops, self.unchecked)
+        if cut is not None:
+            return self._send(text[:cut].strip())
+        return self._send(settled(text.strip(), stops))
+
+    def _decoded(self) -> str:
+        """The text of every token so far (ending in U+FFFD inside an unfinished character).
+        The new tokens' text becomes part of `text` once it ends on a whole character."""
+        before = decode_text(self.tokenizer, self.ids[self.context : self.read])
+        new = decode_text(self.tokenizer, self.ids[self.context :])[len(before) :]
+        if not new or new.endswith("\ufffd"):  # no text yet (a special token), or half a character
+            return self.text + new
+        self.text += new
+        self.context, self.read = self.read, len(self.ids)
+        return self.text
 
     def finish(self, final: Generation) -> str:
         return self._send(final.text)
