@@ -9,7 +9,7 @@ task, so concurrent requests never see each other's plan.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -69,6 +69,14 @@ class ForwardContext:
     def device(self) -> torch.device:
         """Where this context's tensors live: the model's input device."""
         return self.layout.key_start.device
+
+    def once(self, name: str, device: torch.device, make: Callable[[], Any]) -> Any:
+        """scratch[(name, device)], made by `make()` the first time this forward asks: for what
+        a hook would otherwise rebuild at every layer (each op costs host time at prefill)."""
+        key = (name, device)
+        if key not in self.scratch:
+            self.scratch[key] = make()
+        return self.scratch[key]
 
     def on(self, device: torch.device) -> ForwardContext:
         """This context as a layer on `device` sees it: itself on its own device; for a layer of

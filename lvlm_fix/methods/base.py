@@ -233,7 +233,9 @@ class RowState:
     def write(self, key: str, index: Any, value: torch.Tensor) -> None:
         """`state[key][index] = value` in place, from any device (`index`: ints and slices)."""
         entry = self.tensors[key]
-        entry[index] = value.to(entry.device, non_blocking=True)
+        entry[index] = (
+            value if value.device == entry.device else value.to(entry.device, non_blocking=True)
+        )
         self.copies.forget(key)
 
     def index_rows(self, rows: torch.Tensor) -> None:

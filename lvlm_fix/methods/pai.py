@@ -82,9 +82,15 @@ class ImageGain:
             state["pai.last_row"] = edited[:, None]  # bool [R, 1]: gain_rows of one query row
         if Q == 1:  # decode: nothing new to build
             return {"image_gain": state["pai.gain"], "gain_rows": state["pai.last_row"]}
-        rows = torch.zeros(R, Q, dtype=torch.bool, device=call.query.device)
-        rows[:, -1:] = state["pai.last_row"]
+        rows = call.ctx.once(f"pai.rows{Q}", call.query.device, lambda: last_rows(state, R, Q))
         return {"image_gain": state["pai.gain"], "gain_rows": rows}
 
     def after(self, call: AttentionCall, out: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
         return None
+
+
+def last_rows(state, R: int, Q: int) -> torch.Tensor:
+    """bool [R, Q]: the last query row of edited rows (the same at every prefill layer)."""
+    rows = torch.zeros(R, Q, dtype=torch.bool, device=state["pai.last_row"].device)
+    rows[:, -1:] = state["pai.last_row"]
+    return rows

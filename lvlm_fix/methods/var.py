@@ -198,21 +198,19 @@ class Redistribute:
             return None
         if ctx.phase == "decode" and call.query.shape[2] == 1:
             return self._decode_edits(call)
-        sinks = ctx.state["var.sink_mask"]
         image = ctx.layout.image_mask  # [R, S]
-        sink = sinks[:, call.layer]  # [R, S]
+        sink = ctx.state["var.sink_mask"][:, call.layer]  # [R, S]
         active = ctx.state["row.edited"] & (sink & image).any(-1)  # [R]
         # No host check for layers without visual sinks: var_rows all False makes the kernel's
         # VAR a no-op, and a sync per layer would cost more than the kernel saves.
+        codes = ctx.once("var.codes", image.device, lambda: _codes(image))
         return {
-            "col_group": _groups(
-                sink, image, active[:, None]
-            ),  # [R, S]: generated columns are group 0
+            "col_group": _groups(sink, codes, active[:, None]),  # generated columns: group 0
             "var_rows": self._rows(call, active),
             "var_keep": self.keep,
             "var_rho": self.rho,
             "var_summ": self.summ,
-            "n_image": ctx.layout.n_image.float(),
+            "n_image": ctx.once("var.n_image", image.device, lambda: ctx.layout.n_image.float()),
         }
 
     def _decode_edits(self, call: AttentionCall) -> dict[str, Any]:
@@ -221,7 +219,7 @@ class Redistribute:
         if "var.decode_groups" not in state:
             sinks, image = state["var.sink_mask"], call.ctx.layout.image_mask  # [R, L, S], [R, S]
             active = state["row.edited"][:, None] & (sinks & image[:, None]).any(-1)  # [R, L]
-            state["var.decode_groups"] = _groups(sinks, image[:, None], active[..., None])
+            state["var.decode_groups"] = _groups(sinks, _codes(image[:, None]), active[..., None])
             state["var.decode_active"] = active[..., None]  # [R, L, 1]: the one query row
             state["var.n_image"] = call.ctx.layout.n_image.float()
         return {
@@ -244,12 +242,19 @@ class Redistribute:
         return None
 
 
-def _groups(sink: torch.Tensor, image: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+def _codes(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 (group of a column if it is a sink, group if not): VISUAL_SINK / TEXT_SINK, and
+    IMAGE / 0 (rest). The same at every layer: only which columns are sinks changes."""
+    as_sink = torch.where(image, VISUAL_SINK, TEXT_SINK).to(torch.int8)
+    return as_sink, torch.where(image, IMAGE, 0).to(torch.int8)
+
+
+def _groups(
+    sink: torch.Tensor, codes: tuple[torch.Tensor, torch.Tensor], active: torch.Tensor
+) -> torch.Tensor:
     """int8 col_group: sinks of active rows are text/visual sinks, other image columns IMAGE.
-    sink [..., S], image and active broadcast to it (active has a trailing 1)."""
-    sink_group = torch.where(image, VISUAL_SINK, TEXT_SINK)
-    group = torch.where(active & sink, sink_group, torch.where(image, IMAGE, 0))
-    return group.to(torch.int8)
+    sink [..., S]; codes (`_codes`) and active broadcast to it (active has a trailing 1)."""
+    return torch.where(active & sink, *codes)
 
 
 def discover_sink_dims(

@@ -37,7 +37,7 @@ from lvlm_fix.methods.base import (
 from lvlm_fix.model import ModelInfo
 
 if TYPE_CHECKING:
-    from lvlm_fix.hooks import AttentionCall
+    from lvlm_fix.hooks import AttentionCall, ForwardContext
 
 # Official LLaVA-1.5-7B setting: layer 1 plus the last 14 of 32 layers.
 LAST_LAYERS_SHARE = 14 / 32
@@ -143,6 +143,14 @@ class Reinforce:
             return None
         return {"head_scale": scale[:, call.layer]}  # [R, H], a view (the kernel reads rows)
 
+    def _rows(self, ctx: ForwardContext, view: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bool [B, 1]: samples with an image, without one VHR changes nothing; bool [R, 1]:
+        rows whose heads are scaled), the same at every layer."""
+        state = ctx.state
+        has_image = ctx.layout.n_image[:: len(ctx.plan.views) + 1] > 0
+        targets = state["row.edited"] | ((state["row.view"] == view) & self.scale_counterfactual)
+        return has_image[:, None], targets[:, None]
+
     def after(self, call: AttentionCall, out: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
         """Prefill: out [R, Q, H, D]. Choose this layer's heads and scale them in place."""
         ctx = call.ctx
@@ -155,19 +163,16 @@ class Reinforce:
                 R, ctx.num_layers, H, dtype=torch.float32, device=out.device
             )
         view = 1 + next(i for i, v in enumerate(ctx.plan.views) if v is self.view)
-        sample, views = state["row.sample"], state["row.view"]
         # Prefill rows are in RowState.start's order, sample-major with views 0..V: reshaping
         # finds each sample's rows without a host sync (a nonzero() per layer would wait for
         # the GPU 2x15 times a prefill).
-        per_sample_rows = len(ctx.plan.views) + 1
-        last = out[:, -1].float().unflatten(0, (-1, per_sample_rows))  # [B, V+1, H, D]
+        last = out[:, -1].float().unflatten(0, (-1, len(ctx.plan.views) + 1))  # [B, V+1, H, D]
         with_image, without = last[:, 0], last[:, view]  # [B, H, D] last prompt position
         vhd = (with_image - without).norm(dim=-1)  # [B, H]
         chosen = select_heads(vhd, without.norm(dim=-1), self.outlier_filter)
-        has_image = ctx.layout.n_image[::per_sample_rows] > 0  # without image VHR changes nothing
-        per_sample = torch.where(chosen & has_image[:, None], self.alpha, 1.0)  # [B, H]
-        targets = state["row.edited"] | ((views == view) & self.scale_counterfactual)
-        scale = torch.where(targets[:, None], per_sample[sample], 1.0)  # [R, H]
+        has_image, targets = ctx.once("vhr.rows", out.device, lambda: self._rows(ctx, view))
+        per_sample = torch.where(chosen & has_image, self.alpha, 1.0)  # [B, H]
+        scale = torch.where(targets, per_sample[state["row.sample"]], 1.0)  # [R, H]
         state.write("vhr.head_scale", (slice(None), call.layer), scale)
         rows = out[:, -1:] if self.last_only else out
         rows.mul_(scale[:, None, :, None].to(out.dtype))
