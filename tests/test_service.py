@@ -27,13 +27,14 @@ from service_helpers import (
     uvicorn_server,
 )
 
-from lvlm_fix import LVLM, GenerationParams, Sample
+from lvlm_fix import LVLM, Generation, GenerationParams, Sample
 from lvlm_fix.engine import Cancelled, EngineConfig, Request
 from lvlm_fix.methods import REGISTRY, Contribution, Intervention, View
 from lvlm_fix.model import Turn
 from lvlm_fix.service import AsyncClient, Client, ServiceError
 from lvlm_fix.service.app import build_app
 from lvlm_fix.service.config import ServeConfig
+from lvlm_fix.service.engine import Job, LocalEngine
 from lvlm_fix.tiny import build_tiny
 
 KEY = "test-key"
@@ -669,3 +670,26 @@ def test_beam_search_as_vllm(http, lvlm):
     params = GenerationParams(max_new_tokens=6, num_beams=3, length_penalty=0.5)
     [expected] = lvlm.generate([chat_sample("What is in the image?", image)], (), params)
     assert reply["choices"][0]["token_ids"] == expected.token_ids
+
+
+def test_a_stream_that_fell_behind_catches_up_in_fewer_pieces(lvlm):
+    """LocalEngine joins the text pieces that queued while its reader was away into one; the
+    text is the same, and a reader that keeps up gets one piece per token with text."""
+    params = GenerationParams(max_new_tokens=24, ignore_eos=True)
+    job = Job((Sample("describe this", ()),), lvlm.plan((), params), params)
+    engine = LocalEngine(lvlm)
+
+    async def read(pause: float) -> list:
+        items = []
+        async for item in engine.stream(job):
+            if not items:
+                await asyncio.sleep(pause)  # the engine decodes on meanwhile
+            items.append(item)
+        return items
+
+    runs = asyncio.run(read(0.0)), asyncio.run(read(2.0))  # kept up, fell behind
+    pieces = [[item for item in items if isinstance(item, str)] for items in runs]
+    finals = [next(item for item in items if isinstance(item, Generation)) for items in runs]
+    assert finals[0] == finals[1] and "".join(pieces[0]) == "".join(pieces[1]) == finals[0].text
+    assert len(finals[0].token_ids) == 24
+    assert len(pieces[1]) < len(pieces[0]) / 2, (pieces[0], pieces[1])

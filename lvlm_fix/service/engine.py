@@ -112,7 +112,10 @@ class LocalEngine:
             raise
         try:
             while True:
-                for item in await inbox.get():
+                items = await inbox.get()
+                while not inbox.empty():  # fallen behind the engine: take the backlog at once
+                    items += inbox.get_nowait()
+                for item in _joined(items):
                     if item is _END:
                         yield request.timing
                         return
@@ -121,6 +124,19 @@ class LocalEngine:
                     yield item
         finally:
             request.cancel()  # a no-op once done; else it leaves the batch at the next step
+
+
+def _joined(items: list) -> list:
+    """`items` with adjacent text pieces joined into one. A stream whose reader fell behind (a
+    busy event loop; on Ray, each item is one object through Serve's streaming and its proxy)
+    then catches up in one item, not one per decode step; one that keeps up is unchanged."""
+    joined: list = []
+    for item in items:
+        if isinstance(item, str) and joined and isinstance(joined[-1], str):
+            joined[-1] += item
+        else:
+            joined.append(item)
+    return joined
 
 
 def _generations(event: Event) -> list:
