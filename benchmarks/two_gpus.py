@@ -6,8 +6,9 @@ Stages (`--stages`, in this order; default: checkpoint serve eval):
   serve       `lvlm-fix serve` (Ray, loopback only) with two model replicas of `num_gpus: 1`,
               then with one, each under the same open-loop load (benchmarks/serving.py
               --engine http); per replica the requests it served (Ray Serve's own
-              serve_deployment_request_counter, read from the metrics agent) and GPU
-              utilisation while loaded (nvidia-smi).
+              serve_deployment_request_counter, read from the metrics agent), GPU
+              utilisation while loaded (nvidia-smi) and the CPU use of the load client, Ray's
+              HTTP proxy and each replica process (psutil).
   eval        `lvlm-fix eval pope` on gym questions (python -m lvlm_fix.gym.make_eval) once with
               --ray (one GPU actor per GPU) and once in one process; the predictions compared.
   split       part 6 on the 7B checkpoint: loaded with --device-map balanced (half the layers
@@ -155,6 +156,52 @@ class GpuSampler:
         return out
 
 
+class CpuSampler:
+    """Every second while running: CPU use (% of one core) of each process on the serving path,
+    the load client, Ray Serve's HTTP proxy, and the ingress and model replicas, to find which
+    one caps throughput (a process near 100% is bound by its one Python thread)."""
+
+    WATCHED = ("ray::ProxyActor", "ray::ServeReplica", "benchmarks/serving.py")
+
+    def __init__(self) -> None:
+        self.samples: dict[str, list[float]] = {}
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        import psutil
+
+        watched: dict[int, tuple[str, psutil.Process]] = {}
+        while not self.stopped.wait(1.0):
+            for process in psutil.process_iter(["pid", "cmdline"]):
+                command = " ".join(process.info["cmdline"] or ())
+                if process.pid not in watched and any(w in command for w in self.WATCHED):
+                    label = command.split(" ")[0] if command.startswith("ray::") else "client"
+                    watched[process.pid] = (f"{label} ({process.pid})", process)
+                    process.cpu_percent(None)  # the first call only starts the count
+            for label, process in list(watched.values()):
+                try:
+                    self.samples.setdefault(label, []).append(process.cpu_percent(None))
+                except psutil.Error:  # it exited
+                    watched.pop(process.pid, None)
+
+    def __enter__(self) -> CpuSampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        self.thread.join(10)
+
+    def summary(self) -> dict:
+        """Per process: mean and peak % of one core over the samples while it was busy."""
+        out = {}
+        for label, values in sorted(self.samples.items()):
+            busy = [v for v in values if v > 5] or [0.0]
+            out[label] = {"cpu_mean_busy": round(sum(busy) / len(busy), 1), "cpu_max": max(values)}
+        return out
+
+
 def replica_requests(metrics_port: int) -> dict[str, float]:
     """Requests each ModelServer replica processed (Ray Serve's counter, summed over routes)."""
     import httpx
@@ -217,8 +264,9 @@ def serve_and_load(args, replicas: int, out: Path) -> dict:
                        "--lengths", args.lengths, "--warmup", str(args.warmup), "--out",
                        str(load)]  # fmt: skip
             before = replica_requests(metrics_port)
-            with GpuSampler() as gpus:
+            with GpuSampler() as gpus, CpuSampler() as cpus:
                 result["load_exit"] = run(f"load{replicas}", command, out, args.load_budget)
+            result["cpu"] = cpus.summary()
             if load.exists():
                 result["load"] = json.loads(load.read_text())
             result["gpus"] = gpus.summary()
@@ -229,6 +277,7 @@ def serve_and_load(args, replicas: int, out: Path) -> dict:
             }
             say(f"serve, {replicas} replica(s): requests per replica "
                 f"{result['replica_requests']}; GPUs {result['gpus']}")  # fmt: skip
+            say(f"serve, {replicas} replica(s): CPU, % of a core {result['cpu']}")
         finally:
             stop(server)
     return result
