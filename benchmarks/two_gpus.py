@@ -114,8 +114,9 @@ def make_checkpoint(args) -> dict:
 # ----- serve -----
 
 
-class GpuSampler:
-    """nvidia-smi every second while running: mean and peak utilisation per GPU."""
+class Sampler:
+    """Calls `sample()` every second on a thread while in its `with` block (until it returns
+    False); `samples` collects values by label."""
 
     def __init__(self) -> None:
         self.samples: dict[str, list[float]] = {}
@@ -123,25 +124,40 @@ class GpuSampler:
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
-        query = ["nvidia-smi", "--query-gpu=index,utilization.gpu,memory.used",
-                 "--format=csv,noheader,nounits"]  # fmt: skip
-        while not self.stopped.wait(1.0):
-            try:
-                text = subprocess.run(query, capture_output=True, text=True, timeout=5).stdout
-            except (OSError, subprocess.TimeoutExpired):
-                return
-            for line in text.strip().splitlines():
-                index, util, memory = (part.strip() for part in line.split(","))
-                self.samples.setdefault(index, []).append(float(util))
-                self.samples.setdefault(f"{index}.memory_mib", []).append(float(memory))
+        while not self.stopped.wait(1.0) and self.sample():
+            pass
 
-    def __enter__(self) -> GpuSampler:
+    def sample(self) -> bool:
+        raise NotImplementedError
+
+    def add(self, label: str, value: float) -> None:
+        self.samples.setdefault(label, []).append(value)
+
+    def __enter__(self):
         self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stopped.set()
         self.thread.join(10)
+
+
+class GpuSampler(Sampler):
+    """nvidia-smi every second: mean and peak utilisation per GPU."""
+
+    QUERY = ["nvidia-smi", "--query-gpu=index,utilization.gpu,memory.used",
+             "--format=csv,noheader,nounits"]  # fmt: skip
+
+    def sample(self) -> bool:
+        try:
+            text = subprocess.run(self.QUERY, capture_output=True, text=True, timeout=5).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return False  # no GPU tools here
+        for line in text.strip().splitlines():
+            index, util, memory = (part.strip() for part in line.split(","))
+            self.add(index, float(util))
+            self.add(f"{index}.memory_mib", float(memory))
+        return True
 
     def summary(self) -> dict:
         out = {}
@@ -156,42 +172,32 @@ class GpuSampler:
         return out
 
 
-class CpuSampler:
-    """Every second while running: CPU use (% of one core) of each process on the serving path,
-    the load client, Ray Serve's HTTP proxy, and the ingress and model replicas, to find which
-    one caps throughput (a process near 100% is bound by its one Python thread)."""
+class CpuSampler(Sampler):
+    """Every second: CPU use (% of one core) of each process on the serving path, the load
+    client, Ray Serve's HTTP proxy, and the ingress and model replicas, to find which one caps
+    throughput (a process near 100% is bound by its one Python thread)."""
 
     WATCHED = ("ray::ProxyActor", "ray::ServeReplica", "benchmarks/serving.py")
 
     def __init__(self) -> None:
-        self.samples: dict[str, list[float]] = {}
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
+        super().__init__()
+        self.watched: dict[int, tuple[str, object]] = {}  # pid -> (label, psutil.Process)
 
-    def _loop(self) -> None:
+    def sample(self) -> bool:
         import psutil
 
-        watched: dict[int, tuple[str, psutil.Process]] = {}
-        while not self.stopped.wait(1.0):
-            for process in psutil.process_iter(["pid", "cmdline"]):
-                command = " ".join(process.info["cmdline"] or ())
-                if process.pid not in watched and any(w in command for w in self.WATCHED):
-                    label = command.split(" ")[0] if command.startswith("ray::") else "client"
-                    watched[process.pid] = (f"{label} ({process.pid})", process)
-                    process.cpu_percent(None)  # the first call only starts the count
-            for label, process in list(watched.values()):
-                try:
-                    self.samples.setdefault(label, []).append(process.cpu_percent(None))
-                except psutil.Error:  # it exited
-                    watched.pop(process.pid, None)
-
-    def __enter__(self) -> CpuSampler:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stopped.set()
-        self.thread.join(10)
+        for process in psutil.process_iter(["pid", "cmdline"]):
+            command = " ".join(process.info["cmdline"] or ())
+            if process.pid not in self.watched and any(w in command for w in self.WATCHED):
+                label = command.split(" ")[0] if command.startswith("ray::") else "client"
+                self.watched[process.pid] = (f"{label} ({process.pid})", process)
+                process.cpu_percent(None)  # the first call only starts the count
+        for pid, (label, process) in list(self.watched.items()):
+            try:
+                self.add(label, process.cpu_percent(None))
+            except psutil.Error:  # it exited
+                del self.watched[pid]
+        return True
 
     def summary(self) -> dict:
         """Per process: mean and peak % of one core over the samples while it was busy."""
