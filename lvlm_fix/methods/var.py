@@ -182,9 +182,9 @@ class Redistribute:
     A row is edited when it is an edited view's row and its sample has a visual sink in this
     layer. Eligible query rows: at prefill those after the last image column, at decode all.
     The decode edits never change after prefill, so the first decode step builds them for every
-    layer at once (state "var.decode_groups" int8 [R, L, S], "var.decode_active" bool [R, L, 1],
-    "var.n_image" float [R]); later steps only slice them. col_group stays prompt-wide: the
-    kernel reads generated columns as group 0.
+    layer at once (state "var.decode_groups" int8 [R, L, S], "var.decode_active" bool [R, L, 1];
+    "var.n_image" float [R] is built by the first edited layer); later steps only slice them.
+    col_group stays prompt-wide: the kernel reads generated columns as group 0.
     """
 
     layers: frozenset[int]
@@ -196,6 +196,8 @@ class Redistribute:
         ctx = call.ctx
         if call.layer not in self.layers or "var.sink_mask" not in ctx.state:
             return None
+        if "var.n_image" not in ctx.state:  # float [R], read by every edited layer and step
+            ctx.state["var.n_image"] = ctx.layout.n_image.float()
         if ctx.phase == "decode" and call.query.shape[2] == 1:
             return self._decode_edits(call)
         image = ctx.layout.image_mask  # [R, S]
@@ -210,7 +212,7 @@ class Redistribute:
             "var_keep": self.keep,
             "var_rho": self.rho,
             "var_summ": self.summ,
-            "n_image": ctx.once("var.n_image", image.device, lambda: ctx.layout.n_image.float()),
+            "n_image": ctx.state["var.n_image"],
         }
 
     def _decode_edits(self, call: AttentionCall) -> dict[str, Any]:
@@ -221,7 +223,6 @@ class Redistribute:
             active = state["row.edited"][:, None] & (sinks & image[:, None]).any(-1)  # [R, L]
             state["var.decode_groups"] = _groups(sinks, _codes(image[:, None]), active[..., None])
             state["var.decode_active"] = active[..., None]  # [R, L, 1]: the one query row
-            state["var.n_image"] = call.ctx.layout.n_image.float()
         return {
             "col_group": state["var.decode_groups"][:, call.layer],  # [R, S]
             "var_rows": state["var.decode_active"][:, call.layer],  # [R, 1]; no host sync

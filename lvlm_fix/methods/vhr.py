@@ -143,7 +143,7 @@ class Reinforce:
             return None
         return {"head_scale": scale[:, call.layer]}  # [R, H], a view (the kernel reads rows)
 
-    def _rows(self, ctx: ForwardContext, view: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _row_masks(self, ctx: ForwardContext, view: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(bool [B, 1]: samples with an image, without one VHR changes nothing; bool [R, 1]:
         rows whose heads are scaled), the same at every layer."""
         state = ctx.state
@@ -170,7 +170,7 @@ class Reinforce:
         with_image, without = last[:, 0], last[:, view]  # [B, H, D] last prompt position
         vhd = (with_image - without).norm(dim=-1)  # [B, H]
         chosen = select_heads(vhd, without.norm(dim=-1), self.outlier_filter)
-        has_image, targets = ctx.once("vhr.rows", out.device, lambda: self._rows(ctx, view))
+        has_image, targets = ctx.once("vhr.rows", out.device, lambda: self._row_masks(ctx, view))
         per_sample = torch.where(chosen & has_image, self.alpha, 1.0)  # [B, H]
         scale = torch.where(targets, per_sample[state["row.sample"]], 1.0)  # [R, H]
         state.write("vhr.head_scale", (slice(None), call.layer), scale)
