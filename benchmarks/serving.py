@@ -20,7 +20,8 @@ emit EOS, so most requests run to max_new_tokens; the tables count the tokens ac
 - new: `lvlm_fix.engine.Engine` (`--slots` slots), one request per `submit`; token times: each
   listener event with a token, the end: the done event. Its constructor is timed as startup.
 
-Per rate: completed req/s and output tok/s (from the rate's start to its last completion), TTFT,
+Per rate: completed req/s and output tok/s (from the rate's start to its last completion; with
+--window-from, also the tok/s streamed inside a window of the arrivals' span), TTFT,
 inter-token latency (gaps between a request's consecutive tokens, pooled), end-to-end latency, in
 ms at p50/p99, and peak GPU memory. A rate ends when all its requests are done, or --timeout s
 after its start: then it is marked saturated (latencies of completed requests only) and higher
@@ -315,7 +316,9 @@ class HttpEngine:
 
 
 def run_rate(engine, requests: list[Request], times: list[float], timeout: float):
-    """Submit `requests` at `times` (s) from a thread; wait until all are done or `timeout`."""
+    """Submit `requests` at `times` (s) from a thread; wait until all are done or `timeout`.
+    Returns the records, the start (time.monotonic()), the seconds until the last one finished
+    (or the timeout) and whether it timed out."""
     records = [Record() for _ in requests]
     stop = threading.Event()
     start = time.monotonic()
@@ -335,10 +338,24 @@ def run_rate(engine, requests: list[Request], times: list[float], timeout: float
     stop.set()
     thread.join()
     end = time.monotonic() if timed_out else max((r.done for r in records), default=start)
-    return records, end - start, timed_out
+    return records, start, end - start, timed_out
 
 
-def summarize(rate: float, records: list[Record], elapsed: float, timed_out: bool) -> dict:
+def window_tokens(records: list[Record], begin: float, end: float) -> float:
+    """Tokens streamed between `begin` and `end`: each token mark in the window counts as its
+    request's tokens per mark (a streamed chunk can carry several tokens; a request cut off by
+    the timeout, whose count never came, counts one per mark)."""
+    total = 0.0
+    for r in records:
+        inside = sum(begin <= mark < end for mark in r.marks)
+        total += inside * (r.tokens / len(r.marks) if r.tokens and r.marks else 1.0)
+    return total
+
+
+def summarize(rate: float, records: list[Record], start: float, elapsed: float, timed_out: bool,
+              window: tuple[float, float] | None = None) -> dict:  # fmt: skip
+    """`window` (s from the start): also the token rate inside it (`window_tok_per_s`), e.g. the
+    steady state of an overloaded run, without its ramp-up and its drain."""
     done = [r for r in records if r.finished.is_set() and r.error is None]
     latencies = {
         "ttft": [r.marks[0] - r.arrived for r in done if r.marks],
@@ -349,11 +366,16 @@ def summarize(rate: float, records: list[Record], elapsed: float, timed_out: boo
     errors = [r.error for r in records if r.error]
     ms = {f"{name}_p{q}_ms": round(float(np.percentile(values, q)) * 1e3, 1) if values else None
           for name, values in latencies.items() for q in (50, 99)}  # fmt: skip
+    steady = {}
+    if window is not None:
+        begin, end = window
+        streamed = window_tokens(records, start + begin, start + end)
+        steady = {"window_s": [begin, end], "window_tok_per_s": round(streamed / (end - begin), 1)}
     return {"rate": rate, "requests": len(records), "completed": len(done), "failed": len(errors),
             "first_error": errors[0] if errors else None, "timed_out": timed_out,
             "elapsed_s": round(elapsed, 2), "req_per_s": round(len(done) / elapsed, 3),
             "output_tokens": tokens, "output_tok_per_s": round(tokens / elapsed, 1),
-            **ms}  # fmt: skip
+            **steady, **ms}  # fmt: skip
 
 
 def bench(args: argparse.Namespace) -> dict:
@@ -388,7 +410,10 @@ def bench(args: argparse.Namespace) -> dict:
         requests = [make_request(args.seed, i, lengths) for i in range(len(times))]
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        row = summarize(rate, *run_rate(engine, requests, times, args.timeout))
+        window = None
+        if args.window_from is not None:
+            window = (args.window_from * max(times, default=0.0), max(times, default=0.0))
+        row = summarize(rate, *run_rate(engine, requests, times, args.timeout), window)
         row["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if cuda else 0
         engine.drain()
         results.append(row)
@@ -411,7 +436,7 @@ def batch_one_latency(engine, seed: int, repeats: int = 3, tokens: int = 128) ->
         gaps = []
         for i in range(repeats):
             request = make_request(seed, i, [tokens], entry)
-            [record], _, _ = run_rate(engine, [request], [0.0], timeout=120)
+            [record], *_ = run_rate(engine, [request], [0.0], timeout=120)
             engine.drain()
             gaps += [b - a for a, b in itertools.pairwise(record.marks[: record.tokens])]
         alone[entry[1]] = round(float(np.median(gaps)) * 1e3, 2) if gaps else None
@@ -439,6 +464,11 @@ def print_table(result: dict) -> None:
         print(f"| {r['rate']:g} | {done} | {r['req_per_s']:.2f} | {r['output_tok_per_s']:.1f} | "
               f"{ms} | {r['peak_gib']:.2f} |")  # fmt: skip
     print("latencies in ms; * = hit --timeout (saturated): latencies of completed requests only")
+    for r in result["results"]:
+        if "window_tok_per_s" in r:
+            begin, end = r["window_s"]
+            print(f"rate {r['rate']:g}: {r['window_tok_per_s']:.1f} tok/s streamed from "
+                  f"{begin:.1f} to {end:.1f} s (steady state)")  # fmt: skip
     if m["skipped_rates"]:
         print(f"skipped (saturated at a lower rate): {m['skipped_rates']}")
     if any(r["failed"] for r in result["results"]):
@@ -516,6 +546,13 @@ def main() -> None:
     load.add_argument("--duration", type=float, default=20, help="seconds of arrivals per rate")
     load.add_argument("--requests", type=int, default=0, help="requests per rate (not --duration)")
     parser.add_argument("--timeout", type=float, default=45, help="seconds per rate at most")
+    parser.add_argument(
+        "--window-from",
+        type=float,
+        default=None,
+        help="also the tok/s streamed from this fraction of the arrivals' span to their end "
+        "(window_tok_per_s): an overloaded run's steady state, without ramp-up or drain",
+    )
     parser.add_argument("--lengths", default="32,64,128,256", help="max_new_tokens choices")
     parser.add_argument("--warmup", type=int, default=4, help="uncounted requests first")
     parser.add_argument("--seed", type=int, default=0)

@@ -223,6 +223,15 @@ def replica_requests(metrics_port: int) -> dict[str, float]:
     return counts
 
 
+def save_metrics(metrics_port: int, path: Path) -> None:
+    """Our metrics and Serve's, as the metrics agent exports them (per replica process)."""
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    kept = [line for line in text.splitlines() if "lvlm_fix" in line or "ray_serve" in line]
+    path.write_text("\n".join(kept) + "\n")
+
+
 def serve_and_load(args, replicas: int, out: Path) -> dict:
     port, metrics_port = free_port(), free_port()
     config = {
@@ -267,8 +276,8 @@ def serve_and_load(args, replicas: int, out: Path) -> dict:
             command = [sys.executable, "benchmarks/serving.py", "--engine", "http",
                        "--url", f"http://127.0.0.1:{port}", "--rates", args.rates,
                        "--duration", str(args.duration), "--timeout", str(args.load_timeout),
-                       "--lengths", args.lengths, "--warmup", str(args.warmup), "--out",
-                       str(load)]  # fmt: skip
+                       "--lengths", args.lengths, "--warmup", str(args.warmup),
+                       "--window-from", str(args.window_from), "--out", str(load)]  # fmt: skip
             before = replica_requests(metrics_port)
             with GpuSampler() as gpus, CpuSampler() as cpus:
                 result["load_exit"] = run(f"load{replicas}", command, out, args.load_budget)
@@ -278,6 +287,7 @@ def serve_and_load(args, replicas: int, out: Path) -> dict:
             result["gpus"] = gpus.summary()
             time.sleep(3)  # the replicas report every second (RAY_metrics_report_interval_ms)
             after = replica_requests(metrics_port)
+            save_metrics(metrics_port, out / f"metrics{replicas}.txt")
             result["replica_requests"] = {
                 name: after[name] - before.get(name, 0.0) for name in sorted(after)
             }
@@ -445,6 +455,12 @@ def main() -> int:
     parser.add_argument("--rates", default=None, help="load: arrival rate(s), req/s")
     parser.add_argument("--duration", type=float, default=None, help="load: seconds of arrivals")
     parser.add_argument("--load-timeout", type=float, default=None, help="load: s per rate")
+    parser.add_argument(
+        "--window-from",
+        type=float,
+        default=None,
+        help="load: steady tok/s from this fraction of the arrivals to their end",
+    )
     parser.add_argument("--lengths", default=None, help="load: max_tokens choices")
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--slots", type=int, default=None)
@@ -458,9 +474,9 @@ def main() -> int:
     args.preset = "tiny" if tiny else "llava-1.5-7b"
     args.model_dir = args.model_dir or Path("/tmp/two_gpus_tiny" if tiny else "/tmp/llava7b")
     defaults = {  # (tiny, GPU)
-        "rates": ("4", "20"), "duration": (4, 12), "load_timeout": (30, 60),
-        "lengths": ("8,16", "32,64,128,256"), "slots": (8, 32), "eval_limit": (4, 30),
-        "split_tokens": (16, 64),
+        "rates": ("4", "20"), "duration": (4, 30), "load_timeout": (30, 38),
+        "window_from": (0.5, 1 / 3), "lengths": ("8,16", "32,64,128,256"), "slots": (8, 32),
+        "eval_limit": (4, 30), "split_tokens": (16, 64),
     }  # fmt: skip
     for key, (small, large) in defaults.items():
         if getattr(args, key) is None:
@@ -486,11 +502,13 @@ def main() -> int:
         runs = [serve_and_load(args, int(n), out) for n in args.replicas.split(",")]
         summary["serve"] = runs
         by = {r["replicas"]: r for r in runs if r.get("load")}
-        tok = {n: r["load"]["results"][-1]["output_tok_per_s"] for n, r in by.items()
-               if r["load"]["results"]}  # fmt: skip
-        if 1 in tok and 2 in tok:
-            summary["serve_scaling"] = {"tok_per_s": tok, "two_over_one": round(tok[2] / tok[1], 2)}
-            say(f"serve: output tok/s {tok}, 2 replicas / 1 = {summary['serve_scaling']}")
+        for key in ("output_tok_per_s", "window_tok_per_s"):  # whole run; steady state
+            tok = {n: r["load"]["results"][-1].get(key) for n, r in by.items()
+                   if r["load"]["results"]}  # fmt: skip
+            if tok.get(1) and tok.get(2):
+                scaling = {"tok_per_s": tok, "two_over_one": round(tok[2] / tok[1], 2)}
+                summary.setdefault("serve_scaling", {})[key] = scaling
+                say(f"serve: {key} {tok}, 2 replicas / 1 = {scaling['two_over_one']}")
         save()
     if "eval" in stages:
         summary["eval"] = evaluate(args, out)
