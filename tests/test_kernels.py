@@ -383,10 +383,10 @@ def test_custom_op_fake_and_schema():
     q, k, v, key_start, col_group, g = make_case(seed=17)
     e = all_edits(col_group, 2, 4, 6, g)
     end = torch.tensor([14])  # a static cache filled up to column 14 of 16
-    var = torch.tensor([[0.6, 0.5, 0.2], [0.3, 0.8, 0.1]])  # per row (keep, rho, summ)
-    for var_params in (var, None):
+    var = torch.tensor([[0.6, 0.3], [0.5, 0.8], [0.2, 0.1]])  # per row: keep, rho, summ
+    for var_params in (tuple(var), (None,) * 3):
         args = (q, k, v, key_start, end, 0.3, e.col_group, e.image_gain, e.gain_rows, e.var_rows,
-                var_params, e.n_image, e.head_scale, True, False)  # fmt: skip
+                *var_params, e.n_image, e.head_scale, True, False)  # fmt: skip
         torch.library.opcheck(_edited_attention_op, args)
 
 

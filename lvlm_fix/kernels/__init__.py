@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .edits import AttentionEdits, check_edits, check_inputs, var_params
+from .edits import AttentionEdits, check_edits, check_inputs, var_columns
 
 __all__ = ["AttentionEdits", "edited_attention"]
 
@@ -29,18 +29,19 @@ def _edited_attention_op(
     image_gain: Tensor | None,
     gain_rows: Tensor | None,
     var_rows: Tensor | None,
-    var_params: Tensor | None,
+    var_keep: Tensor | None,
+    var_rho: Tensor | None,
+    var_summ: Tensor | None,
     n_image: Tensor | None,
     head_scale: Tensor | None,
     want_group_mass: bool,
     want_last_row: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(out, group_mass, last_row); a statistic not asked for comes back as an empty tensor.
-    var_params: float32 [B, 3] per-row VAR (keep, rho, summ), None when VAR is off."""
+    var_keep, var_rho, var_summ: float32 [B] per-row VAR parameters, None when VAR is off."""
     var = {}
-    if var_params is not None:
-        keep, rho, summ = var_params.unbind(1)
-        var = {"var_keep": keep, "var_rho": rho, "var_summ": summ}
+    if var_keep is not None:
+        var = {"var_keep": var_keep, "var_rho": var_rho, "var_summ": var_summ}
     edits = AttentionEdits(
         col_group=col_group, image_gain=image_gain, gain_rows=gain_rows, var_rows=var_rows,
         **var, n_image=n_image, head_scale=head_scale, want_group_mass=want_group_mass,
@@ -53,7 +54,8 @@ def _edited_attention_op(
 
 @_edited_attention_op.register_fake
 def _(q, k, v, key_start, key_end, scale, col_group, image_gain, gain_rows, var_rows,
-      var_params, n_image, head_scale, want_group_mass, want_last_row):  # fmt: skip
+      var_keep, var_rho, var_summ, n_image, head_scale, want_group_mass,
+      want_last_row):  # fmt: skip
     B, H, Q, D = q.shape
     f32 = torch.float32
     out = q.new_empty(B, Q, H, D)
@@ -106,11 +108,11 @@ def edited_attention(
         )  # fmt: skip
     if not torch.compiler.is_compiling():  # eager: the op's dispatch would only add host time
         return _run(q, k, v, scale, key_start, key_end, edits, validate=False)
-    # Floats and per-row tensors alike go in as one tensor: the schema has no per-row float.
-    var = var_params(edits, q.shape[0], q.device) if edits.var_on else None
+    # Floats and per-row tensors alike go in as tensors [B]: the schema has no per-row float.
+    var = var_columns(edits, q.shape[0], q.device) if edits.var_on else (None,) * 3
     out, mass, last = _edited_attention_op(
         q, k, v, key_start, key_end, float(scale), edits.col_group, edits.image_gain,
-        edits.gain_rows, edits.var_rows, var, edits.n_image, edits.head_scale,
+        edits.gain_rows, edits.var_rows, *var, edits.n_image, edits.head_scale,
         edits.want_group_mass, edits.want_last_row,
     )  # fmt: skip
     stats = {}

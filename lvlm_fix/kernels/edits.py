@@ -111,15 +111,16 @@ def full_col_group(col_group: Tensor, K: int) -> Tensor:
     return torch.nn.functional.pad(col_group, (0, extra), value=REST) if extra else col_group
 
 
-def var_params(edits: AttentionEdits, B: int, device: torch.device) -> Tensor:
-    """float32 [B, 3]: each batch row's VAR (keep, rho, summ); a float goes to every row."""
+def var_columns(edits: AttentionEdits, B: int, device: torch.device) -> tuple[Tensor, ...]:
+    """VAR's (keep, rho, summ), each float32 [B]: a per-row tensor as it is (the engine's decode
+    tables: nothing is built per layer), a float repeated over the rows."""
 
     def column(value: float | Tensor) -> Tensor:
         if isinstance(value, Tensor):
             return value
         return torch.full((B,), value, dtype=torch.float32, device=device)
 
-    return torch.stack([column(edits.var_keep), column(edits.var_rho), column(edits.var_summ)], 1)
+    return column(edits.var_keep), column(edits.var_rho), column(edits.var_summ)
 
 
 def resolved_n_image(edits: AttentionEdits) -> Tensor:

@@ -23,7 +23,7 @@ from .edits import (
     check_inputs,
     full_col_group,
     resolved_n_image,
-    var_params,
+    var_columns,
 )
 
 
@@ -82,8 +82,8 @@ def var_weights(mass: Tensor, edits: AttentionEdits) -> tuple[Tensor, Tensor]:
     a_v = a_sv + a_u
     n_image = resolved_n_image(edits)[:, None, None]  # [B, 1, 1]
     # Floats become fp32 per-row values too, so both forms compute as the kernels do (in fp32).
-    params = var_params(edits, mass.shape[0], mass.device)[:, :, None, None]  # [B, 3, 1, 1]
-    keep, rho, summ = params.unbind(1)
+    columns = var_columns(edits, mass.shape[0], mass.device)
+    keep, rho, summ = (c[:, None, None] for c in columns)  # [B, 1, 1] each
     sel = (
         edits.var_rows[:, None, :]
         & (a_v >= summ)

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .edits import AttentionEdits, check_edits, check_inputs, var_params
+from .edits import AttentionEdits, check_edits, check_inputs, var_columns
 
 # Finite start for the running max: a row that sees no key keeps m = -1e30, p = exp2(-inf) = 0,
 # l = 0 and writes zeros instead of NaN.
@@ -109,12 +109,13 @@ def _n_image(NImage, group_ptrs, b, NG, HAS_N_IMAGE: tl.constexpr, BLOCK: tl.con
 
 
 @triton.jit
-def _row_var_params(VarParams, b, keep, rho, summ, VAR_PER_ROW: tl.constexpr):
-    """VAR's (keep, rho, summ) for batch row b: row b of VarParams [B, 3], or the scalars."""
+def _row_var_params(VarKeep, VarRho, VarSumm, b, keep, rho, summ, VAR_PER_ROW: tl.constexpr):
+    """VAR's (keep, rho, summ) for batch row b: element b of VarKeep, VarRho, VarSumm [B], or
+    the scalars."""
     if VAR_PER_ROW:
-        keep = tl.load(VarParams + b * 3 + 0)
-        rho = tl.load(VarParams + b * 3 + 1)
-        summ = tl.load(VarParams + b * 3 + 2)
+        keep = tl.load(VarKeep + b)
+        rho = tl.load(VarRho + b)
+        summ = tl.load(VarSumm + b)
     return keep, rho, summ
 
 
@@ -256,13 +257,15 @@ def edit_tensors(edits: AttentionEdits, dummy: Tensor) -> dict[str, Tensor]:
 
 def var_args(edits: AttentionEdits, B: int, dummy: Tensor) -> dict[str, object]:
     """VAR's parameters as the kernels take them: the three floats as scalars (nothing to build
-    or copy per call), or, when any is per row, VarParams float32 [B, 3] read by batch row."""
+    or copy per call), or, when any is per row, VarKeep, VarRho, VarSumm float32 [B] read by
+    batch row (the per-row tensors themselves: nothing is copied)."""
     per_row = edits.var_on and edits.var_per_row
     keep, rho, summ = 1.0, 0.0, 0.0  # unread unless VAR runs on floats
     if edits.var_on and not per_row:
         keep, rho, summ = float(edits.var_keep), float(edits.var_rho), float(edits.var_summ)
+    columns = var_columns(edits, B, dummy.device) if per_row else (dummy,) * 3
     return {
-        "VarParams": var_params(edits, B, dummy.device) if per_row else dummy,
+        "VarKeep": columns[0], "VarRho": columns[1], "VarSumm": columns[2],
         "keep": keep, "rho": rho, "summ": summ, "VAR_PER_ROW": per_row,
     }  # fmt: skip
 

@@ -119,8 +119,8 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_combine_kernel(
-    PartM, PartL, PartAcc, Out, ColGroup, VarRows, NImage, HeadScale, VarParams, GroupMass,
-    LastStats, stride_ob, stride_om, stride_oh,
+    PartM, PartL, PartAcc, Out, ColGroup, VarRows, NImage, HeadScale, VarKeep, VarRho, VarSumm,
+    GroupMass, LastStats, stride_ob, stride_om, stride_oh,
     H, NQ, NK, NG, num_splits, keep, rho, summ,
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, NEED_GROUPS: tl.constexpr,
     HAS_VAR: tl.constexpr, HAS_HEAD_SCALE: tl.constexpr, WANT_MASS: tl.constexpr,
@@ -128,7 +128,7 @@ def _decode_combine_kernel(
 ):  # fmt: skip
     """Grid (B*H*Q,): merge one row's split partials per group, then the shared epilogue.
     Rows are kept as [1]-vectors so the epilogue is the prefill one. VAR's keep, rho, summ are
-    the scalars, or with VAR_PER_ROW row b of VarParams [B, 3]."""
+    the scalars, or with VAR_PER_ROW element b of VarKeep, VarRho, VarSumm [B]."""
     row = tl.program_id(0)
     b = row // (H * NQ)
     h = (row // NQ) % H
@@ -163,7 +163,8 @@ def _decode_combine_kernel(
         acc_u = tl.sum(w[:, None] * part_u, 0, keep_dims=True)
         var_row = tl.load(VarRows + b * NQ + qi + one) != 0
         n_img = _n_image(NImage, ColGroup + b.to(tl.int64) * NG, b, NG, HAS_N_IMAGE, 1024)
-        keep, rho, summ = _row_var_params(VarParams, b, keep, rho, summ, VAR_PER_ROW)
+        keep, rho, summ = _row_var_params(VarKeep, VarRho, VarSumm, b, keep, rho, summ,
+                                          VAR_PER_ROW)  # fmt: skip
     head_scale = tl.zeros([1], tl.float32)
     if HAS_HEAD_SCALE:
         head_scale += tl.load(HeadScale + b * H + h)

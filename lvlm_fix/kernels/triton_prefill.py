@@ -36,7 +36,7 @@ from .triton_common import (
 @triton.jit
 def _prefill_kernel(
     Q, K, V, Out, KeyStart, ColGroup, ImageGain, GainRows, VarRows, NImage, HeadScale,
-    VarParams, GroupMass, LastStats, LastRow,
+    VarKeep, VarRho, VarSumm, GroupMass, LastStats, LastRow,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_om, stride_oh,
     H, GQA, NQ, NK, NG, qk_scale, keep, rho, summ,
@@ -46,7 +46,8 @@ def _prefill_kernel(
     HAS_N_IMAGE: tl.constexpr, VAR_PER_ROW: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Grid (cdiv(Q, BLOCK_M), B*H): BLOCK_M query rows of head h of batch row b.
-    VAR's keep, rho, summ are the scalars, or with VAR_PER_ROW row b of VarParams [B, 3]."""
+    VAR's keep, rho, summ are the scalars, or with VAR_PER_ROW element b of VarKeep, VarRho,
+    VarSumm [B]."""
     # Last row blocks see the most keys: start them first so the tail of the grid is short.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
@@ -111,7 +112,8 @@ def _prefill_kernel(
     if HAS_VAR:
         var_row = tl.load(VarRows + b * NQ + rows, mask=row_ok, other=0) != 0
         n_img = _n_image(NImage, group_ptrs, b, NG, HAS_N_IMAGE, 1024)
-        keep, rho, summ = _row_var_params(VarParams, b, keep, rho, summ, VAR_PER_ROW)
+        keep, rho, summ = _row_var_params(VarKeep, VarRho, VarSumm, b, keep, rho, summ,
+                                          VAR_PER_ROW)  # fmt: skip
     head_scale = tl.zeros([BLOCK_M], tl.float32)
     if HAS_HEAD_SCALE:
         head_scale += tl.load(HeadScale + b * H + h)
