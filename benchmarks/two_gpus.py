@@ -5,10 +5,12 @@ Stages (`--stages`, in this order; default: checkpoint serve eval):
               tokenizer, bf16) saved with its processor to --model-dir.
   serve       `lvlm-fix serve` (Ray, loopback only) with two model replicas of `num_gpus: 1`,
               then with one, each under the same open-loop load (benchmarks/serving.py
-              --engine http); per replica the requests it served (Ray Serve's own
-              serve_deployment_request_counter, read from the metrics agent), GPU
+              --engine http; 30 s of arrivals, cut 8 s after the last, and the tok/s of the
+              steady state from 10 s to 30 s); per replica the requests it served (Ray Serve's
+              own serve_deployment_request_counter, read from the metrics agent), GPU
               utilisation while loaded (nvidia-smi) and the CPU use of the load client, Ray's
-              HTTP proxy and each replica process (psutil).
+              HTTP proxy and each replica process (psutil); every lvlm_fix and Serve metric
+              after each load in metricsN.txt.
   eval        `lvlm-fix eval pope` on gym questions (python -m lvlm_fix.gym.make_eval) once with
               --ray (one GPU actor per GPU) and once in one process; the predictions compared.
   split       part 6 on the 7B checkpoint: loaded with --device-map balanced (half the layers
