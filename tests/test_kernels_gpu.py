@@ -166,3 +166,24 @@ def test_static_cache_decode_in_a_cuda_graph(dtype):
         last = stats["last_row"]
         torch.testing.assert_close(last[..., :filled], want_stats["last_row"], atol=1e-4, rtol=1e-3)
         assert not last[..., filled:].any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_sink_kernel_gives_the_torch_sink_test_at_7b_shapes(dtype):
+    """VAR's sink test in one kernel, on a 7B-wide residual stream with massive activations in
+    LLaVA-1.5-7B's sink dims (BOS and a few image tokens), equals the torch test."""
+    from lvlm_fix.kernels.triton_sinks import sink_tokens
+    from lvlm_fix.methods.var import KNOWN_SINK_DIMS, sink_ratio
+
+    dims = KNOWN_SINK_DIMS[("llama", 4096)]
+    g = torch.Generator("cuda").manual_seed(5)
+    hidden = torch.randn(2, 620, 4096, device="cuda", generator=g)
+    for r, s in ((0, 0), (0, 40), (0, 301), (1, 3), (1, 3 + 200)):
+        hidden[r, s, dims[s % 2]] = 400.0  # phi about 50: the paper's massive activation
+    hidden = hidden.to(dtype)
+    filled = torch.ones(2, 620, dtype=torch.bool, device="cuda")
+    filled[1, :3] = False
+    phi = torch.stack([sink_ratio(hidden)[..., d] for d in dims], -1).amax(-1)
+    want = (phi > 20.0) & filled
+    got = sink_tokens(hidden, torch.tensor(dims, dtype=torch.int32, device="cuda"), 20.0, filled)
+    assert torch.equal(got, want) and int(want.sum()) == 5

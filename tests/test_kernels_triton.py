@@ -27,6 +27,7 @@ if not TRITON_PRELOADED:
     os.environ["TRITON_INTERPRET"] = "1"
     pytest.importorskip("triton")  # a missing triton skips everything
     from lvlm_fix.kernels import triton_attention as ta
+    from lvlm_fix.kernels import triton_sinks
 
     if _previous is None:  # leave the rest of the test session as it was
         del os.environ["TRITON_INTERPRET"]
@@ -292,3 +293,24 @@ def test_var_params_as_tensors_equal_floats(kernel):
     assert torch.equal(got, want)
     for name, value in want_stats.items():
         assert torch.equal(got_stats[name], value)
+
+
+@in_process
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_sink_kernel_gives_the_torch_sink_test(dtype):
+    """VAR's sink test in one kernel equals phi = max |x_d| / RMS(x) > tau in torch (fp32),
+    padding never a sink."""
+    from lvlm_fix.methods.var import sink_ratio
+
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 7, 40, generator=g)
+    hidden[0, 1, 5], hidden[1, 4, 9], hidden[1, 0, 5] = 30.0, -25.0, 30.0  # phi about 6
+    hidden = hidden.to(dtype)
+    filled = torch.ones(2, 7, dtype=torch.bool)
+    filled[1, :2] = False  # left padding: row 1's first token is no sink, however large
+    dims, tau = (5, 9), 4.0
+    phi = torch.stack([sink_ratio(hidden)[..., d] for d in dims], -1).amax(-1)
+    want = (phi > tau) & filled
+    got = triton_sinks.sink_tokens(hidden, torch.tensor(dims, dtype=torch.int32), tau, filled)
+    assert torch.equal(got, want)
+    assert want.sum() == 2 and want[0, 1] and want[1, 4]

@@ -145,13 +145,19 @@ class SinkFinder:
         if "var.sink_mask" not in state:
             state["var.sink_mask"] = torch.zeros(R, self.num_layers, S, dtype=torch.bool,
                                                  device=hidden.device)  # fmt: skip
-        ratio = sink_ratio(hidden)  # [R, S, D]
-        if self.dims is None:
-            phi = (ratio * self._auto_dims(layer, ratio, ctx)[:, None, :]).amax(-1)  # [R, S]
+        if self.dims is not None and hidden.is_cuda:  # one kernel for the dozen ops below
+            from lvlm_fix.kernels.triton_sinks import sink_tokens
+
+            dims = ctx.once("var.dims", hidden.device, lambda: _on_device(self.dims, hidden))
+            sink = sink_tokens(hidden, dims, self.tau, ctx.layout.filled)
         else:
-            # one slice per dim: indexing with the list would copy it to the GPU (a host sync)
-            phi = torch.stack([ratio[..., d] for d in self.dims], -1).amax(-1)
-        sink = (phi > self.tau) & ctx.layout.filled  # [R, S]: padding is never a sink
+            ratio = sink_ratio(hidden)  # [R, S, D]
+            if self.dims is None:
+                phi = (ratio * self._auto_dims(layer, ratio, ctx)[:, None, :]).amax(-1)  # [R, S]
+            else:
+                # one slice per dim: indexing with the list would copy it to the GPU (a sync)
+                phi = torch.stack([ratio[..., d] for d in self.dims], -1).amax(-1)
+            sink = (phi > self.tau) & ctx.layout.filled  # [R, S]: padding is never a sink
         state.write("var.sink_mask", (slice(None), layer), sink)
         if layer == self.num_layers - 1:  # the counts of every layer at once (VAR never prunes)
             sinks, image = state["var.sink_mask"], ctx.layout.image_mask[:, None]
@@ -173,6 +179,12 @@ class SinkFinder:
             first = ratio[rows, ctx.layout.key_start]  # [R, D] the BOS row
             state["var.auto_dims"] = state["var.auto_dims"] | (first > self.tau)
         return state["var.auto_dims"].float()
+
+
+def _on_device(dims: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """int32 [n] on like's device, copied from pinned memory: asynchronously, no host sync."""
+    host = torch.tensor(dims, dtype=torch.int32).pin_memory()
+    return host.to(like.device, non_blocking=True)
 
 
 @dataclass(frozen=True)
