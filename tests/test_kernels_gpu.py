@@ -187,3 +187,23 @@ def test_sink_kernel_gives_the_torch_sink_test_at_7b_shapes(dtype):
     want = (phi > 20.0) & filled
     got = sink_tokens(hidden, torch.tensor(dims, dtype=torch.int32, device="cuda"), 20.0, filled)
     assert torch.equal(got, want) and int(want.sum()) == 5
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_vhr_kernel_gives_the_torch_head_scales_at_7b_shapes(dtype):
+    """VHR's head choice in one kernel on a 7B layer's attention output (two samples, each a
+    with-image row and its text-only row) equals methods.vhr's torch path."""
+    from lvlm_fix.kernels.triton_vhr import head_scales
+    from lvlm_fix.methods.vhr import select_heads
+
+    g = torch.Generator("cuda").manual_seed(9)
+    out = torch.randn(4, 620, H, D, device="cuda", generator=g)
+    out[0, -1, :5] += 2.0  # five heads of sample 0 react to the image
+    out = out.to(dtype)
+    has_image = torch.tensor([True, True], device="cuda")
+    targets = torch.tensor([True, True, True, True], device="cuda")
+    last = out[:, -1].float().unflatten(0, (2, 2))
+    chosen = select_heads((last[:, 0] - last[:, 1]).norm(dim=-1), last[:, 1].norm(dim=-1), True)
+    want = torch.where(chosen, 2.0, 1.0).repeat_interleave(2, 0)
+    got = head_scales(out, 1, 2, has_image, targets, 2.0, True)
+    assert torch.equal(got, want) and int((want == 2.0).sum()) == 2 * 2 * H // 2  # above the median

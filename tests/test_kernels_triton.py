@@ -27,7 +27,7 @@ if not TRITON_PRELOADED:
     os.environ["TRITON_INTERPRET"] = "1"
     pytest.importorskip("triton")  # a missing triton skips everything
     from lvlm_fix.kernels import triton_attention as ta
-    from lvlm_fix.kernels import triton_sinks
+    from lvlm_fix.kernels import triton_sinks, triton_vhr
 
     if _previous is None:  # leave the rest of the test session as it was
         del os.environ["TRITON_INTERPRET"]
@@ -314,3 +314,37 @@ def test_sink_kernel_gives_the_torch_sink_test(dtype):
     got = triton_sinks.sink_tokens(hidden, torch.tensor(dims, dtype=torch.int32), tau, filled)
     assert torch.equal(got, want)
     assert want.sum() == 2 and want[0, 1] and want[1, 4]
+
+
+def vhr_scales_in_torch(out, view, per_sample, has_image, targets, alpha, outlier_filter):
+    """methods.vhr's CPU path: [R, H] head scales of one layer."""
+    from lvlm_fix.methods.vhr import select_heads
+
+    last = out[:, -1].float().unflatten(0, (-1, per_sample))
+    with_image, without = last[:, 0], last[:, view]
+    chosen = select_heads((with_image - without).norm(dim=-1), without.norm(dim=-1),
+                          outlier_filter)  # fmt: skip
+    sample_scale = torch.where(chosen & has_image[:, None], alpha, 1.0)
+    rows = torch.arange(out.shape[0]) // per_sample
+    return torch.where(targets[:, None], sample_scale[rows], 1.0)
+
+
+@in_process
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("heads", [8, 6])  # a power of two, and one the kernel pads
+@pytest.mark.parametrize("outlier_filter", [True, False])
+def test_vhr_kernel_gives_the_torch_head_scales(dtype, heads, outlier_filter):
+    """Three samples of three rows (with image, another view, text only at 2); the second has
+    no image (VHR leaves it alone); one head of sample 0 is an outlier in both measures."""
+    g = torch.Generator().manual_seed(11 + heads)
+    out = torch.randn(9, 4, heads, 16, generator=g)
+    out[0, -1, 1] += 6.0  # sample 0, head 1: far from its text-only output ...
+    out[2, -1, 1] *= 8.0  # ... whose norm is large too: filtered when asked
+    out = out.to(dtype)
+    has_image = torch.tensor([True, False, True])
+    targets = torch.tensor([True, False, True] * 3)  # with image, and the counterfactual
+    want = vhr_scales_in_torch(out, 2, 3, has_image, targets, 2.0, outlier_filter)
+    got = triton_vhr.head_scales(out, 2, 3, has_image, targets, 2.0, outlier_filter)
+    assert torch.equal(got, want)
+    assert (want[0] == 2.0).any() and (want[3:6] == 1.0).all() and (want[1] == 1.0).all()
+    assert bool(want[0, 1] == 1.0) == outlier_filter  # the outlier head is dropped only then

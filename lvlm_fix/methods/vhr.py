@@ -163,16 +163,23 @@ class Reinforce:
                 R, ctx.num_layers, H, dtype=torch.float32, device=out.device
             )
         view = 1 + next(i for i, v in enumerate(ctx.plan.views) if v is self.view)
+        has_image, targets = ctx.once("vhr.rows", out.device, lambda: self._row_masks(ctx, view))
         # Prefill rows are in RowState.start's order, sample-major with views 0..V: reshaping
         # finds each sample's rows without a host sync (a nonzero() per layer would wait for
         # the GPU 2x15 times a prefill).
-        last = out[:, -1].float().unflatten(0, (-1, len(ctx.plan.views) + 1))  # [B, V+1, H, D]
-        with_image, without = last[:, 0], last[:, view]  # [B, H, D] last prompt position
-        vhd = (with_image - without).norm(dim=-1)  # [B, H]
-        chosen = select_heads(vhd, without.norm(dim=-1), self.outlier_filter)
-        has_image, targets = ctx.once("vhr.rows", out.device, lambda: self._row_masks(ctx, view))
-        per_sample = torch.where(chosen & has_image, self.alpha, 1.0)  # [B, H]
-        scale = torch.where(targets, per_sample[state["row.sample"]], 1.0)  # [R, H]
+        per_sample = len(ctx.plan.views) + 1
+        if out.is_cuda:  # one kernel for the twenty small ops below
+            from lvlm_fix.kernels.triton_vhr import head_scales
+
+            scale = head_scales(out, view, per_sample, has_image[:, 0], targets[:, 0],
+                                self.alpha, self.outlier_filter)  # fmt: skip
+        else:
+            last = out[:, -1].float().unflatten(0, (-1, per_sample))  # [B, V+1, H, D]
+            with_image, without = last[:, 0], last[:, view]  # [B, H, D] last prompt position
+            vhd = (with_image - without).norm(dim=-1)  # [B, H]
+            chosen = select_heads(vhd, without.norm(dim=-1), self.outlier_filter)
+            sample_scale = torch.where(chosen & has_image, self.alpha, 1.0)  # [B, H]
+            scale = torch.where(targets, sample_scale[state["row.sample"]], 1.0)  # [R, H]
         state.write("vhr.head_scale", (slice(None), call.layer), scale)
         rows = out[:, -1:] if self.last_only else out
         rows.mul_(scale[:, None, :, None].to(out.dtype))
