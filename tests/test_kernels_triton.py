@@ -300,7 +300,7 @@ def test_var_params_as_tensors_equal_floats(kernel):
 def test_sink_kernel_gives_the_torch_sink_test(dtype):
     """VAR's sink test in one kernel equals phi = max |x_d| / RMS(x) > tau in torch (fp32),
     padding never a sink."""
-    from lvlm_fix.methods.var import sink_ratio
+    from lvlm_fix.methods.var import sink_tokens
 
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(2, 7, 40, generator=g)
@@ -309,24 +309,10 @@ def test_sink_kernel_gives_the_torch_sink_test(dtype):
     filled = torch.ones(2, 7, dtype=torch.bool)
     filled[1, :2] = False  # left padding: row 1's first token is no sink, however large
     dims, tau = (5, 9), 4.0
-    phi = torch.stack([sink_ratio(hidden)[..., d] for d in dims], -1).amax(-1)
-    want = (phi > tau) & filled
+    want = sink_tokens(hidden, dims, tau, filled)
     got = triton_sinks.sink_tokens(hidden, torch.tensor(dims, dtype=torch.int32), tau, filled)
     assert torch.equal(got, want)
     assert want.sum() == 2 and want[0, 1] and want[1, 4]
-
-
-def vhr_scales_in_torch(out, view, per_sample, has_image, targets, alpha, outlier_filter):
-    """methods.vhr's CPU path: [R, H] head scales of one layer."""
-    from lvlm_fix.methods.vhr import select_heads
-
-    last = out[:, -1].float().unflatten(0, (-1, per_sample))
-    with_image, without = last[:, 0], last[:, view]
-    chosen = select_heads((with_image - without).norm(dim=-1), without.norm(dim=-1),
-                          outlier_filter)  # fmt: skip
-    sample_scale = torch.where(chosen & has_image[:, None], alpha, 1.0)
-    rows = torch.arange(out.shape[0]) // per_sample
-    return torch.where(targets[:, None], sample_scale[rows], 1.0)
 
 
 @in_process
@@ -336,6 +322,8 @@ def vhr_scales_in_torch(out, view, per_sample, has_image, targets, alpha, outlie
 def test_vhr_kernel_gives_the_torch_head_scales(dtype, heads, outlier_filter):
     """Three samples of three rows (with image, another view, text only at 2); the second has
     no image (VHR leaves it alone); one head of sample 0 is an outlier in both measures."""
+    from lvlm_fix.methods.vhr import head_scales
+
     g = torch.Generator().manual_seed(11 + heads)
     out = torch.randn(9, 4, heads, 16, generator=g)
     out[0, -1, 1] += 6.0  # sample 0, head 1: far from its text-only output ...
@@ -343,7 +331,7 @@ def test_vhr_kernel_gives_the_torch_head_scales(dtype, heads, outlier_filter):
     out = out.to(dtype)
     has_image = torch.tensor([True, False, True])
     targets = torch.tensor([True, False, True] * 3)  # with image, and the counterfactual
-    want = vhr_scales_in_torch(out, 2, 3, has_image, targets, 2.0, outlier_filter)
+    want = head_scales(out, 2, 3, has_image, targets, 2.0, outlier_filter)
     got = triton_vhr.head_scales(out, 2, 3, has_image, targets, 2.0, outlier_filter)
     assert torch.equal(got, want)
     assert (want[0] == 2.0).any() and (want[3:6] == 1.0).all() and (want[1] == 1.0).all()

@@ -126,6 +126,16 @@ def sink_ratio(hidden: torch.Tensor) -> torch.Tensor:
     return x.abs() / rms
 
 
+def sink_tokens(hidden: torch.Tensor, dims: Sequence[int], tau: float,
+                filled: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """bool [R, S]: tokens whose phi = max over `dims` of sink_ratio exceeds tau, padding
+    (filled False) excluded. On CUDA, kernels/triton_sinks.py does this in one launch."""
+    ratio = sink_ratio(hidden)  # [R, S, D]
+    # one slice per dim: indexing with the list would copy it to the GPU (a host sync)
+    phi = torch.stack([ratio[..., d] for d in dims], -1).amax(-1)
+    return (phi > tau) & filled
+
+
 @dataclass(frozen=True)
 class SinkFinder:
     """LayerInputHook: at prefill, mark each prompt token's sink status per layer.
@@ -145,19 +155,18 @@ class SinkFinder:
         if "var.sink_mask" not in state:
             state["var.sink_mask"] = torch.zeros(R, self.num_layers, S, dtype=torch.bool,
                                                  device=hidden.device)  # fmt: skip
-        if self.dims is not None and hidden.is_cuda:  # one kernel for the dozen ops below
-            from lvlm_fix.kernels.triton_sinks import sink_tokens
+        filled = ctx.layout.filled  # [R, S]: padding is never a sink
+        if self.dims is None:
+            ratio = sink_ratio(hidden)  # [R, S, D]
+            phi = (ratio * self._auto_dims(layer, ratio, ctx)[:, None, :]).amax(-1)  # [R, S]
+            sink = (phi > self.tau) & filled
+        elif hidden.is_cuda:  # one kernel for the dozen ops of sink_tokens
+            from lvlm_fix.kernels import triton_sinks
 
             dims = ctx.once("var.dims", hidden.device, lambda: _on_device(self.dims, hidden))
-            sink = sink_tokens(hidden, dims, self.tau, ctx.layout.filled)
+            sink = triton_sinks.sink_tokens(hidden, dims, self.tau, filled)
         else:
-            ratio = sink_ratio(hidden)  # [R, S, D]
-            if self.dims is None:
-                phi = (ratio * self._auto_dims(layer, ratio, ctx)[:, None, :]).amax(-1)  # [R, S]
-            else:
-                # one slice per dim: indexing with the list would copy it to the GPU (a sync)
-                phi = torch.stack([ratio[..., d] for d in self.dims], -1).amax(-1)
-            sink = (phi > self.tau) & ctx.layout.filled  # [R, S]: padding is never a sink
+            sink = sink_tokens(hidden, self.dims, self.tau, filled)
         state.write("var.sink_mask", (slice(None), layer), sink)
         if layer == self.num_layers - 1:  # the counts of every layer at once (VAR never prunes)
             sinks, image = state["var.sink_mask"], ctx.layout.image_mask[:, None]

@@ -113,6 +113,22 @@ def reinforced_layers(layers: Literal["auto"] | list[int], num_layers: int) -> f
     return frozenset(layers)
 
 
+def head_scales(
+    out: torch.Tensor, view: int, rows_per_sample: int, has_image: torch.Tensor,
+    targets: torch.Tensor, alpha: float, outlier_filter: bool,
+) -> torch.Tensor:  # fmt: skip
+    """float32 [R, H]: one prefill layer's head scales. out [R, Q, H, D], rows sample-major
+    (`rows_per_sample` a sample, its with-image row first, its text-only row at `view`);
+    has_image bool [B], targets bool [R] (the rows VHR scales). On CUDA,
+    kernels/triton_vhr.py does this in one launch."""
+    last = out[:, -1].float().unflatten(0, (-1, rows_per_sample))  # [B, V+1, H, D]
+    with_image, without = last[:, 0], last[:, view]  # [B, H, D] last prompt position
+    vhd = (with_image - without).norm(dim=-1)  # [B, H]
+    chosen = select_heads(vhd, without.norm(dim=-1), outlier_filter)
+    sample_scale = torch.where(chosen & has_image[:, None], alpha, 1.0)  # [B, H]
+    return torch.where(targets[:, None], sample_scale.repeat_interleave(rows_per_sample, 0), 1.0)
+
+
 def select_heads(vhd: torch.Tensor, text_norm: torch.Tensor, outlier_filter: bool) -> torch.Tensor:
     """vhd, text_norm [B, H] -> bool [B, H]: heads with VHD > the layer's median.
 
@@ -144,12 +160,12 @@ class Reinforce:
         return {"head_scale": scale[:, call.layer]}  # [R, H], a view (the kernel reads rows)
 
     def _row_masks(self, ctx: ForwardContext, view: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(bool [B, 1]: samples with an image, without one VHR changes nothing; bool [R, 1]:
-        rows whose heads are scaled), the same at every layer."""
+        """(bool [B]: samples with an image, without one VHR changes nothing; bool [R]: rows
+        whose heads are scaled), the same at every layer."""
         state = ctx.state
         has_image = ctx.layout.n_image[:: len(ctx.plan.views) + 1] > 0
         targets = state["row.edited"] | ((state["row.view"] == view) & self.scale_counterfactual)
-        return has_image[:, None], targets[:, None]
+        return has_image, targets
 
     def after(self, call: AttentionCall, out: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
         """Prefill: out [R, Q, H, D]. Choose this layer's heads and scale them in place."""
@@ -167,19 +183,14 @@ class Reinforce:
         # Prefill rows are in RowState.start's order, sample-major with views 0..V: reshaping
         # finds each sample's rows without a host sync (a nonzero() per layer would wait for
         # the GPU 2x15 times a prefill).
-        per_sample = len(ctx.plan.views) + 1
-        if out.is_cuda:  # one kernel for the twenty small ops below
-            from lvlm_fix.kernels.triton_vhr import head_scales
+        args = (out, view, len(ctx.plan.views) + 1, has_image, targets, self.alpha,
+                self.outlier_filter)  # fmt: skip
+        if out.is_cuda:  # one kernel for the twenty small ops of head_scales
+            from lvlm_fix.kernels import triton_vhr
 
-            scale = head_scales(out, view, per_sample, has_image[:, 0], targets[:, 0],
-                                self.alpha, self.outlier_filter)  # fmt: skip
+            scale = triton_vhr.head_scales(*args)
         else:
-            last = out[:, -1].float().unflatten(0, (-1, per_sample))  # [B, V+1, H, D]
-            with_image, without = last[:, 0], last[:, view]  # [B, H, D] last prompt position
-            vhd = (with_image - without).norm(dim=-1)  # [B, H]
-            chosen = select_heads(vhd, without.norm(dim=-1), self.outlier_filter)
-            sample_scale = torch.where(chosen & has_image, self.alpha, 1.0)  # [B, H]
-            scale = torch.where(targets, sample_scale[state["row.sample"]], 1.0)  # [R, H]
+            scale = head_scales(*args)
         state.write("vhr.head_scale", (slice(None), call.layer), scale)
         rows = out[:, -1:] if self.last_only else out
         rows.mul_(scale[:, None, :, None].to(out.dtype))
